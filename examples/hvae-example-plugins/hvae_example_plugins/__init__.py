@@ -1,0 +1,41 @@
+"""Registrations only: this module is imported whenever plugins are listed, so no Keras here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import hvae_core as hvae
+
+
+@dataclass
+class NpyOptions:
+    file: str = hvae.option("images.npy", "file in the data directory: uint8 (N, H, W, C)")
+    image_size: int = hvae.option(32, "height and width of the images in the file")
+    val_fraction: float = hvae.option(0.1, "fraction of the images held out for validation")
+    test_fraction: float = hvae.option(0.1, "fraction of the images held out for testing")
+    num_bits: int = hvae.option(8, "bit depth of the pixel values")
+
+
+@dataclass
+class PlanarOptions:
+    num_flows: list[int] = hvae.per_scale([1], "planar flow layers per top-down block")
+
+
+@hvae.hookimpl
+def register_datasets(register):  # noqa: ANN001
+    register(
+        "example-npy",
+        "hvae_example_plugins.npy:NpyDataset",
+        options=NpyOptions,
+        summary="images from one .npy file (example plugin)",
+    )
+
+
+@hvae.hookimpl
+def register_flows(register):  # noqa: ANN001
+    register(
+        "example-planar",
+        "hvae_example_plugins.planar:make_planar_flow",
+        options=PlanarOptions,
+        summary="planar flows on the flattened latent (example plugin)",
+    )

@@ -1,0 +1,33 @@
+"""The ``example-npy`` dataset: images from one uint8 NHWC ``.npy`` file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hvae_core.data import InMemoryDataset, resolve_data_dir
+from hvae_core.errors import HvaeError
+
+
+def NpyDataset(options: Any, data: Any) -> InMemoryDataset:  # noqa: N802 - a factory
+    path = resolve_data_dir(data.data_dir, "example-npy") / options.file
+    if not path.is_file():
+        raise HvaeError(f"{path} does not exist", hint="save your images with numpy.save there")
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    size = options.image_size
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:3] != (size, size):
+        raise HvaeError(
+            f"{path}: expected uint8 (N, {size}, {size}, C), got {images.dtype} {images.shape}"
+        )
+    n_val = int(len(images) * options.val_fraction)
+    n_test = int(len(images) * options.test_fraction)
+    n_train = len(images) - n_val - n_test
+    return InMemoryDataset(
+        {
+            "train": images[:n_train],
+            "val": images[n_train : n_train + n_val],
+            "test": images[n_train + n_val :],
+        },
+        num_bits=options.num_bits,
+    )

@@ -1,0 +1,450 @@
+"""Typed configuration: sections, sources and their precedence, per-scale lists, validation.
+
+Sources, lowest to highest: the defaults below < a preset shipped with hvae (``--config cifar10``)
+or a user YAML file (``--config my.yaml``) < CLI flags < ``--set section.key=value``.
+
+Besides the core sections (``model``, ``data``, ``training``, ``run``) the config has one section
+per chosen plugin, named after its kind (``dataset``, ``block``, ``flow``, ``attention``,
+``regularizer``, ``lr_schedule``, ``beta_schedule``), holding that plugin's own options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hvae_core.errors import ConfigError
+from hvae_core.options import build_section, option, per_scale, section_to_dict
+from hvae_core.plugins import PluginRegistry, get_registry
+
+Activation = Literal[
+    "silu", "swish", "gelu", "relu", "elu", "leaky_relu", "mish", "selu", "softplus", "tanh"
+]
+Backend = Literal["tensorflow", "jax", "torch"]
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        values = value if isinstance(value, list) else [value]
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"{section}.{name}: expected values > 0, got {value!r}")
+
+
+def _non_negative(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        values = value if isinstance(value, list) else [value]
+        if any(v < 0 for v in values):
+            raise ConfigError(f"{section}.{name}: expected values >= 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The HVAE architecture. Per-scale lists run from the largest scale down to 1x1."""
+
+    block: str = option("vdvae", "residual block type (a 'block' plugin)")
+    flow: str | None = option(None, "posterior flow (a 'flow' plugin), or null for none")
+    attention: str | None = option(None, "attention (an 'attention' plugin), or null for none")
+    output_head: Literal["aggregate", "decoder"] = option(
+        "aggregate",
+        "likelihood head: 'aggregate' sums every block's projected latents (DVP-VAE); "
+        "'decoder' uses the final top-down state (VDVAE)",
+    )
+    b_act: Activation = option("silu", "activation inside residual blocks")
+    p_act: Activation = option("silu", "activation after a pooling convolution")
+    block_gn: bool = option(False, "GroupNorm (8 groups) inside residual blocks")
+    depthwise: bool = option(False, "5x5 depthwise (NVAE-style) instead of 3x3 convolutions")
+    increase_kernelsize: bool = option(False, "larger kernels at larger scales")
+    init_zeros: bool = option(False, "start the 1x1 top-down state from zeros, not a learned bias")
+    num_output_mixtures: int = option(5, "logistic mixture components per pixel")
+    gradient_smoothing: float = option(
+        0.6931472, "beta of the softplus giving the Gaussian scales (ln 2: softplus(0) = 1)"
+    )
+    stage_in_width: list[int] = per_scale(
+        [32], "residual width per scale (outer 1x1 channels of the blocks)"
+    )
+    enc_middle_width: list[int] = per_scale([16], "inner width of encoder blocks per scale")
+    dec_middle_width: list[int] = per_scale([16], "inner width of decoder blocks per scale")
+    z_width: list[int] = per_scale([4], "latent channels per scale")
+    enc_num_blocks: list[int] = per_scale([1], "encoder blocks per scale (0 allowed)")
+    dec_num_blocks: list[int] = per_scale([1], "top-down blocks per scale (0 allowed)")
+    output_blocks: int = option(1, "residual blocks on the aggregated latents ('aggregate' head)")
+    z_out_width: int = option(32, "outer width of the output blocks ('aggregate' head)")
+    z_out_middle_width: int = option(16, "inner width of the output blocks ('aggregate' head)")
+    precision: Literal["float32", "mixed_bfloat16"] = option(
+        "float32", "Keras dtype policy; the likelihood, KL and loss always stay float32"
+    )
+
+    def validate(self, section: str) -> None:
+        _positive(
+            section,
+            self,
+            "num_output_mixtures",
+            "gradient_smoothing",
+            "stage_in_width",
+            "enc_middle_width",
+            "dec_middle_width",
+            "z_width",
+            "z_out_width",
+            "z_out_middle_width",
+        )
+        _non_negative(section, self, "enc_num_blocks", "dec_num_blocks", "output_blocks")
+        if sum(self.dec_num_blocks) == 0:
+            raise ConfigError(
+                f"{section}.dec_num_blocks: expected at least one top-down block, got "
+                f"{self.dec_num_blocks!r}"
+            )
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("digits", "dataset (a 'dataset' plugin)")
+    data_dir: str | None = option(
+        None, "directory holding the dataset files (default: $HVAE_DATA_DIR)"
+    )
+    num_bits: int | None = option(None, "reduce pixels to this bit depth (default: the dataset's)")
+    random_flip: bool = option(False, "random horizontal flips of training images")
+
+    def validate(self, section: str) -> None:
+        if self.num_bits is not None and not 1 <= self.num_bits <= 8:
+            raise ConfigError(f"{section}.num_bits: expected 1 to 8, got {self.num_bits}")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = option(20, "number of passes over the training split")
+    batch_size: int = option(32, "global batch size")
+    batch_size_div: int = option(
+        1, "gradient accumulation: steps of batch_size / batch_size_div per update"
+    )
+    optimizer: Literal["adamax", "adamw", "adam"] = option("adamax", "optimizer (Keras' own)")
+    learning_rate: float = option(2e-3, "peak learning rate")
+    learning_rate_end: float = option(1e-4, "final learning rate of decaying schedules")
+    lr_warmup_epochs: float = option(1.0, "linear learning-rate warm-up, in epochs")
+    scheduler: str = option("cosd", "learning-rate schedule (an 'lr-schedule' plugin)")
+    adam_beta1: float = option(0.9, "first-moment decay of Adam-family optimizers")
+    adam_beta2: float = option(0.999, "second-moment decay of Adam-family optimizers")
+    weight_decay: float = option(0.01, "decoupled weight decay")
+    use_ema: bool = option(True, "keep an exponential moving average of the weights")
+    ema_rate: float = option(0.999, "EMA decay per update")
+    gradient_clipnorm: float = option(200.0, "clip the global gradient norm to this (0: off)")
+    gradient_skipnorm: float = option(
+        0.0, "skip updates whose global gradient norm exceeds this (0: off)"
+    )
+    beta: float = option(1.0, "weight of the KL term once warmed up")
+    beta_warmup_epochs: float = option(0.0, "epochs over which beta rises from 0 (0: off)")
+    beta_schedule: str = option("linear-warmup", "beta schedule (a 'beta-schedule' plugin)")
+    cyclic_beta: bool = option(False, "shorthand for beta_schedule: cyclic")
+    number_cycles: int = option(1, "cycles of the cyclic beta schedule")
+    early_stopping: int = option(0, "stop after this many epochs without val improvement (0: off)")
+    regularizer: str | None = option(None, "training regularizer (a 'regularizer' plugin)")
+    seed: int = option(0, "random seed of the run")
+
+    def validate(self, section: str) -> None:
+        _positive(section, self, "batch_size", "batch_size_div", "learning_rate", "number_cycles")
+        _non_negative(
+            section,
+            self,
+            "epochs",
+            "learning_rate_end",
+            "lr_warmup_epochs",
+            "weight_decay",
+            "gradient_clipnorm",
+            "gradient_skipnorm",
+            "beta",
+            "beta_warmup_epochs",
+            "early_stopping",
+        )
+        if self.batch_size % self.batch_size_div:
+            raise ConfigError(
+                f"{section}.batch_size_div: {self.batch_size_div} does not divide "
+                f"{section}.batch_size {self.batch_size}",
+                hint="pick a batch_size_div that divides the batch size",
+            )
+        for name in ("ema_rate", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(
+                    f"{section}.{name}: expected a number in [0, 1), got {getattr(self, name)}"
+                )
+
+
+@dataclass
+class RunConfig:
+    backend: Backend | None = option(
+        None, "Keras backend (default: $KERAS_BACKEND, else tensorflow)"
+    )
+    jit: bool = option(True, "compile the train step (XLA on jax/tensorflow)")
+    save_dir: str = option("runs", "directory that run directories are created in")
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "run": RunConfig,
+}
+
+# kind -> (section, key) of the option that chooses that kind's plugin, and its config section.
+SELECTOR: dict[str, tuple[str, str]] = {
+    "dataset": ("data", "dataset"),
+    "block": ("model", "block"),
+    "flow": ("model", "flow"),
+    "attention": ("model", "attention"),
+    "regularizer": ("training", "regularizer"),
+    "lr-schedule": ("training", "scheduler"),
+    "beta-schedule": ("training", "beta_schedule"),
+}
+PLUGIN_SECTION: dict[str, str] = {kind: kind.replace("-", "_") for kind in SELECTOR}
+
+# CLI flag -> dotted config key.
+FLAG_KEYS: dict[str, str] = {
+    "dataset": "data.dataset",
+    "data_dir": "data.data_dir",
+    "flow": "model.flow",
+    "attention": "model.attention",
+    "regularizer": "training.regularizer",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "seed": "training.seed",
+    "backend": "run.backend",
+    "save_dir": "run.save_dir",
+}
+
+
+@dataclass
+class Config:
+    """A resolved, validated configuration."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    run: RunConfig
+    plugin_options: dict[str, Any]  # kind -> the chosen plugin's options instance
+    image_size: int
+
+    @property
+    def num_scales(self) -> int:
+        return int(math.log2(self.image_size)) + 1
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Image size of every scale, largest first (the order of per-scale lists)."""
+        return [self.image_size >> i for i in range(self.num_scales)]
+
+    def selected(self, kind: str) -> str | None:
+        section, key = SELECTOR[kind]
+        return getattr(getattr(self, section), key)
+
+    def options(self, kind: str) -> Any:
+        """The chosen plugin's options of ``kind`` (None when none is chosen)."""
+        return self.plugin_options.get(kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: section_to_dict(getattr(self, name)) for name in CORE_SECTIONS}
+        for kind in SELECTOR:
+            if kind in self.plugin_options:
+                out[PLUGIN_SECTION[kind]] = section_to_dict(self.plugin_options[kind])
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_ConfigDumper, sort_keys=False)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, lists (per-scale values) on one line."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+)
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("hvae_core.configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.endswith((".yaml", ".yml")) or os.sep in source or Path(source).exists()
+
+
+def load_config_source(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw mapping of a preset name or a YAML file path."""
+    source = os.fspath(source)
+    if _looks_like_path(source):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist",
+                hint=f"give a YAML file or a preset name ({', '.join(preset_names())})",
+            )
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        resource = resources.files("hvae_core.configs") / f"{source}.yaml"
+        if not resource.is_file():
+            raise ConfigError(
+                f"unknown config preset '{source}'",
+                hint=f"presets: {', '.join(preset_names())}; or give a path to a YAML file",
+            )
+        text, where = resource.read_text(encoding="utf-8"), f"preset {source}"
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` with a YAML-parsed value."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError(
+            f"--set {item!r}: expected section.key=value", hint="e.g. --set model.z_width=[8,16]"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"{section}: expected a mapping of options, got {target!r}")
+    target[name] = value
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated section by section (a section in ``update`` does not replace it whole)."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = dict(value) if isinstance(value, Mapping) else value
+    return base
+
+
+def resolve_config(
+    config: str | os.PathLike[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    registry: PluginRegistry | None = None,
+) -> Config:
+    """Merge the sources in order of precedence and validate the result.
+
+    ``flags`` maps CLI flag names (see ``FLAG_KEYS``) or dotted keys to values; None means unset.
+    """
+    raw: dict[str, Any] = {}
+    if config is not None:
+        merge(raw, load_config_source(config))
+    for name, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(raw, FLAG_KEYS.get(name, name), value)
+    for item in overrides:
+        set_dotted(raw, *parse_override(item))
+    return build_config(raw, registry)
+
+
+def _none_if_none(value: Any) -> Any:
+    # The reference spells "no flow" as the string "none".
+    return None if isinstance(value, str) and value.lower() == "none" else value
+
+
+def _image_size(spec: Any, options: Any) -> int:
+    size = getattr(options, "image_size", None) or spec.info.get("image_size")
+    if size is None:
+        raise ConfigError(
+            f"dataset '{spec.name}' ({spec.package}) declares no image_size",
+            hint="its plugin must register image_size=... or have an image_size option",
+        )
+    if size < 1 or size & (size - 1):
+        raise ConfigError(
+            f"dataset.image_size: expected a power of two (scales halve down to 1x1), got {size}"
+        )
+    return int(size)
+
+
+def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None) -> Config:
+    """Validate a raw nested mapping into a :class:`Config`."""
+    registry = registry or get_registry()
+    raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    known = list(CORE_SECTIONS) + list(PLUGIN_SECTION.values())
+    for name, value in raw.items():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise ConfigError(
+                f"unknown config section '{name}'",
+                hint=f"did you mean '{close[0]}'?" if close else f"sections: {', '.join(known)}",
+            )
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of options, got {value!r}")
+    for section, key in SELECTOR.values():
+        if key in (raw.get(section) or {}):
+            raw[section][key] = _none_if_none(raw[section][key])
+
+    data = build_section(DataConfig, raw.get("data"), "data", None)
+    dataset_spec = registry.get("dataset", data.dataset)
+    dataset_options = build_section(dataset_spec.options, raw.get("dataset"), "dataset", None)
+    image_size = _image_size(dataset_spec, dataset_options)
+    num_scales = int(math.log2(image_size)) + 1
+
+    model = build_section(ModelConfig, raw.get("model"), "model", num_scales)
+    training = build_section(TrainingConfig, raw.get("training"), "training", num_scales)
+    run = build_section(RunConfig, raw.get("run"), "run", num_scales)
+    if run.backend is None:
+        env = os.environ.get("KERAS_BACKEND", "tensorflow")
+        run.backend = build_section(RunConfig, {"backend": env}, "KERAS_BACKEND", None).backend
+    if training.cyclic_beta:
+        if training.beta_schedule not in ("linear-warmup", "cyclic"):
+            raise ConfigError(
+                f"training.cyclic_beta is true but training.beta_schedule is "
+                f"'{training.beta_schedule}'",
+                hint="drop cyclic_beta, or set beta_schedule: cyclic",
+            )
+        training.beta_schedule = "cyclic"
+
+    sections = {"model": model, "data": data, "training": training, "run": run}
+    plugin_options: dict[str, Any] = {"dataset": dataset_options}
+    for kind, (section, key) in SELECTOR.items():
+        if kind == "dataset":
+            continue
+        name = getattr(sections[section], key)
+        plugin_section = PLUGIN_SECTION[kind]
+        if name is None:
+            if raw.get(plugin_section):
+                raise ConfigError(
+                    f"options given in section '{plugin_section}' but no {kind} is chosen",
+                    hint=f"choose one with {section}.{key} (or drop the section)",
+                )
+            continue
+        spec = registry.get(kind, name)
+        plugin_options[kind] = build_section(
+            spec.options, raw.get(plugin_section), plugin_section, num_scales
+        )
+    return Config(
+        model=model,
+        data=data,
+        training=training,
+        run=run,
+        plugin_options=plugin_options,
+        image_size=image_size,
+    )

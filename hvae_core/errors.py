@@ -1,0 +1,39 @@
+"""The one family of errors a user can cause; the CLI turns them into one clear line."""
+
+from __future__ import annotations
+
+
+class HvaeError(Exception):
+    """A problem the user can fix (bad config, unknown plugin, missing file, ...).
+
+    ``hint`` says what to do about it; the CLI prints ``error: <message> (hint: <hint>)``.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = " ".join(self.message.split())
+        if self.hint:
+            text += f" (hint: {' '.join(self.hint.split())})"
+        return text
+
+
+class ConfigError(HvaeError):
+    """An invalid configuration value, key or file."""
+
+    exit_code = 2
+
+
+class PluginError(HvaeError):
+    """An unknown plugin, a bad registration or a conflict between packages."""
+
+    exit_code = 2
+
+
+class NotAvailableError(HvaeError):
+    """A command whose machinery is not part of this version."""

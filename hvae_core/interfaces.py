@@ -1,0 +1,110 @@
+"""What each plugin kind must provide: the contracts of hvae's public plugin API.
+
+These are structural (``typing.Protocol``): a plugin satisfies one by having the right methods,
+without inheriting from anything, so this module imports no Keras and no backend. Tensors below
+are the chosen Keras backend's tensors; images are NHWC.
+
+Every kind's registered target is a *factory*, called with the plugin's options instance (the
+dataclass it registered, filled from the config section named after its kind) and the parts of
+the resolved config it needs, and returning the object described here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Tensor = Any  # a tensor of the active Keras backend
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """Images of one dataset. Factory: ``(options, data: DataConfig) -> Dataset``.
+
+    Registration info: ``image_size`` (the square size of its images) unless the options class
+    has an ``image_size`` field; the config derives the number of scales from it.
+    """
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of every image."""
+        ...
+
+    @property
+    def num_bits(self) -> int:
+        """Bit depth of the pixel values: they lie in ``[0, 2**num_bits - 1]``."""
+        ...
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Split names; ``train`` and ``val`` always, ``test`` where the release has one."""
+        ...
+
+    def load(self, split: str) -> np.ndarray:
+        """All images of a split as uint8 (N, H, W, C); may be a read-only memory map."""
+        ...
+
+
+@runtime_checkable
+class PosteriorFlow(Protocol):
+    """A flow on the posterior sample of one top-down block.
+
+    Factory: ``(options, model: ModelConfig, *, scale: int, resolution: int, z_width: int,
+    context_width: int, name: str) -> PosteriorFlow | None`` (None: no flow at this scale).
+    """
+
+    def __call__(
+        self, z0: Tensor, context: Tensor, training: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Map z_0 ~ q(z|z<,x), shape (B, H, W, C), conditioned on ``context`` (B, H, W, Cc)
+        from the posterior branch, to z_K of the same shape; also return
+        sum_k log|det dz_k/dz_(k-1)| per example, shape (B,)."""
+        ...
+
+
+@runtime_checkable
+class Attention(Protocol):
+    """Attention between the encoder's per-scale outputs and the top-down blocks.
+
+    Factory: ``(options, model: ModelConfig, *, widths: Mapping[int, int]) -> Attention``
+    where ``widths`` maps each resolution to the residual width there.
+    """
+
+    def encode(self, activations: Mapping[int, Tensor]) -> Any:
+        """Turn the encoder's activations (resolution -> (B, R, R, width)) into the memory
+        that :meth:`read` attends over."""
+        ...
+
+    def read(
+        self, state: Tensor, memory: Any, *, block: int, resolution: int, branch: str
+    ) -> Tensor:
+        """What top-down block ``block`` at ``resolution`` adds to its ``branch`` ('prior' or
+        'posterior') state (B, R, R, width); the result has the state's shape."""
+        ...
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """A training regularizer. Factory: ``(options, training: TrainingConfig) -> Regularizer``."""
+
+    def transform_batch(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Rewrite a uint8 NHWC batch before the step; the result has the same batch size."""
+        ...
+
+    def loss_terms(self, outputs: Any, images: Tensor) -> Mapping[str, Tensor]:
+        """Named scalar terms (nats per image) added to the loss and logged by name."""
+        ...
+
+
+LrScheduleFactory = Callable[..., Any]
+"""``(options, training: TrainingConfig, steps_per_epoch: int) -> float | schedule`` where a
+schedule is a ``keras.optimizers.schedules.LearningRateSchedule`` (step -> learning rate)."""
+
+BetaScheduleFactory = Callable[..., Callable[[int], float]]
+"""``(options, training: TrainingConfig, steps_per_epoch: int) -> (step -> beta)``."""
+
+BlockFactory = Callable[..., Any]
+"""``(options, model: ModelConfig, *, in_width, middle_width, out_width, kernel_size, residual,
+last_scale, name) -> keras.Layer`` mapping (B, H, W, in_width) to (B, H, W, out_width)."""

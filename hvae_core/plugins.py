@@ -1,0 +1,319 @@
+"""Plugin manager: loads the ``hvae`` entry points through pluggy and keeps the registry.
+
+The core's built-ins register through the same hooks as every installed package. Loading a
+plugin package must stay light (no Keras, no backend): implementations are named as
+``"module:attribute"`` and imported only by :meth:`PluginSpec.load`, when they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import pluggy
+
+from hvae_core import hookspecs
+from hvae_core.errors import PluginError
+from hvae_core.options import NoOptions, check_options_class
+
+ENTRY_POINT_GROUP = "hvae"
+ALLOW_ENV = "HVAE_LOAD_PLUGINS"
+CORE_PACKAGE = "hvae"
+_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One registered plugin: what ``hvae plugins list`` shows and how to get at it."""
+
+    kind: str
+    name: str
+    target: Any
+    options: type
+    summary: str
+    package: str
+    version: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Any:
+        """The implementation object, importing its module now if it was named by reference."""
+        if not isinstance(self.target, str):
+            return self.target
+        module_name, _, attr = self.target.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split(".") if attr else []:
+                obj = getattr(obj, part)
+        except Exception as exc:
+            raise PluginError(
+                f"{self.kind} '{self.name}' from package {self.package} failed to load "
+                f"{self.target}: {type(exc).__name__}: {exc}",
+                hint=f"reinstall or fix the package {self.package}",
+            ) from exc
+        return obj
+
+    def as_row(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "package": self.package,
+            "version": self.version,
+            "summary": self.summary,
+        }
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin package that could not be loaded or whose registration raised."""
+
+    package: str
+    entry_point: str
+    error: str
+
+    def one_line(self) -> str:
+        return (
+            f"plugin package {self.package} (entry point {self.entry_point}) failed: {self.error}"
+        )
+
+
+class PluginRegistry:
+    """Every registered plugin by (kind, name), plus the packages that failed to load."""
+
+    def __init__(self) -> None:
+        self._specs: dict[tuple[str, str], PluginSpec] = {}
+        self.failures: list[PluginFailure] = []
+
+    def add(self, spec: PluginSpec) -> None:
+        key = (spec.kind, spec.name)
+        if key in self._specs:
+            first = self._specs[key]
+            raise PluginError(
+                f"{spec.kind} '{spec.name}' is registered by two packages: "
+                f"{first.package} {first.version} and {spec.package} {spec.version}",
+                hint="uninstall one of them, or allow only one with HVAE_LOAD_PLUGINS",
+            )
+        self._specs[key] = spec
+
+    def remove(self, kind: str, name: str) -> None:
+        self._specs.pop((kind, name), None)
+
+    def has(self, kind: str, name: str) -> bool:
+        return (kind, name) in self._specs
+
+    def get(self, kind: str, name: str) -> PluginSpec:
+        _check_kind(kind)
+        try:
+            return self._specs[(kind, name)]
+        except KeyError:
+            pass
+        names = self.names(kind)
+        hint = (
+            f"installed {kind} plugins: {', '.join(names)}"
+            if names
+            else (f"no {kind} plugin is installed")
+        )
+        if self.failures:
+            hint += "; some plugin packages failed to load: " + "; ".join(
+                f.one_line() for f in self.failures
+            )
+        raise PluginError(f"unknown {kind} '{name}'", hint=hint + " (see 'hvae plugins list')")
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(name for k, name in self._specs if k == kind)
+
+    def all(self, kind: str | None = None) -> list[PluginSpec]:
+        if kind is not None:
+            _check_kind(kind)
+        order = {k: i for i, k in enumerate(hookspecs.KINDS)}
+        specs = [s for s in self._specs.values() if kind is None or s.kind == kind]
+        return sorted(specs, key=lambda s: (order[s.kind], s.name))
+
+    @contextmanager
+    def temporary(
+        self,
+        kind: str,
+        name: str,
+        target: Any,
+        *,
+        options: type | None = None,
+        summary: str = "",
+        package: str = "tests",
+        version: str = "0",
+        **info: Any,
+    ) -> Iterator[PluginSpec]:
+        """Register a throw-away plugin for the duration of a ``with`` block (tests use this)."""
+        spec = make_spec(kind, name, target, options, summary, package, version, info)
+        self.add(spec)
+        try:
+            yield spec
+        finally:
+            self.remove(kind, name)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in hookspecs.HOOK_FOR_KIND:
+        raise PluginError(
+            f"unknown plugin kind '{kind}'", hint=f"kinds are: {', '.join(hookspecs.KINDS)}"
+        )
+
+
+def make_spec(
+    kind: str,
+    name: str,
+    target: Any,
+    options: type | None,
+    summary: str,
+    package: str,
+    version: str,
+    info: Mapping[str, Any],
+) -> PluginSpec:
+    """Validate one registration; raises TypeError/ValueError on a malformed one."""
+    _check_kind(kind)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{kind} name {name!r} is not kebab-case (e.g. 'conv-sylvester')")
+    if isinstance(target, str):
+        if not re.match(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$", target):
+            raise ValueError(f"{kind} '{name}': target {target!r} is not 'module:attribute'")
+    elif not callable(target):
+        raise TypeError(f"{kind} '{name}': target must be 'module:attribute' or a callable")
+    options = NoOptions if options is None else options
+    check_options_class(options)
+    if not isinstance(summary, str) or "\n" in summary.strip():
+        raise ValueError(f"{kind} '{name}': summary must be one line of text")
+    return PluginSpec(
+        kind=kind,
+        name=name,
+        target=target,
+        options=options,
+        summary=summary.strip(),
+        package=package,
+        version=version,
+        info=MappingProxyType(dict(info)),
+    )
+
+
+def _allow_list() -> set[str] | None:
+    raw = os.environ.get(ALLOW_ENV)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _core_version() -> str:
+    try:
+        return metadata.version(CORE_PACKAGE)
+    except metadata.PackageNotFoundError:
+        from hvae_core import __version__
+
+        return __version__
+
+
+def load_registry(allow: set[str] | None = None) -> PluginRegistry:
+    """Build a registry from the core built-ins and the ``hvae`` entry points.
+
+    ``allow`` (default: the ``HVAE_LOAD_PLUGINS`` comma-separated list, when set) restricts the
+    entry points loaded to those whose entry-point name or distribution name it contains.
+    """
+    from hvae_core import builtins
+
+    if allow is None:
+        allow = _allow_list()
+    registry = PluginRegistry()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    sources: dict[int, tuple[str, str, str]] = {}
+
+    def add_source(module: Any, package: str, version: str, ep_name: str) -> None:
+        if pm.is_registered(module):
+            return
+        try:
+            pm.register(module, name=f"{package}:{ep_name}")
+        except Exception as exc:  # pluggy validation: a hook's signature does not match
+            registry.failures.append(
+                PluginFailure(package, ep_name, f"{type(exc).__name__}: {exc}")
+            )
+            return
+        unknown = sorted(c.name for c in pm.get_hookcallers(module) or [] if c.spec is None)
+        if unknown:
+            pm.unregister(module)
+            registry.failures.append(
+                PluginFailure(
+                    package,
+                    ep_name,
+                    f"implements unknown hooks {', '.join(unknown)} "
+                    f"(hooks are: {', '.join(hookspecs.HOOK_FOR_KIND.values())})",
+                )
+            )
+            return
+        sources[id(module)] = (package, version, ep_name)
+
+    add_source(builtins, CORE_PACKAGE, _core_version(), "core")
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        package = ep.dist.name if ep.dist is not None else "unknown"
+        version = ep.dist.version if ep.dist is not None else "unknown"
+        if allow is not None and ep.name not in allow and package not in allow:
+            continue
+        try:
+            module = ep.load()
+        except Exception as exc:
+            registry.failures.append(
+                PluginFailure(package, ep.name, f"{type(exc).__name__}: {exc}")
+            )
+            continue
+        add_source(module, package, version, ep.name)
+
+    for kind, hook_name in hookspecs.HOOK_FOR_KIND.items():
+        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+            package, version, ep_name = sources[id(impl.plugin)]
+
+            def register(
+                name: str,
+                target: Any,
+                *,
+                options: type | None = None,
+                summary: str = "",
+                _kind: str = kind,
+                _package: str = package,
+                _version: str = version,
+                **info: Any,
+            ) -> None:
+                spec = make_spec(_kind, name, target, options, summary, _package, _version, info)
+                registry.add(spec)
+
+            try:
+                impl.function(register)
+            except PluginError:
+                raise
+            except Exception as exc:
+                registry.failures.append(
+                    PluginFailure(package, ep_name, f"{hook_name}: {type(exc).__name__}: {exc}")
+                )
+    return registry
+
+
+_registry: PluginRegistry | None = None
+_lock = threading.Lock()
+
+
+def get_registry() -> PluginRegistry:
+    """The process-wide registry, loaded on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = load_registry()
+        return _registry
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry (tests, or after installing a package in-process)."""
+    global _registry
+    with _lock:
+        _registry = None

@@ -1,0 +1,1 @@
+"""First-party attention plugins (they land with their issues)."""

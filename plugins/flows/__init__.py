@@ -1,0 +1,1 @@
+"""First-party flows plugins (they land with their issues)."""

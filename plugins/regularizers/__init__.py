@@ -1,0 +1,1 @@
+"""First-party regularizers plugins (they land with their issues)."""

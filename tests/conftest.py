@@ -1,0 +1,78 @@
+"""Shared fixtures: a known plugin registry and throw-away plugin distributions."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hvae_core import plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "hvae-example-plugins"
+FIRST_PARTY_ENTRY_POINTS = "datasets"
+
+
+@pytest.fixture(autouse=True)
+def known_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test sees only the core and hvae's own plugins, whatever else is installed."""
+    monkeypatch.setenv(plugins.ALLOW_ENV, FIRST_PARTY_ENTRY_POINTS)
+    plugins.reset_registry()
+    yield
+    plugins.reset_registry()
+
+
+def write_distribution(
+    root: Path,
+    name: str,
+    version: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str] | None = None,
+) -> Path:
+    """A distribution 'installed' under ``root`` (dist-info metadata plus module files)."""
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[hvae]\n{lines}")
+    for module, source in (modules or {}).items():
+        path = root / (module.replace(".", "/") + ".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+    return root
+
+
+@pytest.fixture
+def install_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Put a throw-away plugin distribution on sys.path and allow it to load."""
+    allowed = [FIRST_PARTY_ENTRY_POINTS]
+    created: list[str] = []
+
+    def install(
+        name: str, version: str, entry_points: dict[str, str], modules: dict[str, str] | None = None
+    ) -> Path:
+        root = write_distribution(tmp_path / name, name, version, entry_points, modules)
+        monkeypatch.syspath_prepend(str(root))
+        created.extend(m.split(".")[0] for m in modules or {})
+        allowed.append(name)
+        monkeypatch.setenv(plugins.ALLOW_ENV, ",".join(allowed))
+        importlib.invalidate_caches()
+        plugins.reset_registry()
+        return root
+
+    yield install
+    for module in created:
+        for loaded in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            del sys.modules[loaded]
+
+
+def example_distribution(root: Path) -> Path:
+    """The example plugin package made importable from ``root`` with its entry-point metadata."""
+    return write_distribution(
+        root, "hvae-example-plugins", "0.1.0", {"example": "hvae_example_plugins"}
+    )
