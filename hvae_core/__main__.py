@@ -1,0 +1,5 @@
+"""``python -m hvae_core`` is the ``hvae`` command."""
+
+from hvae_core.cli import main
+
+main()
