@@ -13,6 +13,11 @@ def register_blocks(register: Register) -> None:
         "hvae_core.model.blocks:vdvae_block",
         summary="VDVAE residual bottleneck block: 1x1 -> 3x3 -> 3x3 -> 1x1, pre-activation",
     )
+    register(
+        "depthwise",
+        "hvae_core.model.blocks:depthwise_block",
+        summary="bottleneck block with 5x5 depthwise middle convolutions (NVAE-style)",
+    )
 
 
 @hookimpl

@@ -62,7 +62,12 @@ class ModelConfig:
     b_act: Activation = option("silu", "activation inside residual blocks")
     p_act: Activation = option("silu", "activation after a pooling convolution")
     block_gn: bool = option(False, "GroupNorm (8 groups) inside residual blocks")
-    depthwise: bool = option(False, "5x5 depthwise (NVAE-style) instead of 3x3 convolutions")
+    depthwise: bool = option(False, "shorthand for block: depthwise (5x5 depthwise convolutions)")
+    pool_block: bool = option(
+        False,
+        "VDVAE's pooling: the last encoder block of a scale runs before the pooling and its "
+        "output is not kept as that scale's activation",
+    )
     increase_kernelsize: bool = option(False, "larger kernels at larger scales")
     init_zeros: bool = option(False, "start the 1x1 top-down state from zeros, not a learned bias")
     num_output_mixtures: int = option(5, "logistic mixture components per pixel")
@@ -413,6 +418,13 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
     if run.backend is None:
         env = os.environ.get("KERAS_BACKEND", "tensorflow")
         run.backend = build_section(RunConfig, {"backend": env}, "KERAS_BACKEND", None).backend
+    if model.depthwise:
+        if model.block not in ("vdvae", "depthwise"):
+            raise ConfigError(
+                f"model.depthwise is true but model.block is '{model.block}'",
+                hint="drop depthwise, or set block: depthwise",
+            )
+        model.block = "depthwise"
     if training.cyclic_beta:
         if training.beta_schedule not in ("linear-warmup", "cyclic"):
             raise ConfigError(

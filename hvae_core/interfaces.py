@@ -52,36 +52,45 @@ class PosteriorFlow(Protocol):
     """A flow on the posterior sample of one top-down block.
 
     Factory: ``(options, model: ModelConfig, *, scale: int, resolution: int, z_width: int,
-    context_width: int, name: str) -> PosteriorFlow | None`` (None: no flow at this scale).
+    name: str) -> PosteriorFlow | None`` (None: no flow at this scale). The block's posterior
+    branch grows by ``context_width`` output channels, which become the flow's context.
     """
+
+    context_width: int
 
     def __call__(
         self, z0: Tensor, context: Tensor, training: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Map z_0 ~ q(z|z<,x), shape (B, H, W, C), conditioned on ``context`` (B, H, W, Cc)
-        from the posterior branch, to z_K of the same shape; also return
+        """Map z_0 ~ q(z|z<,x), shape (B, H, W, C), conditioned on ``context`` (B, H, W,
+        context_width) from the posterior branch, to z_K of the same shape; also return
         sum_k log|det dz_k/dz_(k-1)| per example, shape (B,)."""
         ...
 
 
 @runtime_checkable
 class Attention(Protocol):
-    """Attention between the encoder's per-scale outputs and the top-down blocks.
+    """Attention that lets top-down blocks read from a memory along the hierarchy.
 
     Factory: ``(options, model: ModelConfig, *, widths: Mapping[int, int]) -> Attention``
-    where ``widths`` maps each resolution to the residual width there.
+    where ``widths`` maps each resolution to the residual width there. The memory is whatever
+    the plugin likes (a tuple of tensors, say); the core only passes it along: from
+    :meth:`encode`, through :meth:`update` after every top-down block, into :meth:`read`.
     """
 
-    def encode(self, activations: Mapping[int, Tensor]) -> Any:
-        """Turn the encoder's activations (resolution -> (B, R, R, width)) into the memory
-        that :meth:`read` attends over."""
+    def encode(self, activations: Mapping[int, Tensor] | None) -> Any:
+        """The memory before the first top-down block, from the encoder's activations
+        (resolution -> (B, R, R, width)); None when sampling from the prior."""
         ...
 
     def read(
         self, state: Tensor, memory: Any, *, block: int, resolution: int, branch: str
     ) -> Tensor:
-        """What top-down block ``block`` at ``resolution`` adds to its ``branch`` ('prior' or
-        'posterior') state (B, R, R, width); the result has the state's shape."""
+        """What top-down block ``block`` at ``resolution`` adds to the input of its
+        ``branch`` ('prior' or 'posterior'); the result has the state's shape (B, R, R, width)."""
+        ...
+
+    def update(self, state: Tensor, memory: Any, *, block: int, resolution: int) -> Any:
+        """The memory after top-down block ``block`` produced ``state``."""
         ...
 
 
@@ -107,4 +116,6 @@ BetaScheduleFactory = Callable[..., Callable[[int], float]]
 
 BlockFactory = Callable[..., Any]
 """``(options, model: ModelConfig, *, in_width, middle_width, out_width, kernel_size, residual,
-last_scale, name) -> keras.Layer`` mapping (B, H, W, in_width) to (B, H, W, out_width)."""
+last_scale, name, dtype) -> keras.Layer`` mapping (B, H, W, in_width) to (B, H, W, out_width).
+``last_scale`` scales the initial weights of the block's last layer (0: zero, so a residual
+block starts as the identity); ``dtype`` is the Keras dtype policy the layer must use."""

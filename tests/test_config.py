@@ -187,6 +187,11 @@ def test_cyclic_beta_selects_the_cyclic_schedule() -> None:
         resolve_config(overrides=["training.cyclic_beta=true", "training.beta_schedule=constant"])
 
 
+def test_depthwise_selects_the_depthwise_block() -> None:
+    assert resolve_config(overrides=["model.depthwise=true"]).model.block == "depthwise"
+    assert resolve_config().model.block == "vdvae"
+
+
 def test_backend_defaults_to_keras_backend_env(monkeypatch) -> None:
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
     assert resolve_config().run.backend == "tensorflow"

@@ -111,7 +111,6 @@ def test_example_planar_flow_log_det_matches_the_jacobian(example_env) -> None:
         scale=2,
         resolution=2,
         z_width=2,
-        context_width=0,
         name="planar",
     )
     rng = np.random.default_rng(0)
@@ -155,7 +154,6 @@ def test_no_flow_at_scales_with_zero_flows(example_env) -> None:
             scale=0,
             resolution=8,
             z_width=2,
-            context_width=0,
             name="p",
         )
         is None

@@ -34,7 +34,7 @@ def flow_package(module: str, name: str) -> dict[str, str]:
 
 def test_core_builtins_register_through_the_hooks() -> None:
     registry = get_registry()
-    assert registry.names("block") == ["vdvae"]
+    assert registry.names("block") == ["depthwise", "vdvae"]
     assert registry.names("lr-schedule") == ["constant", "cosd", "linear-warmup"]
     assert registry.names("beta-schedule") == ["constant", "cyclic", "linear-warmup"]
     for spec in registry.all():

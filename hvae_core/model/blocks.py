@@ -36,6 +36,7 @@ class ResidualBlock(keras.layers.Layer):
         activation: str = "gelu",
         group_norm: bool = False,
         last_scale: float = 1.0,
+        depthwise: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -46,6 +47,7 @@ class ResidualBlock(keras.layers.Layer):
         self.in_width, self.middle_width, self.out_width = in_width, middle_width, out_width
         self.kernel_size, self.residual = kernel_size, residual
         self.activation_name, self.group_norm, self.last_scale = activation, group_norm, last_scale
+        self.depthwise = depthwise
         self.activation = keras.activations.get(activation)
         policy = self.dtype_policy
         widths = (middle_width, middle_width, middle_width, out_width)
@@ -58,8 +60,17 @@ class ResidualBlock(keras.layers.Layer):
                 if last and last_scale == 0
                 else torch_default_init(last_scale if last else 1.0)
             )
-            self.convs.append(
-                keras.layers.Conv2D(
+            if depthwise and 0 < i < len(widths) - 1 and k > 1:
+                # NVAE-style: the spatial convolutions act per channel.
+                layer = keras.layers.DepthwiseConv2D(
+                    k,
+                    padding="same",
+                    depthwise_initializer=init,
+                    dtype=policy,
+                    name=f"conv{i + 1}",
+                )
+            else:
+                layer = keras.layers.Conv2D(
                     width,
                     k,
                     padding="same",
@@ -67,7 +78,7 @@ class ResidualBlock(keras.layers.Layer):
                     dtype=policy,
                     name=f"conv{i + 1}",
                 )
-            )
+            self.convs.append(layer)
         in_widths = (in_width, middle_width, middle_width, middle_width)
         self.norms = (
             [
@@ -108,6 +119,7 @@ class ResidualBlock(keras.layers.Layer):
             "activation": self.activation_name,
             "group_norm": self.group_norm,
             "last_scale": self.last_scale,
+            "depthwise": self.depthwise,
         }
 
 
@@ -127,6 +139,7 @@ def vdvae_block(
     residual: bool = True,
     last_scale: float = 1.0,
     name: str | None = None,
+    dtype: Any = None,
 ) -> ResidualBlock:
     """Factory of the ``vdvae`` block plugin (see :data:`hvae_core.interfaces.BlockFactory`)."""
     return ResidualBlock(
@@ -139,4 +152,34 @@ def vdvae_block(
         group_norm=model.block_gn,
         last_scale=last_scale,
         name=name,
+        dtype=dtype,
+    )
+
+
+def depthwise_block(
+    options: Any,
+    model: Any,
+    *,
+    in_width: int,
+    middle_width: int,
+    out_width: int,
+    kernel_size: int = 3,
+    residual: bool = True,
+    last_scale: float = 1.0,
+    name: str | None = None,
+    dtype: Any = None,
+) -> ResidualBlock:
+    """Factory of the ``depthwise`` block: 5x5 depthwise convolutions (NVAE) in the middle."""
+    return ResidualBlock(
+        in_width,
+        middle_width,
+        out_width,
+        kernel_size=kernel_size + 2 if kernel_size > 1 else 1,
+        residual=residual,
+        activation=model.b_act,
+        group_norm=model.block_gn,
+        last_scale=last_scale,
+        depthwise=True,
+        name=name,
+        dtype=dtype,
     )

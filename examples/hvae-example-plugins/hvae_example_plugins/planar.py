@@ -9,7 +9,12 @@ from keras import ops
 
 
 class PlanarFlow(keras.layers.Layer):
-    """Satisfies ``hvae_core.interfaces.PosteriorFlow``: call(z0, context) -> (zK, log|det|)."""
+    """Satisfies ``hvae_core.interfaces.PosteriorFlow``: call(z0, context) -> (zK, log|det|).
+
+    Its parameters are global (not amortised), so it asks for no context channels.
+    """
+
+    context_width = 0
 
     def __init__(self, num_flows: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -50,7 +55,6 @@ def make_planar_flow(
     scale: int,
     resolution: int,
     z_width: int,
-    context_width: int,
     name: str,
 ) -> PlanarFlow | None:
     num_flows = options.num_flows[scale]

@@ -1,0 +1,265 @@
+"""The top-down decoder: prior and posterior per block, latents sampled, state updated."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+from hvae_core.model.blocks import torch_default_init
+from hvae_core.model.distributions import (
+    gaussian_kl,
+    gaussian_log_prob,
+    gaussian_params,
+    sum_per_example,
+)
+from hvae_core.model.layout import Scale
+
+
+class TopDownBlock(keras.layers.Layer):
+    """One latent layer: p(z|z<) from the state, q(z|z<,x) from the state and the encoder.
+
+    Hooks: a posterior ``flow`` (z_0 -> z_K, KL by a one-sample estimate), an ``attention``
+    read added to the prior and posterior inputs.
+    """
+
+    def __init__(
+        self,
+        scale: Scale,
+        index: int,
+        num_blocks: int,
+        make_block: Any,
+        gradient_smoothing: float,
+        flow: Any = None,
+        attention: Any = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.scale, self.index = scale, index
+        self.beta = gradient_smoothing
+        self.flow, self.attention = flow, attention
+        w, mid, zw = scale.width, scale.dec_middle_width, scale.z_width
+        depth_scale = math.sqrt(1.0 / num_blocks)
+        common = {"middle_width": mid, "kernel_size": scale.kernel_size, "residual": False}
+        self.context_width = int(getattr(flow, "context_width", 0)) if flow is not None else 0
+        self.posterior = make_block(
+            in_width=2 * w, out_width=2 * zw + self.context_width, name="posterior", **common
+        )
+        # The prior starts as N(0, 1) with no feature output: its last layer is zero.
+        self.prior = make_block(
+            in_width=w, out_width=2 * zw + w, last_scale=0.0, name="prior", **common
+        )
+        self.z_proj = keras.layers.Conv2D(
+            w,
+            1,
+            kernel_initializer=torch_default_init(depth_scale),
+            dtype=self.dtype_policy,
+            name="z_proj",
+        )
+        self.resnet = make_block(
+            in_width=w,
+            middle_width=mid,
+            out_width=w,
+            kernel_size=scale.kernel_size,
+            residual=True,
+            last_scale=depth_scale,
+            name="resnet",
+        )
+        self.seed_generator = keras.random.SeedGenerator(seed, name="noise")
+
+    def noise(self, like: Any, groups: int) -> Any:
+        """Standard normal noise shaped like ``like``; with ``groups`` > 1 the batch is that
+        many copies of one draw (e.g. an image and its augmentation share their noise)."""
+        shape = ops.shape(like)
+        if groups == 1:
+            return keras.random.normal(shape, seed=self.seed_generator, dtype="float32")
+        eps = keras.random.normal(
+            (shape[0] // groups, *shape[1:]), seed=self.seed_generator, dtype="float32"
+        )
+        return ops.concatenate([eps] * groups, axis=0)
+
+    def _read(self, state: Any, memory: Any, branch: str) -> Any:
+        if self.attention is None:
+            return state
+        return state + self.attention.read(
+            state, memory, block=self.index, resolution=self.scale.resolution, branch=branch
+        )
+
+    def call(
+        self,
+        state: Any,
+        activation: Any = None,
+        memory: Any = None,
+        temperature: Any = 1.0,
+        noise_groups: int = 1,
+        training: bool = False,
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        zw = self.scale.z_width
+        feats = self.prior(self._read(state, memory, "prior"))
+        p_mean, p_scale = gaussian_params(feats[..., :zw], feats[..., zw : 2 * zw], self.beta)
+        x = state + feats[..., 2 * zw :]
+        if activation is None:  # sampling from the prior
+            eps = self.noise(p_mean, noise_groups)
+            z = p_mean + p_scale * temperature * eps
+            stats = {
+                "kl": ops.zeros((ops.shape(z)[0],), dtype="float32"),
+                "p_mean": p_mean,
+                "p_scale": p_scale,
+            }
+        else:
+            post_in = ops.concatenate(
+                [self._read(state, memory, "posterior"), ops.cast(activation, state.dtype)], axis=-1
+            )
+            q = self.posterior(post_in)
+            q_mean, q_scale = gaussian_params(q[..., :zw], q[..., zw : 2 * zw], self.beta)
+            z = q_mean + q_scale * self.noise(q_mean, noise_groups)
+            if self.flow is None:
+                kl = sum_per_example(gaussian_kl(q_mean, q_scale, p_mean, p_scale))
+            else:
+                # One-sample estimate: log q(z_K|x) - log p(z_K), where
+                # log q(z_K|x) = log N(z_0; q) - sum log|det dz_k/dz_(k-1)|.
+                z0 = z
+                z, log_det = self.flow(z0, q[..., 2 * zw :], training=training)
+                z = ops.cast(z, "float32")
+                kl = (
+                    sum_per_example(gaussian_log_prob(z0, q_mean, q_scale))
+                    - ops.cast(log_det, "float32")
+                    - sum_per_example(gaussian_log_prob(z, p_mean, p_scale))
+                )
+            stats = {
+                "kl": kl,
+                "q_mean": q_mean,
+                "q_scale": q_scale,
+                "p_mean": p_mean,
+                "p_scale": p_scale,
+            }
+        x = x + self.z_proj(z)
+        return self.resnet(x), z, stats
+
+
+class Unpool(keras.layers.Layer):
+    """Nearest-neighbour upsampling by 2; a 1x1 convolution when the width changes."""
+
+    def __init__(self, out_width: int | None, activation: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.up = keras.layers.UpSampling2D(2, dtype=self.dtype_policy)
+        self.conv = (
+            keras.layers.Conv2D(
+                out_width,
+                1,
+                kernel_initializer=torch_default_init(),
+                dtype=self.dtype_policy,
+                name="conv",
+            )
+            if out_width is not None
+            else None
+        )
+        self.activation = keras.activations.get(activation)
+
+    def call(self, x: Any) -> Any:
+        x = self.up(x)
+        return self.activation(self.conv(x)) if self.conv is not None else x
+
+
+class Decoder(keras.layers.Layer):
+    """Top-down pass from 1x1 to the image size; returns the final state, every block's z and
+    every block's statistics (KL per example, posterior and prior parameters)."""
+
+    def __init__(
+        self,
+        model: Any,
+        layout: list[Scale],
+        make_block: Any,
+        make_flow: Any = None,
+        attention: Any = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.order = list(reversed(layout))  # 1x1 first
+        self.init_zeros = model.init_zeros
+        self.attention = attention
+        num_blocks = sum(s.dec_blocks for s in layout)
+        self.blocks: list[TopDownBlock] = []
+        self.unpools: dict[int, Any] = {}
+        previous = None
+        for scale in self.order:
+            if previous is not None:
+                width = scale.width if scale.width != previous.width else None
+                self.unpools[scale.resolution] = Unpool(
+                    width, model.p_act, dtype=self.dtype_policy, name=f"unpool_{scale.resolution}"
+                )
+            for _ in range(scale.dec_blocks):
+                index = len(self.blocks)
+                flow = make_flow(scale, index) if make_flow is not None else None
+                self.blocks.append(
+                    TopDownBlock(
+                        scale,
+                        index,
+                        num_blocks,
+                        make_block,
+                        model.gradient_smoothing,
+                        flow=flow,
+                        attention=attention,
+                        seed=None if seed is None else seed + index,
+                        dtype=self.dtype_policy,
+                        name=f"dec_{scale.resolution}_{index}",
+                    )
+                )
+            previous = scale
+        self.unpool_list = list(self.unpools.values())  # tracked by Keras
+
+    def build(self, input_shape: Any = None) -> None:
+        # A learned starting state at every resolution with blocks (VDVAE's bias_xs); with
+        # init_zeros the 1x1 state starts from zeros instead.
+        self.biases = {}
+        for scale in self.order:
+            if scale.dec_blocks == 0 or (scale.resolution == 1 and self.init_zeros):
+                continue
+            r = scale.resolution
+            self.biases[r] = self.add_weight(
+                shape=(1, r, r, scale.width), initializer="zeros", name=f"bias_{r}"
+            )
+
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def call(
+        self,
+        activations: dict[int, Any] | None = None,
+        batch_size: Any = 1,
+        temperatures: list[Any] | None = None,
+        noise_groups: int = 1,
+        training: bool = False,
+    ) -> tuple[Any, list[Any], list[dict[str, Any]]]:
+        memory = self.attention.encode(activations) if self.attention is not None else None
+        top = self.order[0]
+        state = ops.zeros((batch_size, 1, 1, top.width), dtype=self.compute_dtype)
+        zs, stats = [], []
+        blocks = iter(self.blocks)
+        for scale in self.order:
+            r = scale.resolution
+            if r in self.unpools:
+                state = self.unpools[r](state)
+            if r in self.biases:
+                state = state + ops.cast(self.biases[r], state.dtype)
+            activation = activations[r] if activations is not None else None
+            for _ in range(scale.dec_blocks):
+                block = next(blocks)
+                t = 1.0 if temperatures is None else temperatures[block.index]
+                state, z, block_stats = block(
+                    state,
+                    activation,
+                    memory,
+                    temperature=t,
+                    noise_groups=noise_groups,
+                    training=training,
+                )
+                if self.attention is not None:
+                    memory = self.attention.update(state, memory, block=block.index, resolution=r)
+                zs.append(z)
+                stats.append(block_stats)
+        return state, zs, stats

@@ -1,0 +1,199 @@
+"""The HVAE: encoder, top-down decoder, output head and discretized-logistic likelihood."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+from hvae_core.errors import ConfigError
+from hvae_core.model.decoder import Decoder
+from hvae_core.model.encoder import Encoder
+from hvae_core.model.heads import DecoderHead, LatentAggregationHead
+from hvae_core.model.layout import scales
+from hvae_core.model.likelihood import dmol_log_prob, dmol_num_params, dmol_sample
+from hvae_core.plugins import PluginRegistry, get_registry
+
+
+class HVAE(keras.Model):
+    """A VDVAE-style hierarchical VAE assembled from a resolved config and the plugins it names.
+
+    Images go in as floats in [-1, 1] on the grid of ``2**num_bits`` levels, NHWC.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        image_shape: Sequence[int],
+        num_bits: int,
+        registry: PluginRegistry | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dtype=config.model.precision, **kwargs)
+        registry = registry or get_registry()
+        model = config.model
+        self.image_shape = tuple(int(d) for d in image_shape)
+        height, width, channels = self.image_shape
+        if height != width or height != config.image_size:
+            raise ConfigError(
+                f"the dataset's images are {height}x{width} but the config expects "
+                f"{config.image_size}x{config.image_size}"
+            )
+        self.num_bits = num_bits
+        self.num_mixtures = model.num_output_mixtures
+        self.gradient_smoothing = model.gradient_smoothing
+        self.num_dims = height * width * channels
+        policy = self.dtype_policy
+        layout = scales(model, config.resolutions)
+        block_factory = registry.get("block", model.block).load()
+        make_block = functools.partial(block_factory, config.options("block"), model, dtype=policy)
+
+        make_flow = None
+        if model.flow is not None:
+            flow_factory = registry.get("flow", model.flow).load()
+
+            def make_flow(scale: Any, index: int) -> Any:
+                return flow_factory(
+                    config.options("flow"),
+                    model,
+                    scale=scale.index,
+                    resolution=scale.resolution,
+                    z_width=scale.z_width,
+                    name=f"flow_{index}",
+                )
+
+        self.attention = None
+        if model.attention is not None:
+            attention_factory = registry.get("attention", model.attention).load()
+            self.attention = attention_factory(
+                config.options("attention"), model, widths={s.resolution: s.width for s in layout}
+            )
+
+        self.encoder = Encoder(model, layout, make_block, dtype=policy, name="encoder")
+        self.decoder = Decoder(
+            model,
+            layout,
+            make_block,
+            make_flow,
+            self.attention,
+            seed=seed,
+            dtype=policy,
+            name="decoder",
+        )
+        num_params = dmol_num_params(channels, self.num_mixtures)
+        if model.output_head == "decoder":
+            self.head = DecoderHead(layout[0].width, num_params, dtype=policy, name="head")
+        else:
+            block_scales = [b.scale for b in self.decoder.blocks]
+            self.head = LatentAggregationHead(
+                model, block_scales, height, num_params, make_block, dtype=policy, name="head"
+            )
+        self.sample_seed = keras.random.SeedGenerator(seed, name="sample_seed")
+
+    @property
+    def num_latent_layers(self) -> int:
+        return len(self.decoder.blocks)
+
+    def call(self, x: Any, training: bool = False, noise_groups: int = 1) -> dict[str, Any]:
+        """The posterior pass: likelihood parameters, every layer's z and statistics."""
+        activations = self.encoder(x)
+        state, zs, stats = self.decoder(
+            activations=activations,
+            batch_size=ops.shape(x)[0],
+            noise_groups=noise_groups,
+            training=training,
+        )
+        return {"params": self.head(state, zs), "latents": zs, "stats": stats}
+
+    def build_weights(self) -> None:
+        """Create every weight (one forward pass on a zero image)."""
+        self(ops.zeros((1, *self.image_shape)))
+
+    def losses_for(
+        self,
+        x: Any,
+        beta: Any = 1.0,
+        training: bool = False,
+        regularizer: Any = None,
+        noise_groups: int = 1,
+    ) -> dict[str, Any]:
+        """Loss and its parts, in bits per dimension averaged over the batch.
+
+        ``loss`` = (recon + beta * KL + regularizer terms) / (H W C ln 2); ``elbo_bpd`` is the
+        negative ELBO (beta = 1). A regularizer's terms are also reported under their names.
+        """
+        out = self(x, training=training, noise_groups=noise_groups)
+        recon = -dmol_log_prob(
+            out["params"],
+            x,
+            num_mixtures=self.num_mixtures,
+            num_bits=self.num_bits,
+            gradient_smoothing=self.gradient_smoothing,
+        )
+        kl_layers = ops.stack([s["kl"] for s in out["stats"]], axis=1)
+        kl = ops.sum(kl_layers, axis=1)
+        to_bpd = 1.0 / (self.num_dims * math.log(2.0))
+        loss_nats = recon + beta * kl
+        result = {
+            "recon_bpd": ops.mean(recon) * to_bpd,
+            "kl_bpd": ops.mean(kl) * to_bpd,
+            "elbo_bpd": ops.mean(recon + kl) * to_bpd,
+            "kl_layers_bpd": ops.mean(kl_layers, axis=0) * to_bpd,
+            "outputs": out,
+        }
+        loss = ops.mean(loss_nats) * to_bpd
+        if regularizer is not None:
+            for name, term in regularizer.loss_terms(out, x).items():
+                term_bpd = ops.cast(term, "float32") * to_bpd
+                result[name] = term_bpd
+                loss = loss + term_bpd
+        result["loss"] = loss
+        return result
+
+    def _temperatures(self, temperature: float | Sequence[float]) -> list[float]:
+        if isinstance(temperature, int | float):
+            return [float(temperature)] * self.num_latent_layers
+        temps = [float(t) for t in temperature]
+        if len(temps) != self.num_latent_layers:
+            raise ConfigError(
+                f"expected one temperature or {self.num_latent_layers} (one per latent layer), "
+                f"got {len(temps)}"
+            )
+        return temps
+
+    def generate(
+        self,
+        n: int,
+        temperature: float | Sequence[float] = 1.0,
+        output_temperature: float = 1.0,
+    ) -> Any:
+        """``n`` images from the prior, in [-1, 1] on the pixel grid. ``temperature`` scales
+        the prior's noise (one value or one per latent layer); ``output_temperature`` the
+        likelihood's (0: the mode of the chosen mixture component)."""
+        state, zs, _ = self.decoder(
+            activations=None, batch_size=n, temperatures=self._temperatures(temperature)
+        )
+        return self._sample_pixels(self.head(state, zs), output_temperature)
+
+    def reconstruct(self, x: Any, output_temperature: float = 0.0) -> Any:
+        """Images decoded from latents drawn from the posterior of ``x``."""
+        return self._sample_pixels(self(x)["params"], output_temperature)
+
+    def latents(self, x: Any) -> list[Any]:
+        """Every layer's posterior sample z for ``x``, top (1x1) first."""
+        return self(x)["latents"]
+
+    def _sample_pixels(self, params: Any, temperature: float) -> Any:
+        return dmol_sample(
+            params,
+            num_mixtures=self.num_mixtures,
+            num_bits=self.num_bits,
+            gradient_smoothing=self.gradient_smoothing,
+            seed=self.sample_seed,
+            temperature=temperature,
+        )
