@@ -27,3 +27,5 @@ def select_backend(name: str) -> None:
     if importlib.util.find_spec(BACKEND_MODULES[name]) is None:
         raise HvaeError(f"the {name} backend is not installed", hint=f"pip install '{EXTRA[name]}'")
     os.environ["KERAS_BACKEND"] = name
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is not for our users.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

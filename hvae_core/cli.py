@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import click
 
 from hvae_core import __version__
-from hvae_core.errors import HvaeError, NotAvailableError
+from hvae_core.errors import HvaeError
 from hvae_core.hookspecs import KINDS
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -216,14 +217,89 @@ def train(
     config: str | None, overrides: tuple[str, ...], resume: str | None, quiet: bool, **flags: Any
 ) -> None:
     """Train an HVAE; writes a run directory under run.save_dir."""
+    from hvae_core.training import rundir
+
     if resume is not None:
-        _run_dir_config(resume)
+        run_dir = Path(resume)
+        cfg = _resume_config(run_dir, config, overrides, flags)
     else:
-        _resolve(config, overrides, **flags)
-    raise NotAvailableError(
-        f"training is not available yet in hvae {__version__}",
-        hint="'hvae config show' prints the configuration a run would use",
+        cfg = _resolve(config, overrides, **flags)
+    trainer = _trainer(cfg, quiet)
+    if resume is not None:
+        trainer.run_dir = run_dir
+        trainer.restore()
+        rundir.write_config(run_dir, cfg)
+    else:
+        trainer.run_dir = rundir.create_run_dir(cfg.run.save_dir, cfg.data.dataset)
+        rundir.write_config(trainer.run_dir, cfg)
+    rows = trainer.fit()
+    last = rows[-1] if rows else {}
+    val = last.get("val_bpd")
+    click.echo(
+        f"done: {trainer.run_dir} (epoch {last.get('epoch', 0)}"
+        + (f", val {val:.4f} bpd)" if val is not None else ")")
     )
+
+
+def _trainer(cfg: Any, quiet: bool) -> Any:
+    from hvae_core.backend import select_backend
+
+    select_backend(cfg.run.backend)
+    from hvae_core.training.trainer import Trainer
+
+    return Trainer(cfg, quiet=quiet)
+
+
+def _resume_config(
+    run_dir: Path, config: str | None, overrides: tuple[str, ...], flags: dict[str, Any]
+) -> Any:
+    """The run's own config; options given with --resume may change training, not the model."""
+    from hvae_core.config import changed_keys, load_config_source, merge, resolve_config
+
+    stored = _run_dir_config(str(run_dir))
+    if config is None and not overrides and not any(v is not None for v in flags.values()):
+        return stored
+    raw = stored.to_dict()
+    if config is not None:
+        merge(raw, load_config_source(config))
+    updated = resolve_config(None, flags, overrides, base=raw)
+    changed = [
+        k
+        for k in changed_keys(stored.to_dict(), updated.to_dict())
+        if not k.startswith(("training.", "run.", "lr_schedule.", "beta_schedule.", "regularizer."))
+    ]
+    if changed:
+        raise HvaeError(
+            f"{run_dir} was trained with another model or data config "
+            f"(differs in {', '.join(changed[:5])})",
+            hint="resume without those options, or start a new run",
+        )
+    return updated
+
+
+def _restored(run_dir: str, checkpoint: str | None, flags: dict[str, Any]) -> Any:
+    """A trainer holding a finished run's weights (for evaluate and sample)."""
+    from hvae_core.config import resolve_config
+    from hvae_core.training import rundir
+
+    cfg = _run_dir_config(run_dir)
+    path = Path(checkpoint) if checkpoint is not None else Path(run_dir) / rundir.CHECKPOINT
+    if not path.is_file():  # before building anything: that takes a while
+        raise HvaeError(f"no checkpoint at {path}", hint="has the run finished an epoch?")
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        cfg = resolve_config(None, given, (), base=cfg.to_dict())
+    trainer = _trainer(cfg, quiet=True)
+    trainer.run_dir = Path(run_dir)
+    if checkpoint is not None:
+        arrays, _ = rundir.load_checkpoint(path)
+        try:
+            trainer.engine.load_state(arrays)
+        except ValueError as exc:
+            raise HvaeError(f"checkpoint {checkpoint} does not fit this run: {exc}") from None
+    else:
+        trainer.restore()
+    return trainer
 
 
 @cli.command()
@@ -234,11 +310,40 @@ def train(
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def evaluate(run_dir: str, **options: Any) -> None:
+@click.option("--quiet", is_flag=True, help="no progress output")
+def evaluate(
+    run_dir: str,
+    split: str,
+    checkpoint: str | None,
+    batch_size: int | None,
+    data_dir: str | None,
+    backend: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Bits per dimension of a trained run on a split (EMA weights)."""
-    _run_dir_config(run_dir)
-    raise NotAvailableError(f"evaluation is not available yet in hvae {__version__}")
+    trainer = _restored(run_dir, checkpoint, {"data_dir": data_dir, "backend": backend})
+    if split not in trainer.dataset.splits:
+        raise HvaeError(
+            f"dataset {trainer.config.data.dataset} has no split '{split}'",
+            hint=f"splits: {', '.join(trainer.dataset.splits)}",
+        )
+    images = trainer.dataset.load(split)
+    result = trainer.evaluate(images, batch_size)
+    row = {
+        "split": split,
+        "images": len(images),
+        "bpd": result["elbo_bpd"],
+        "recon_bpd": result["recon_bpd"],
+        "kl_bpd": result["kl_bpd"],
+    }
+    if as_json:
+        click.echo(json.dumps(row))
+    else:
+        click.echo(
+            f"{split}: {row['bpd']:.4f} bits/dim (recon {row['recon_bpd']:.4f}, "
+            f"kl {row['kl_bpd']:.4f}) on {len(images):,} images"
+        )
 
 
 @cli.command()
@@ -256,7 +361,14 @@ def evaluate(run_dir: str, **options: Any) -> None:
     type=str,
     default="1.0",
     show_default=True,
-    help="one temperature, or one per top-down block, comma-separated",
+    help="one temperature, or one per latent layer, comma-separated",
+)
+@click.option(
+    "--output-temperature",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="temperature of the pixel likelihood (0: its mode)",
 )
 @click.option(
     "--out",
@@ -267,13 +379,41 @@ def evaluate(run_dir: str, **options: Any) -> None:
 )
 @click.option("--npz", type=click.Path(dir_okay=False), help="also write the raw samples")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
-@click.option("--seed", type=int, help="sampling seed")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def sample(run_dir: str, **options: Any) -> None:
+def sample(
+    run_dir: str,
+    num: int,
+    temperature: str,
+    output_temperature: float,
+    out: str,
+    npz: str | None,
+    checkpoint: str | None,
+    backend: str | None,
+    quiet: bool,
+) -> None:
     """Draw samples from a trained run (EMA weights)."""
-    _run_dir_config(run_dir)
-    raise NotAvailableError(f"sampling is not available yet in hvae {__version__}")
+    import numpy as np
+
+    from hvae_core.training import rundir
+    from hvae_core.training.trainer import to_uint8
+
+    try:
+        temps = [float(t) for t in temperature.split(",")]
+    except ValueError:
+        raise HvaeError(
+            f"--temperature {temperature!r}: expected numbers separated by commas"
+        ) from None
+    if any(t < 0 for t in temps):
+        raise HvaeError(f"--temperature {temperature!r}: temperatures must be >= 0")
+    trainer = _restored(run_dir, checkpoint, {"backend": backend})
+    levels = trainer.sample(num, temps[0] if len(temps) == 1 else temps, output_temperature)
+    rundir.save_grid(to_uint8(levels, trainer.dataset.num_bits), Path(out))
+    if npz is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, samples=levels, num_bits=np.array(trainer.dataset.num_bits))
+        rundir.atomic_write_bytes(Path(npz), buffer.getvalue())
+    click.echo(f"wrote {num} samples to {out}" + (f" and {npz}" if npz else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -151,6 +151,10 @@ class TrainingConfig:
     cyclic_beta: bool = option(False, "shorthand for beta_schedule: cyclic")
     number_cycles: int = option(1, "cycles of the cyclic beta schedule")
     early_stopping: int = option(0, "stop after this many epochs without val improvement (0: off)")
+    max_consecutive_skips: int = option(
+        500, "stop the run when this many updates in a row are skipped (0: never)"
+    )
+    checkpoint_minutes: float = option(10.0, "also checkpoint every this many minutes (0: off)")
     regularizer: str | None = option(None, "training regularizer (a 'regularizer' plugin)")
     seed: int = option(0, "random seed of the run")
 
@@ -168,6 +172,8 @@ class TrainingConfig:
             "beta",
             "beta_warmup_epochs",
             "early_stopping",
+            "max_consecutive_skips",
+            "checkpoint_minutes",
         )
         if self.batch_size % self.batch_size_div:
             raise ConfigError(
@@ -353,12 +359,14 @@ def resolve_config(
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
     registry: PluginRegistry | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Config:
     """Merge the sources in order of precedence and validate the result.
 
     ``flags`` maps CLI flag names (see ``FLAG_KEYS``) or dotted keys to values; None means unset.
+    ``base`` (a raw mapping, e.g. a run's stored config) replaces the defaults as the lowest layer.
     """
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = merge({}, base or {})
     if config is not None:
         merge(raw, load_config_source(config))
     for name, value in (flags or {}).items():
@@ -460,3 +468,12 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
         plugin_options=plugin_options,
         image_size=image_size,
     )
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (sections added or dropped too)."""
+    keys = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        keys += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return keys

@@ -33,7 +33,3 @@ class PluginError(HvaeError):
     """An unknown plugin, a bad registration or a conflict between packages."""
 
     exit_code = 2
-
-
-class NotAvailableError(HvaeError):
-    """A command whose machinery is not part of this version."""

@@ -144,15 +144,10 @@ def test_config_presets_lists_tiny() -> None:
     assert "tiny" in run("config", "presets").stdout.split()
 
 
-def test_train_resolves_then_says_not_available() -> None:
-    result = run("train", "--config", "tiny", "--quiet")
-    assert_one_line_error(result, "training is not available yet", code=1)
-
-
-def test_evaluate_and_sample_read_a_run_dir(tmp_path) -> None:
+def test_evaluate_and_sample_need_a_checkpoint(tmp_path) -> None:
     (tmp_path / "config.yaml").write_text(resolve_config("tiny").to_yaml())
-    assert_one_line_error(run("evaluate", str(tmp_path)), "evaluation is not available yet")
-    assert_one_line_error(run("sample", str(tmp_path), "--n", "4"), "sampling is not available")
+    assert_one_line_error(run("evaluate", str(tmp_path)), "no checkpoint at")
+    assert_one_line_error(run("sample", str(tmp_path), "--n", "4"), "no checkpoint at")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,164 @@
+"""What every backend's engine shares: the step's maths stated once, state in and out.
+
+One train step, compiled once per run on each backend:
+  1. images (uint8) -> [-1, 1]; ``batch_size_div`` micro-batches, gradients averaged;
+  2. the global gradient norm; the update is skipped (weights, optimizer state and EMA
+     untouched) when it is not finite or exceeds ``gradient_skipnorm``;
+  3. otherwise gradients are clipped to ``gradient_clipnorm``, the optimizer applies them and
+     the EMA of the weights moves.
+The backend modules (``engine_jax``, ``engine_tensorflow``, ``engine_torch``) only say how to
+differentiate and compile this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
+
+
+def to_unit_range(images: Any, num_bits: int) -> Any:
+    """uint8 levels -> float32 in [-1, 1] on the grid the likelihood scores."""
+    return ops.cast(images, "float32") * (2.0 / (2**num_bits - 1)) - 1.0
+
+
+def global_norm(grads: list[Any]) -> Any:
+    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads))
+
+
+def skip_and_scale(norm: Any, loss: Any, clipnorm: float, skipnorm: float) -> tuple[Any, Any]:
+    """Whether to skip this update, and the factor that clips the gradients."""
+    finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
+    skip = ops.logical_not(finite)
+    if skipnorm > 0:
+        skip = ops.logical_or(skip, norm > skipnorm)
+    scale = ops.minimum(1.0, clipnorm / (norm + 1e-6)) if clipnorm > 0 else ops.ones(())
+    # A non-finite norm would poison the clipped gradients even in the branch not taken.
+    scale = ops.where(finite, scale, ops.zeros(()))
+    return skip, scale
+
+
+class Engine:
+    """Runs the compiled train and eval steps of one model and owns the training state."""
+
+    def __init__(self, model: Any, optimizer: Any, config: Any, regularizer: Any = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.training = config.training
+        self.jit = config.run.jit
+        self.regularizer = regularizer
+        self.num_bits = model.num_bits
+        self.div = self.training.batch_size_div
+        self.trainable = list(model.trainable_variables)
+        self.optimizer.build(self.trainable)
+        self.ema = (
+            [
+                # A copy: the EMA must not share a buffer with the weight (JAX donates them).
+                keras.Variable(
+                    keras.ops.convert_to_numpy(v.value), trainable=False, name=f"ema_{i}"
+                )
+                for i, v in enumerate(self.trainable)
+            ]
+            if self.training.use_ema
+            else []
+        )
+        self.ema_rate = self.training.ema_rate
+
+    # -- compiled steps: provided by the backend ---------------------------------------------
+
+    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+        raise NotImplementedError
+
+    def eval_step(self, images: np.ndarray) -> dict[str, float]:
+        """Loss parts with the current model variables (swap in the EMA first if wanted)."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Write the engine's state back into the Keras variables (JAX keeps it apart)."""
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def loss_terms(self, images: Any, beta: Any, training: bool) -> dict[str, Any]:
+        """Loss and metrics of ``images`` (uint8), averaged over ``batch_size_div`` chunks."""
+        x = to_unit_range(images, self.num_bits)
+        result = self.model.losses_for(
+            x, beta=beta, training=training, regularizer=self.regularizer
+        )
+        return {k: v for k, v in result.items() if k not in ("outputs", "kl_layers_bpd")}
+
+    def swap_ema(self) -> None:
+        """Exchange the model's weights and their EMA (call again to swap back)."""
+        self.sync()
+        for v, e in zip(self.trainable, self.ema, strict=True):
+            w = v.value
+            v.assign(e.value)
+            e.assign(w)
+        self.after_external_change()
+
+    def after_external_change(self) -> None:
+        """Variables were assigned outside the engine (restore, EMA swap)."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every array of the training state, by a stable name."""
+        self.sync()
+        arrays = {}
+        for i, v in enumerate(self.model.variables):
+            arrays[f"model/{i:05d}"] = keras.ops.convert_to_numpy(v.value)
+        for i, v in enumerate(self.ema):
+            arrays[f"ema/{i:05d}"] = keras.ops.convert_to_numpy(v.value)
+        for i, v in enumerate(self.optimizer.variables):
+            arrays[f"optimizer/{i:05d}"] = keras.ops.convert_to_numpy(v.value)
+        return arrays
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        groups = (
+            ("model", self.model.variables),
+            ("ema", self.ema),
+            ("optimizer", self.optimizer.variables),
+        )
+        for prefix, variables in groups:
+            names = sorted(k for k in arrays if k.startswith(prefix + "/"))
+            if len(names) != len(variables):
+                raise ValueError(
+                    f"checkpoint holds {len(names)} {prefix} arrays, the model {len(variables)}"
+                )
+            for name, v in zip(names, variables, strict=True):
+                if tuple(arrays[name].shape) != tuple(v.shape):
+                    raise ValueError(
+                        f"{name}: shape {arrays[name].shape} in the checkpoint, "
+                        f"{tuple(v.shape)} in the model"
+                    )
+                v.assign(arrays[name])
+        self.after_external_change()
+
+    @property
+    def learning_rate(self) -> float:
+        self.sync()
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    @staticmethod
+    def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+        return {k: float(keras.ops.convert_to_numpy(v)) for k, v in metrics.items()}
+
+
+def make_engine(model: Any, optimizer: Any, config: Any, regularizer: Any = None) -> Engine:
+    """The engine of the active Keras backend."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from hvae_core.training.engine_jax import JaxEngine as cls
+    elif backend == "tensorflow":
+        from hvae_core.training.engine_tensorflow import TensorFlowEngine as cls
+    elif backend == "torch":
+        from hvae_core.training.engine_torch import TorchEngine as cls
+    else:
+        raise ValueError(f"unsupported Keras backend {backend}")
+    return cls(model, optimizer, config, regularizer)
+
+
+def nan_to_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf

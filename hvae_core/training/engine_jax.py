@@ -1,0 +1,104 @@
+"""The train step on JAX: Keras' stateless API under one ``jax.jit``.
+
+The training state (weights, non-trainable variables such as the noise seeds, optimizer
+variables, EMA) lives in JAX arrays between steps and is written back into the Keras variables
+only when something outside the step needs them (:meth:`sync`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+
+
+class JaxEngine(Engine):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.non_trainable = list(self.model.non_trainable_variables)
+        self._read_state()
+        self._train = jax.jit(self._train_impl, donate_argnums=0) if self.jit else self._train_impl
+        self._eval = jax.jit(self._eval_impl) if self.jit else self._eval_impl
+
+    def _read_state(self) -> None:
+        self.state_arrays = (
+            [v.value for v in self.trainable],
+            [v.value for v in self.non_trainable],
+            [v.value for v in self.optimizer.variables],
+            [v.value for v in self.ema],
+        )
+
+    def sync(self) -> None:
+        groups = (self.trainable, self.non_trainable, self.optimizer.variables, self.ema)
+        for variables, values in zip(groups, self.state_arrays, strict=True):
+            for v, value in zip(variables, values, strict=True):
+                v.assign(value)
+
+    def after_external_change(self) -> None:
+        self._read_state()
+
+    def _loss(self, tv: list, ntv: list, images: Any, beta: Any, training: bool) -> Any:
+        mapping = list(zip(self.trainable, tv, strict=True))
+        mapping += list(zip(self.non_trainable, ntv, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            terms = self.loss_terms(images, beta, training)
+        new_ntv = [scope.get_current_value(v) for v in self.non_trainable]
+        return terms["loss"], (terms, new_ntv)
+
+    def _train_impl(self, state: tuple, images: Any, beta: Any) -> tuple[tuple, dict]:
+        tv, ntv, ov, ema = state
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        grads, terms = None, {}
+        for chunk in jnp.split(images, self.div) if self.div > 1 else [images]:
+            (_, (chunk_terms, ntv)), chunk_grads = grad_fn(tv, ntv, chunk, beta, True)
+            grads = (
+                chunk_grads
+                if grads is None
+                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
+            )
+            for key, value in chunk_terms.items():
+                terms[key] = terms.get(key, 0.0) + value / self.div
+        grads = [g / self.div for g in grads]
+        norm = global_norm(grads)
+        skip, scale = skip_and_scale(
+            norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
+        )
+        new_tv, new_ov = self.optimizer.stateless_apply(
+            ov, [g * scale.astype(g.dtype) for g in grads], tv
+        )
+        rate = self.ema_rate
+        new_ema = [rate * e + (1.0 - rate) * w for e, w in zip(ema, new_tv, strict=True)]
+
+        def keep_if_skipped(old: list, new: list) -> list:
+            return [jnp.where(skip, o, n) for o, n in zip(old, new, strict=True)]
+
+        state = (
+            keep_if_skipped(tv, new_tv),
+            ntv,
+            keep_if_skipped(ov, new_ov),
+            keep_if_skipped(ema, new_ema),
+        )
+        terms["grad_norm"] = norm
+        terms["skipped"] = skip.astype(jnp.float32)
+        return state, terms
+
+    def _eval_impl(self, tv: list, ntv: list, images: Any) -> tuple[dict, list]:
+        _, (terms, ntv) = self._loss(tv, ntv, images, 1.0, False)
+        return terms, ntv
+
+    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+        self.state_arrays, terms = self._train(
+            self.state_arrays, jnp.asarray(images), jnp.float32(beta)
+        )
+        return self.to_floats(terms)
+
+    def eval_step(self, images: np.ndarray) -> dict[str, float]:
+        tv, ntv, ov, ema = self.state_arrays
+        terms, ntv = self._eval(tv, ntv, jnp.asarray(images))
+        self.state_arrays = (tv, ntv, ov, ema)
+        return self.to_floats(terms)

@@ -1,0 +1,62 @@
+"""The train step on TensorFlow: GradientTape inside one tf.function (XLA when ``jit``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+
+
+class TensorFlowEngine(Engine):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._train = tf.function(self._train_impl, jit_compile=self.jit)
+        self._eval = tf.function(self._eval_impl, jit_compile=self.jit)
+
+    def _train_impl(self, images: Any, beta: Any) -> dict[str, Any]:
+        grads, terms = None, {}
+        for chunk in tf.split(images, self.div) if self.div > 1 else [images]:
+            with tf.GradientTape() as tape:
+                chunk_terms = self.loss_terms(chunk, beta, training=True)
+            chunk_grads = tape.gradient(chunk_terms["loss"], self.trainable)
+            chunk_grads = [
+                tf.zeros_like(v) if g is None else g
+                for g, v in zip(chunk_grads, self.trainable, strict=True)
+            ]
+            grads = (
+                chunk_grads
+                if grads is None
+                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
+            )
+            for key, value in chunk_terms.items():
+                terms[key] = terms.get(key, 0.0) + value / self.div
+        grads = [g / self.div for g in grads]
+        norm = global_norm(grads)
+        skip, scale = skip_and_scale(
+            norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
+        )
+
+        def apply() -> Any:
+            self.optimizer.apply([g * tf.cast(scale, g.dtype) for g in grads], self.trainable)
+            for e, v in zip(self.ema, self.trainable, strict=True):
+                e.assign(self.ema_rate * e + (1.0 - self.ema_rate) * v)
+            return tf.constant(0.0)
+
+        tf.cond(skip, lambda: tf.constant(1.0), apply)
+        terms["grad_norm"] = norm
+        terms["skipped"] = tf.cast(skip, tf.float32)
+        return terms
+
+    def _eval_impl(self, images: Any) -> dict[str, Any]:
+        return self.loss_terms(images, 1.0, training=False)
+
+    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+        return self.to_floats(
+            self._train(tf.convert_to_tensor(images), tf.constant(beta, tf.float32))
+        )
+
+    def eval_step(self, images: np.ndarray) -> dict[str, float]:
+        return self.to_floats(self._eval(tf.convert_to_tensor(images)))

@@ -1,0 +1,35 @@
+"""The optimizer: Keras' own, by name, with decoupled weight decay and a schedule plugin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from hvae_core.plugins import PluginRegistry
+
+OPTIMIZERS = {
+    "adamax": keras.optimizers.Adamax,
+    "adamw": keras.optimizers.AdamW,
+    "adam": keras.optimizers.Adam,
+}
+
+
+def make_optimizer(config: Any, steps_per_epoch: int, registry: PluginRegistry) -> Any:
+    training = config.training
+    schedule = registry.get("lr-schedule", training.scheduler).load()(
+        config.options("lr-schedule"), training, steps_per_epoch
+    )
+    # Keras applies weight decay decoupled from the gradient step (as AdamW) for all three.
+    return OPTIMIZERS[training.optimizer](
+        learning_rate=schedule,
+        beta_1=training.adam_beta1,
+        beta_2=training.adam_beta2,
+        epsilon=1e-8,
+        weight_decay=training.weight_decay or None,
+    )
+
+
+def current_learning_rate(optimizer: Any) -> float:
+    lr = optimizer.learning_rate
+    return float(keras.ops.convert_to_numpy(lr))

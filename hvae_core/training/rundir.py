@@ -1,0 +1,192 @@
+"""The run directory: resolved config, metrics, atomic checkpoints, plots and image grids.
+
+Layout (users and scripts depend on it)::
+
+    RUN_DIR/config.yaml          the fully resolved config
+    RUN_DIR/metrics.jsonl        one JSON object per epoch
+    RUN_DIR/checkpoint.safetensors   the latest training state (arrays + JSON metadata)
+    RUN_DIR/samples.png, reconstructions.png, loss.png, grad_norm.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvae_core.errors import HvaeError
+
+CHECKPOINT = "checkpoint.safetensors"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+
+
+def create_run_dir(save_dir: str | os.PathLike[str], stem: str) -> Path:
+    """A new directory under ``save_dir``; an existing one is never reused."""
+    root = Path(save_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(1000):
+        path = root / (base if attempt == 0 else f"{base}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise HvaeError(f"could not create a new run directory under {root}")
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()  # what open() would give; mkstemp's files are private (0600)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
+    a crash leaves either the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_config(run_dir: Path, config: Any) -> None:
+    atomic_write_bytes(run_dir / CONFIG, config.to_yaml().encode())
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    clean = {
+        k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()
+    }
+    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything before it stands
+    return rows
+
+
+def truncate_metrics(run_dir: Path, epochs: int) -> None:
+    """Keep the rows of the first ``epochs`` epochs (a resumed run rewrites later ones)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= epochs]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_bytes(run_dir / METRICS, text.encode())
+
+
+def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Arrays in safetensors (no pickle: opening one cannot run code) plus JSON metadata."""
+    from safetensors.numpy import save
+
+    data = save(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"hvae": json.dumps(meta)}
+    )
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise HvaeError(
+            f"no checkpoint at {path}",
+            hint="the run has not finished a checkpoint yet; start a new run",
+        )
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {})["hvae"])
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:
+        raise HvaeError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})",
+            hint="resume from an intact copy or start a new run",
+        ) from None
+    return arrays, meta
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> None:
+    """uint8 NHWC images as one PNG grid (grayscale stays grayscale), written atomically."""
+    import io
+
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / columns)
+    pad = 1
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = image
+    scale = max(1, 256 // max(grid.shape[:2]))  # small images are enlarged to be seen
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if scale > 1:
+        picture = picture.resize(
+            (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
+        )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_metrics(run_dir: Path) -> None:
+    """loss.png (train and val bpd) and grad_norm.png from metrics.jsonl."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    plots = {
+        "loss.png": (("train_bpd", "val_bpd", "kl_bpd", "recon_bpd"), "bits per dimension"),
+        "grad_norm.png": (("grad_norm_max", "grad_norm_mean"), "gradient norm"),
+    }
+    for name, (keys, label) in plots.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [np.nan if v is None else v for v in values], marker=".", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(run_dir / name, buffer.getvalue())

@@ -1,0 +1,344 @@
+"""A training run: epochs of compiled steps, validation with EMA weights, checkpoints, outputs.
+
+Everything here is backend-neutral; the backend lives in the engine
+(:func:`hvae_core.training.engine.make_engine`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvae_core.errors import HvaeError
+from hvae_core.training import rundir
+from hvae_core.training.progress import Reporter
+
+SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
+NUM_SAMPLES = 64
+SAMPLE_TEMPERATURE = 0.8
+
+
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint so that a resume continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the epoch in progress
+    step: int = 0  # batches done in the whole run
+    consecutive_skips: int = 0
+    best_val: float | None = None
+    bad_epochs: int = 0
+    epoch_seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)  # running sums of this epoch
+
+
+class Trainer:
+    def __init__(
+        self, config: Any, run_dir: Path | None = None, quiet: bool = False, registry: Any = None
+    ) -> None:
+        from hvae_core.data import BatchStream, open_dataset
+        from hvae_core.model.hvae import HVAE
+        from hvae_core.plugins import get_registry
+        from hvae_core.training.engine import make_engine
+        from hvae_core.training.optim import make_optimizer
+
+        self.config = config
+        self.run_dir: Path = run_dir  # type: ignore[assignment]  # set before fit() or save()
+        self.reporter = Reporter(quiet)
+        registry = registry or get_registry()
+        training = config.training
+        self.dataset = open_dataset(config, registry)
+        train = self.dataset.load("train")
+        self.val = self.dataset.load("val")
+        self.stream = BatchStream(
+            train,
+            training.batch_size,
+            shuffle=True,
+            seed=training.seed,
+            flip=config.data.random_flip,
+            transform=getattr(self.dataset, "transform_batch", None),
+        )
+        self.steps_per_epoch = len(self.stream)
+        if self.steps_per_epoch == 0:
+            raise HvaeError(
+                f"the training split has {len(train)} images, fewer than one batch of "
+                f"{training.batch_size}",
+                hint="lower --batch-size",
+            )
+        self.model = HVAE(
+            config,
+            self.dataset.image_shape,
+            self.dataset.num_bits,
+            registry=registry,
+            seed=training.seed,
+        )
+        self.model.build_weights()
+        self.regularizer = None
+        if training.regularizer is not None:
+            factory = registry.get("regularizer", training.regularizer).load()
+            self.regularizer = factory(config.options("regularizer"), training)
+        optimizer = make_optimizer(config, self.steps_per_epoch, registry)
+        self.engine = make_engine(self.model, optimizer, config, self.regularizer)
+        self.beta_schedule = registry.get("beta-schedule", training.beta_schedule).load()(
+            config.options("beta-schedule"), training, self.steps_per_epoch
+        )
+        self.position = Position()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        rundir.save_checkpoint(
+            self.run_dir / rundir.CHECKPOINT,
+            self.engine.state(),
+            {
+                "position": asdict(self.position),
+                "num_bits": self.dataset.num_bits,
+                "image_shape": list(self.dataset.image_shape),
+            },
+        )
+        self._last_save = time.monotonic()
+
+    def restore(self) -> None:
+        arrays, meta = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINT)
+        try:
+            self.engine.load_state(arrays)
+        except ValueError as exc:
+            raise HvaeError(
+                f"checkpoint in {self.run_dir} does not fit this model: {exc}",
+                hint="was config.yaml edited after the run started?",
+            ) from None
+        self.position = Position(**meta["position"])
+        rundir.truncate_metrics(self.run_dir, self.position.epoch)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        import keras
+
+        backend = keras.backend.backend()
+        device = _device_name(backend)
+        return (
+            f"hvae: backend {backend} on {device}; {self.model.count_params():,} "
+            f"parameters, {self.model.num_latent_layers} latent layers; dataset "
+            f"{self.config.data.dataset} ({len(self.stream) * self.stream.batch_size:,} "
+            f"train images/epoch, {self.dataset.num_bits} bits); run dir {self.run_dir}"
+        )
+
+    def fit(self) -> list[dict[str, Any]]:
+        training = self.config.training
+        self.reporter.info(self.summary())
+        self._last_save = time.monotonic()
+        try:
+            while self.position.epoch < training.epochs:
+                row = self._epoch()
+                if row is None:
+                    break
+        except KeyboardInterrupt:
+            self.reporter.close()
+            self.save()
+            raise HvaeError(
+                "interrupted; the run was checkpointed",
+                hint=f"continue with: hvae train --resume {self.run_dir}",
+            ) from None
+        finally:
+            self.reporter.close()
+        return rundir.read_metrics(self.run_dir)
+
+    def _epoch(self) -> dict[str, Any] | None:
+        training, pos = self.config.training, self.position
+        epoch = pos.epoch + 1
+        self.reporter.start_epoch(epoch, training.epochs, self.steps_per_epoch, pos.batch)
+        started = time.monotonic() - pos.epoch_seconds
+        beta = float(self.beta_schedule(pos.step))
+        batches = self.stream.epoch(pos.epoch, start_batch=pos.batch)
+        try:
+            for images in batches:
+                if self.regularizer is not None:
+                    rng = np.random.default_rng([training.seed, pos.epoch, pos.batch])
+                    images = self.regularizer.transform_batch(images, rng)
+                beta = float(self.beta_schedule(pos.step))
+                t0 = time.monotonic()
+                metrics = self.engine.train_step(images, beta)
+                step_seconds = time.monotonic() - t0
+                self._accumulate(metrics)
+                pos.batch += 1
+                pos.step += 1
+                skipped = metrics["skipped"] > 0
+                pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
+                self.reporter.step(
+                    pos.batch, metrics, int(pos.sums.get("skipped", 0)), step_seconds
+                )
+                if 0 < training.max_consecutive_skips <= pos.consecutive_skips:
+                    pos.epoch_seconds = time.monotonic() - started
+                    self.save()
+                    raise HvaeError(
+                        f"the last {pos.consecutive_skips} updates were all skipped (gradient "
+                        f"norm {metrics['grad_norm']:.3g}, threshold "
+                        f"{training.gradient_skipnorm:g}): the model has stopped learning",
+                        hint="raise training.gradient_skipnorm (or set it to 0) and resume "
+                        "with --resume --set training.gradient_skipnorm=...",
+                    )
+                minutes = training.checkpoint_minutes
+                if minutes > 0 and time.monotonic() - self._last_save > minutes * 60:
+                    pos.epoch_seconds = time.monotonic() - started
+                    self.save()
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        row = self._finish_epoch(epoch, time.monotonic() - started, beta)
+        stop = False
+        if training.early_stopping and row["val_bpd"] is not None:
+            if pos.best_val is None or row["val_bpd"] < pos.best_val:
+                pos.best_val, pos.bad_epochs = row["val_bpd"], 0
+            else:
+                pos.bad_epochs += 1
+                stop = pos.bad_epochs >= training.early_stopping
+        self.save()
+        if stop:
+            self.reporter.info(f"early stopping: no val improvement in {pos.bad_epochs} epochs")
+            return None
+        return row
+
+    def _accumulate(self, metrics: dict[str, float]) -> None:
+        sums = self.position.sums
+        finite = all(math.isfinite(metrics[k]) for k in SUM_KEYS)
+        if finite:
+            for key, value in metrics.items():
+                if key not in ("grad_norm", "skipped"):
+                    sums[key] = sums.get(key, 0.0) + value
+            sums["count"] = sums.get("count", 0) + 1
+        norm = metrics["grad_norm"]
+        if math.isfinite(norm):
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
+            sums["grad_norm_max"] = max(sums.get("grad_norm_max", 0.0), norm)
+            sums["norm_count"] = sums.get("norm_count", 0) + 1
+        sums["skipped"] = sums.get("skipped", 0) + int(metrics["skipped"] > 0)
+
+    def _finish_epoch(self, epoch: int, seconds: float, beta: float) -> dict[str, Any]:
+        pos, sums = self.position, self.position.sums
+        count = max(sums.get("count", 0), 1)
+        val = self.evaluate(self.val)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": pos.step,
+            "train_bpd": sums.get("elbo_bpd", math.nan) / count,
+            "val_bpd": val.get("elbo_bpd"),
+            "kl_bpd": sums.get("kl_bpd", math.nan) / count,
+            "recon_bpd": sums.get("recon_bpd", math.nan) / count,
+            "val_kl_bpd": val.get("kl_bpd"),
+            "val_recon_bpd": val.get("recon_bpd"),
+            "lr": self.engine.learning_rate,
+            "beta": beta,
+            "grad_norm_max": sums.get("grad_norm_max", math.nan),
+            "grad_norm_mean": sums.get("grad_norm", math.nan) / max(sums.get("norm_count", 0), 1),
+            "skipped_updates": int(sums.get("skipped", 0)),
+            "seconds": seconds,
+        }
+        for key in sums:
+            if (
+                key not in row
+                and key not in SUM_KEYS
+                and key not in ("count", "norm_count", "grad_norm", "grad_norm_max", "skipped")
+            ):
+                row[key] = sums[key] / count  # a regularizer's named terms
+        pos.epoch, pos.batch, pos.sums, pos.epoch_seconds = epoch, 0, {}, 0.0
+        rundir.append_metrics(self.run_dir, row)
+        self.write_images()
+        rundir.plot_metrics(self.run_dir)
+        self.reporter.end_epoch(row)
+        return row
+
+    # -- evaluation and images (EMA weights) --------------------------------------------------
+
+    def with_ema(self, fn: Any) -> Any:
+        use = bool(self.engine.ema)
+        if use:
+            self.engine.swap_ema()
+        try:
+            return fn()
+        finally:
+            if use:
+                self.engine.swap_ema()
+
+    def evaluate(self, images: Any, batch_size: int | None = None) -> dict[str, float]:
+        """Mean loss parts over ``images`` (uint8 NHWC), EMA weights."""
+        batch_size = batch_size or self.config.training.batch_size
+        if len(images) == 0:
+            return {}
+
+        def run() -> dict[str, float]:
+            totals: dict[str, float] = {}
+            for start in range(0, len(images), batch_size):
+                batch = np.asarray(images[start : start + batch_size])
+                for key, value in self.engine.eval_step(batch).items():
+                    totals[key] = totals.get(key, 0.0) + value * len(batch)
+            return {k: v / len(images) for k, v in totals.items()}
+
+        return self.with_ema(run)
+
+    def sample(self, n: int, temperature: Any, output_temperature: float = 1.0) -> np.ndarray:
+        """``n`` samples from the EMA model as uint8 levels of the dataset's bit depth."""
+        import keras
+
+        from hvae_core.model.likelihood import to_levels
+
+        def run() -> np.ndarray:
+            x = self.model.generate(
+                n, temperature=temperature, output_temperature=output_temperature
+            )
+            return keras.ops.convert_to_numpy(to_levels(x, self.dataset.num_bits))
+
+        return self.with_ema(run).astype(np.uint8)
+
+    def write_images(self) -> None:
+        from hvae_core.model.likelihood import to_levels
+
+        bits = self.dataset.num_bits
+
+        samples = self.sample(NUM_SAMPLES, SAMPLE_TEMPERATURE)
+        rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png")
+
+        def run() -> None:
+            import keras
+
+            originals = np.asarray(self.val[:8])
+            from hvae_core.training.engine import to_unit_range
+
+            recon = self.model.reconstruct(to_unit_range(originals, bits))
+            recon = to_uint8(keras.ops.convert_to_numpy(to_levels(recon, bits)), bits)
+            rundir.save_grid(
+                np.concatenate([to_uint8(originals, bits), recon]),
+                self.run_dir / "reconstructions.png",
+                columns=len(originals),
+            )
+
+        self.with_ema(run)
+
+
+def to_uint8(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Levels of a ``bits``-bit image as 8-bit pixels, for viewing."""
+    levels = np.asarray(levels).astype(np.float64)
+    return np.rint(levels * 255.0 / (2**bits - 1)).astype(np.uint8)
+
+
+def _device_name(backend: str) -> str:
+    try:
+        if backend == "jax":
+            import jax
+
+            return str(jax.devices()[0].platform).upper()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        import torch
+
+        return "GPU" if torch.cuda.is_available() else "CPU"
+    except Exception:  # the device name is informative only
+        return "unknown device"
