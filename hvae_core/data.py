@@ -135,7 +135,8 @@ class LazyImages:
                 raise IndexError(f"image {key} out of range for {n} images")
             return self._gather(np.array([i], dtype=np.intp))[0]
         if isinstance(key, slice):
-            return self._gather(np.arange(n, dtype=np.intp)[key])
+            rows = range(n)[key]  # no arange(n): the split may hold a million images
+            return self._gather(np.arange(rows.start, rows.stop, rows.step, dtype=np.intp))
         rows = np.asarray(key)
         if rows.dtype == np.bool_:
             if rows.shape != (n,):
@@ -206,7 +207,7 @@ class InMemoryDataset:
     def splits(self) -> tuple[str, ...]:
         return tuple(self._splits)
 
-    def load(self, split: str) -> ImageArray:  # type: ignore[override]
+    def load(self, split: str) -> ImageArray:
         try:
             return self._splits[split]
         except KeyError:

@@ -43,8 +43,15 @@ class Dataset(Protocol):
         ...
 
     def load(self, split: str) -> np.ndarray:
-        """All images of a split as uint8 (N, H, W, C); may be a read-only memory map."""
+        """All images of a split as uint8 (N, H, W, C): an array, a read-only memory map, or
+        any "image array" (``len``, ``shape``, ``dtype``, ``ndim`` and ``x[index_array]``
+        returning a fresh uint8 NHWC array; see :mod:`hvae_core.data`), so that a split of a
+        huge file is never read whole."""
         ...
+
+    # Optional: ``transform_batch(batch, rng) -> batch``. The input pipeline applies it to every
+    # batch of every split (e.g. MNIST's dynamic binarisation); ``num_bits`` then describes the
+    # transformed images.
 
 
 @runtime_checkable
