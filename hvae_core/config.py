@@ -114,7 +114,9 @@ class ModelConfig:
 class DataConfig:
     dataset: str = option("digits", "dataset (a 'dataset' plugin)")
     data_dir: str | None = option(
-        None, "directory holding the dataset files (default: $HVAE_DATA_DIR)"
+        None,
+        "directory holding the dataset files (default: $HVAE_DATA_DIR; a dataset's own "
+        "dataset.path wins)",
     )
     num_bits: int | None = option(None, "reduce pixels to this bit depth (default: the dataset's)")
     random_flip: bool = option(False, "random horizontal flips of training images")
@@ -126,7 +128,7 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = option(20, "number of passes over the training split")
+    epochs: int = option(40, "number of passes over the training split")
     batch_size: int = option(32, "global batch size")
     batch_size_div: int = option(
         1, "gradient accumulation: steps of batch_size / batch_size_div per update"
@@ -140,7 +142,7 @@ class TrainingConfig:
     adam_beta2: float = option(0.999, "second-moment decay of Adam-family optimizers")
     weight_decay: float = option(0.01, "decoupled weight decay")
     use_ema: bool = option(True, "keep an exponential moving average of the weights")
-    ema_rate: float = option(0.999, "EMA decay per update")
+    ema_rate: float = option(0.99, "EMA decay per update")
     gradient_clipnorm: float = option(200.0, "clip the global gradient norm to this (0: off)")
     gradient_skipnorm: float = option(
         0.0, "skip updates whose global gradient norm exceeds this (0: off)"

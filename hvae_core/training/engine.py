@@ -68,6 +68,7 @@ class Engine:
             else []
         )
         self.ema_rate = self.training.ema_rate
+        self.ema_targets = self.trainable if self.ema else []
 
     # -- compiled steps: provided by the backend ---------------------------------------------
 
@@ -95,7 +96,9 @@ class Engine:
         """Exchange the model's weights and their EMA (call again to swap back)."""
         self.sync()
         for v, e in zip(self.trainable, self.ema, strict=True):
-            w = v.value
+            # A copy: on TensorFlow ``v.value`` reads the variable lazily, and would see the
+            # EMA it is about to be given.
+            w = keras.ops.convert_to_numpy(v.value)
             v.assign(e.value)
             e.assign(w)
         self.after_external_change()

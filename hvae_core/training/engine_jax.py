@@ -72,7 +72,9 @@ class JaxEngine(Engine):
             ov, [g * scale.astype(g.dtype) for g in grads], tv
         )
         rate = self.ema_rate
-        new_ema = [rate * e + (1.0 - rate) * w for e, w in zip(ema, new_tv, strict=True)]
+        new_ema = [
+            rate * e + (1.0 - rate) * w for e, w in zip(ema, new_tv if ema else [], strict=True)
+        ]
 
         def keep_if_skipped(old: list, new: list) -> list:
             return [jnp.where(skip, o, n) for o, n in zip(old, new, strict=True)]

@@ -41,7 +41,7 @@ class TensorFlowEngine(Engine):
 
         def apply() -> Any:
             self.optimizer.apply([g * tf.cast(scale, g.dtype) for g in grads], self.trainable)
-            for e, v in zip(self.ema, self.trainable, strict=True):
+            for e, v in zip(self.ema, self.ema_targets, strict=True):
                 e.assign(self.ema_rate * e + (1.0 - self.ema_rate) * v)
             return tf.constant(0.0)
 

@@ -36,7 +36,7 @@ class TorchEngine(Engine):
         if not bool(skip):
             with torch.no_grad():
                 self.optimizer.apply([g * scale for g in grads], self.trainable)
-                for e, v in zip(self.ema, self.trainable, strict=True):
+                for e, v in zip(self.ema, self.ema_targets, strict=True):
                     e.assign(self.ema_rate * e.value + (1.0 - self.ema_rate) * v.value)
         terms["grad_norm"] = norm
         terms["skipped"] = skip.float()

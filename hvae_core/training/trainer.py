@@ -21,6 +21,7 @@ from hvae_core.training.progress import Reporter
 SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
 NUM_SAMPLES = 64
 SAMPLE_TEMPERATURE = 0.8
+EVAL_SEED = 0
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Trainer:
     def __init__(
         self, config: Any, run_dir: Path | None = None, quiet: bool = False, registry: Any = None
     ) -> None:
-        from hvae_core.data import BatchStream, open_dataset
+        from hvae_core.data import BatchStream, batch_transform, open_dataset
         from hvae_core.model.hvae import HVAE
         from hvae_core.plugins import get_registry
         from hvae_core.training.engine import make_engine
@@ -61,7 +62,7 @@ class Trainer:
             shuffle=True,
             seed=training.seed,
             flip=config.data.random_flip,
-            transform=getattr(self.dataset, "transform_batch", None),
+            transform=batch_transform(self.dataset),
         )
         self.steps_per_epoch = len(self.stream)
         if self.steps_per_epoch == 0:
@@ -266,16 +267,28 @@ class Trainer:
             if use:
                 self.engine.swap_ema()
 
+    def eval_batches(self, images: Any, batch_size: int | None = None) -> Any:
+        """``images`` in order, through the dataset's transform (e.g. binarisation) with a
+        fixed seed, so that every evaluation scores the same data."""
+        from hvae_core.data import BatchStream, batch_transform
+
+        return BatchStream(
+            images,
+            batch_size or self.config.training.batch_size,
+            shuffle=False,
+            seed=EVAL_SEED,
+            drop_remainder=False,
+            transform=batch_transform(self.dataset),
+        ).epoch(0)
+
     def evaluate(self, images: Any, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss parts over ``images`` (uint8 NHWC), EMA weights."""
-        batch_size = batch_size or self.config.training.batch_size
         if len(images) == 0:
             return {}
 
         def run() -> dict[str, float]:
             totals: dict[str, float] = {}
-            for start in range(0, len(images), batch_size):
-                batch = np.asarray(images[start : start + batch_size])
+            for batch in self.eval_batches(images, batch_size):
                 for key, value in self.engine.eval_step(batch).items():
                     totals[key] = totals.get(key, 0.0) + value * len(batch)
             return {k: v / len(images) for k, v in totals.items()}
@@ -307,7 +320,7 @@ class Trainer:
         def run() -> None:
             import keras
 
-            originals = np.asarray(self.val[:8])
+            originals = next(iter(self.eval_batches(self.val[:8])))
             from hvae_core.training.engine import to_unit_range
 
             recon = self.model.reconstruct(to_unit_range(originals, bits))
