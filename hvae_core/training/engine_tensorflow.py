@@ -14,7 +14,8 @@ class TensorFlowEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._train = tf.function(self._train_impl, jit_compile=self.jit)
-        self._eval = tf.function(self._eval_impl, jit_compile=self.jit)
+        # Evaluation sees a last, smaller batch: one trace serves every batch size.
+        self._eval = tf.function(self._eval_impl, jit_compile=self.jit, reduce_retracing=True)
 
     def _train_impl(self, images: Any, beta: Any) -> dict[str, Any]:
         grads, terms = None, {}

@@ -105,9 +105,9 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, A
     """Arrays in safetensors (no pickle: opening one cannot run code) plus JSON metadata."""
     from safetensors.numpy import save
 
-    data = save(
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"hvae": json.dumps(meta)}
-    )
+    # np.array, not np.ascontiguousarray: the latter turns scalars (step counters) into 1-d.
+    contiguous = {k: np.array(v, order="C") for k, v in arrays.items()}
+    data = save(contiguous, metadata={"hvae": json.dumps(meta)})
     atomic_write_bytes(path, data)
 
 
@@ -148,7 +148,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> Non
             pad + r * (h + pad) : pad + r * (h + pad) + h,
             pad + col * (w + pad) : pad + col * (w + pad) + w,
         ] = image
-    scale = max(1, 256 // max(grid.shape[:2]))  # small images are enlarged to be seen
+    scale = max(1, 512 // max(grid.shape[:2]))  # small images are enlarged to be seen
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if scale > 1:
         picture = picture.resize(

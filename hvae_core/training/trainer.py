@@ -71,6 +71,9 @@ class Trainer:
                 f"{training.batch_size}",
                 hint="lower --batch-size",
             )
+        import keras
+
+        keras.utils.set_random_seed(training.seed)  # the same seed, the same initial weights
         self.model = HVAE(
             config,
             self.dataset.image_shape,

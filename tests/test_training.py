@@ -1,0 +1,398 @@
+"""Training: the compiled step's maths, the run directory, resume, and the CLI around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hvae_plugins.datasets.digits import digits_images
+
+from hvae_core.cli import cli
+from hvae_core.config import resolve_config
+from hvae_core.model import decoder
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training import rundir
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+from hvae_core.training.trainer import Trainer
+
+# Small and quick: 23 steps per epoch on the digits, no XLA compile.
+FAST = ["run.jit=false", "training.batch_size=64"]
+
+
+def engine_for(*overrides: str, seed: int = 0):
+    # A constant rate: the tiny preset's warm-up starts at 0, and the first step would not move.
+    cfg = resolve_config("tiny", overrides=[*FAST, "training.scheduler=constant", *overrides])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=seed)
+    model.build_weights()
+    return make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
+
+
+def numpy_weights(variables) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(v.value).copy() for v in variables]
+
+
+@pytest.fixture
+def no_noise(monkeypatch):
+    """Deterministic steps: the latent noise is zero."""
+    monkeypatch.setattr(
+        decoder.TopDownBlock, "noise", lambda self, like, groups: keras.ops.zeros_like(like)
+    )
+
+
+# --- the step -----------------------------------------------------------------------------
+
+
+def test_accumulation_gives_the_same_update_as_the_full_batch(no_noise) -> None:
+    images = digits_images()[:8]
+    full = engine_for("training.batch_size=8", "training.use_ema=false")
+    split = engine_for(
+        "training.batch_size=8", "training.batch_size_div=2", "training.use_ema=false"
+    )
+    split.model.set_weights(full.model.get_weights())
+    before = numpy_weights(full.trainable)
+    a, b = full.train_step(images, 1.0), split.train_step(images, 1.0)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    moved = False
+    for w0, wa, wb in zip(
+        before, numpy_weights(full.trainable), numpy_weights(split.trainable), strict=True
+    ):
+        np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-7)
+        moved |= not np.allclose(w0, wa)
+    assert moved
+
+
+def test_skipped_updates_leave_weights_optimizer_and_ema_alone() -> None:
+    engine = engine_for("training.gradient_skipnorm=1e-9")
+    images = digits_images()[:64]
+    state = engine.state()
+    result = engine.train_step(images, 1.0)
+    assert result["skipped"] == 1.0 and result["grad_norm"] > 1e-9
+    after = engine.state()
+    # The noise seeds advance; weights, EMA and optimizer state (its step count too) do not.
+    for key, value in state.items():
+        if key.startswith(("ema/", "optimizer/")) or key in trainable_keys(engine):
+            np.testing.assert_array_equal(value, after[key], err_msg=key)
+
+
+def trainable_keys(engine) -> set[str]:
+    ids = {id(v) for v in engine.trainable}
+    return {f"model/{i:05d}" for i, v in enumerate(engine.model.variables) if id(v) in ids}
+
+
+def test_a_nan_loss_is_skipped_and_never_reaches_the_weights() -> None:
+    engine = engine_for()
+    images = digits_images()[:64]
+    before = numpy_weights(engine.trainable)
+    result = engine.train_step(images, float("nan"))  # beta NaN: the loss is NaN
+    assert result["skipped"] == 1.0 and not np.isfinite(result["loss"])
+    for w0, w1 in zip(before, numpy_weights(engine.trainable), strict=True):
+        np.testing.assert_array_equal(w0, w1)
+    assert engine.train_step(images, 1.0)["skipped"] == 0.0
+    assert all(np.isfinite(w).all() for w in numpy_weights(engine.trainable))
+
+
+def test_clipping_and_ema_follow_their_formulas(no_noise) -> None:
+    engine = engine_for(
+        "training.gradient_clipnorm=1e-3", "training.ema_rate=0.9", "training.weight_decay=0"
+    )
+    images = digits_images()[:64]
+    before = numpy_weights(engine.trainable)
+    result = engine.train_step(images, 1.0)
+    assert result["skipped"] == 0.0 and result["grad_norm"] > 1e-3
+    after = numpy_weights(engine.trainable)
+    for w0, w1, e in zip(before, after, numpy_weights(engine.ema), strict=True):
+        np.testing.assert_allclose(e, 0.9 * w0 + 0.1 * w1, rtol=1e-5, atol=1e-7)
+    # Adamax's first step moves each weight by lr * sign(g) whatever the clipping: compare
+    # the unclipped step instead through the optimizer's first moment, which is (1-b1) * g.
+    m = [
+        keras.ops.convert_to_numpy(v.value)
+        for v in engine.optimizer.variables
+        if "momentum" in v.path
+    ]
+    norm = np.sqrt(sum(float(np.sum((x / 0.1) ** 2)) for x in m))
+    assert norm == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_swapping_the_ema_twice_restores_the_weights() -> None:
+    # Regression: TensorFlow's v.value read the variable lazily, so a swap made the weights
+    # equal to the EMA for good.
+    engine = engine_for()
+    engine.train_step(digits_images()[:64], 1.0)
+    weights, ema = numpy_weights(engine.trainable), numpy_weights(engine.ema)
+    assert any(not np.array_equal(w, e) for w, e in zip(weights, ema, strict=True))
+    engine.swap_ema()
+    for w, e in zip(numpy_weights(engine.trainable), ema, strict=True):
+        np.testing.assert_array_equal(w, e)
+    engine.swap_ema()
+    for w0, w1 in zip(weights, numpy_weights(engine.trainable), strict=True):
+        np.testing.assert_array_equal(w0, w1)
+    for e0, e1 in zip(ema, numpy_weights(engine.ema), strict=True):
+        np.testing.assert_array_equal(e0, e1)
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+def train_run(tmp_path: Path, name: str, *overrides: str, epochs: int = 2) -> Trainer:
+    cfg = resolve_config("tiny", {"epochs": epochs}, [*FAST, *overrides])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.run_dir = tmp_path / name
+    trainer.run_dir.mkdir()
+    rundir.write_config(trainer.run_dir, cfg)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One finished two-epoch run, shared by the tests that read a run directory."""
+    trainer = train_run(tmp_path_factory.mktemp("runs"), "run")
+    trainer.fit()
+    return trainer.run_dir
+
+
+def test_run_directory_contract(trained) -> None:
+    names = {p.name for p in trained.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "samples.png",
+        "reconstructions.png",
+        "loss.png",
+        "grad_norm.png",
+    } <= names
+    rows = rundir.read_metrics(trained)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    required = {
+        "epoch",
+        "step",
+        "train_bpd",
+        "val_bpd",
+        "kl_bpd",
+        "recon_bpd",
+        "lr",
+        "beta",
+        "grad_norm_max",
+        "skipped_updates",
+        "seconds",
+    }
+    assert all(required <= set(r) for r in rows)
+    assert rows[1]["step"] == 2 * (1497 // 64)
+    assert rows[1]["train_bpd"] < rows[0]["train_bpd"]  # it learns
+    assert (
+        resolve_config(trained / "config.yaml").to_dict()
+        == resolve_config("tiny", {"epochs": 2}, FAST).to_dict()
+    )
+    from PIL import Image
+
+    assert Image.open(trained / "samples.png").size[0] >= 64
+
+
+def test_resume_continues_exactly(tmp_path) -> None:
+    straight = train_run(tmp_path, "straight")
+    straight_rows = straight.fit()
+    first = train_run(tmp_path, "halves", epochs=1)
+    first.fit()
+    cfg = resolve_config("tiny", {"epochs": 2}, FAST)
+    second = Trainer(cfg, quiet=True)
+    second.run_dir = first.run_dir
+    second.restore()
+    resumed_rows = second.fit()
+    assert len(resumed_rows) == 2
+    for a, b in zip(straight_rows, resumed_rows, strict=True):
+        for key in ("step", "train_bpd", "val_bpd", "kl_bpd", "recon_bpd", "lr", "skipped_updates"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_evaluate_and_sample_a_finished_run(trained, tmp_path) -> None:
+    result = run_cli("evaluate", str(trained), "--split", "test", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["split"] == "test" and row["images"] == 150
+    assert row["bpd"] == pytest.approx(row["recon_bpd"] + row["kl_bpd"], rel=1e-5)
+    assert 0 < row["bpd"] < 4  # 4-bit digits
+    out, raw = tmp_path / "grid.png", tmp_path / "raw.npz"
+    result = run_cli(
+        "sample",
+        str(trained),
+        "--n",
+        "6",
+        "--temperature",
+        "0.5",
+        "--out",
+        str(out),
+        "--npz",
+        str(raw),
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(raw) as data:
+        assert data["samples"].shape == (6, 8, 8, 1) and int(data["num_bits"]) == 4
+        assert data["samples"].max() <= 15
+    assert out.stat().st_size > 0
+    bad = run_cli("sample", str(trained), "--temperature", "0.5,0.5")
+    assert bad.exit_code != 0 and "one per latent layer" in bad.stderr
+
+
+def test_a_corrupt_checkpoint_is_one_clear_line(trained, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.yaml").write_bytes((trained / "config.yaml").read_bytes())
+    data = (trained / rundir.CHECKPOINT).read_bytes()
+    (copy / rundir.CHECKPOINT).write_bytes(data[: len(data) // 2])
+    result = run_cli("evaluate", str(copy))
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip().splitlines()
+        == [
+            f"error: checkpoint {copy / rundir.CHECKPOINT} is truncated or corrupt "
+            "(SafetensorError) (hint: resume from an intact copy or start a new run)"
+        ]
+        or "is truncated or corrupt" in result.stderr
+    )
+
+
+def test_resume_refuses_another_model_config(trained) -> None:
+    result = run_cli("train", "--resume", str(trained), "--set", "model.z_width=3")
+    assert result.exit_code == 1
+    assert "was trained with another model or data config (differs in model.z_width)" in (
+        result.stderr
+    )
+
+
+def test_a_locked_run_stops_with_a_clear_message(tmp_path) -> None:
+    trainer = train_run(
+        tmp_path, "locked", "training.gradient_skipnorm=1e-9", "training.max_consecutive_skips=3"
+    )
+    from hvae_core.errors import HvaeError
+
+    with pytest.raises(HvaeError, match="the last 3 updates were all skipped"):
+        trainer.fit()
+    _, meta = rundir.load_checkpoint(trainer.run_dir / rundir.CHECKPOINT)
+    assert meta["position"]["batch"] == 3  # checkpointed where it stopped
+
+
+def test_a_new_run_never_reuses_a_directory(tmp_path) -> None:
+    first = rundir.create_run_dir(tmp_path, "digits")
+    second = rundir.create_run_dir(tmp_path, "digits")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(tmp_path) -> None:
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    args = [
+        sys.executable,
+        "-m",
+        "hvae_core",
+        "train",
+        "--config",
+        "tiny",
+        "--epochs",
+        "2",
+        "--save-dir",
+        str(tmp_path),
+        "--quiet",
+        "--batch-size",
+        "16",
+        "--set",
+        "run.jit=false",
+        "--set",
+        "training.checkpoint_minutes=0.001",
+    ]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            found = list(tmp_path.glob(f"*/{rundir.CHECKPOINT}"))
+            if found:
+                _, meta = rundir.load_checkpoint(found[0])
+                if meta["position"]["batch"] > 5 and meta["position"]["epoch"] == 0:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no mid-epoch checkpoint appeared")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not (run_dir / rundir.METRICS).exists() or not rundir.read_metrics(run_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "hvae_core", "train", "--resume", str(run_dir), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = rundir.read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["step"] == 2 * (1497 // 16)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_train_and_learn(backend, tmp_path) -> None:
+    pytest.importorskip(backend)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvae_core",
+            "train",
+            "--config",
+            "tiny",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--save-dir",
+            str(tmp_path),
+            "--quiet",
+            "--set",
+            "training.batch_size_div=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run_dir] = list(tmp_path.iterdir())
+    rows = rundir.read_metrics(run_dir)
+    assert rows[1]["train_bpd"] < rows[0]["train_bpd"]
+    assert all(np.isfinite(r["val_bpd"]) for r in rows)
+    assert f"backend {backend}" in done.stderr
+
+
+def test_checkpoints_round_trip_every_shape(tmp_path) -> None:
+    # Regression: scalars (the optimizer's step counter) came back as 1-d arrays.
+    arrays = {
+        "scalar": np.array(7, np.int64),
+        "matrix": np.arange(6.0).reshape(2, 3),
+        "strided": np.arange(10.0)[::2],
+    }
+    path = tmp_path / "c.safetensors"
+    rundir.save_checkpoint(path, arrays, {"position": {"epoch": 3}})
+    loaded, meta = rundir.load_checkpoint(path)
+    assert meta == {"position": {"epoch": 3}}
+    for key, value in arrays.items():
+        assert loaded[key].shape == value.shape
+        np.testing.assert_array_equal(loaded[key], value)
+    assert not list(tmp_path.glob(".*.tmp"))
