@@ -128,7 +128,7 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = option(40, "number of passes over the training split")
+    epochs: int = option(100, "number of passes over the training split")
     batch_size: int = option(32, "global batch size")
     batch_size_div: int = option(
         1, "gradient accumulation: steps of batch_size / batch_size_div per update"

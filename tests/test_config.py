@@ -28,7 +28,7 @@ def test_defaults_follow_the_dataclasses() -> None:
 
 
 def test_precedence_defaults_preset_flags_set(tmp_path) -> None:
-    assert resolve_config().training.epochs == 40
+    assert resolve_config().training.epochs == 100
     assert resolve_config("tiny").training.epochs == 2
     user = write_yaml(tmp_path / "user.yaml", {"training": {"epochs": 3, "batch_size": 16}})
     assert resolve_config(user).training.epochs == 3
