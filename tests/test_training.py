@@ -396,3 +396,13 @@ def test_checkpoints_round_trip_every_shape(tmp_path) -> None:
         assert loaded[key].shape == value.shape
         np.testing.assert_array_equal(loaded[key], value)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_early_stopping_ends_a_run_without_improvement(tmp_path) -> None:
+    # A learning rate of ~0 cannot improve val: patience 1 stops after epoch 2 of 5.
+    trainer = train_run(tmp_path, "early", "training.early_stopping=1",
+                        "training.scheduler=constant", "training.learning_rate=1e-12",
+                        "training.weight_decay=0", epochs=5)
+    rows = trainer.fit()
+    assert 2 <= len(rows) < 5
+    assert rows[-1]["val_bpd"] >= min(r["val_bpd"] for r in rows[:-1])

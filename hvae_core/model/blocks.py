@@ -128,10 +128,26 @@ def _groups(width: int) -> int:
     return next(g for g in (8, 4, 2, 1) if width % g == 0)
 
 
-def vdvae_block(
-    options: Any,
+def vdvae_block(options: Any, model: Any, **kwargs: Any) -> ResidualBlock:
+    """Factory of the ``vdvae`` block plugin (see :data:`hvae_core.interfaces.BlockFactory`):
+    keyword arguments ``in_width, middle_width, out_width, kernel_size, residual, last_scale,
+    name, dtype``."""
+    return _block(model, depthwise=False, **kwargs)
+
+
+def depthwise_block(options: Any, model: Any, **kwargs: Any) -> ResidualBlock:
+    """Factory of the ``depthwise`` block: 5x5 depthwise convolutions (NVAE) in the middle,
+    where the ``vdvae`` block has its 3x3 ones."""
+    kernel_size = kwargs.pop("kernel_size", 3)
+    return _block(
+        model, depthwise=True, kernel_size=kernel_size + 2 if kernel_size > 1 else 1, **kwargs
+    )
+
+
+def _block(
     model: Any,
     *,
+    depthwise: bool,
     in_width: int,
     middle_width: int,
     out_width: int,
@@ -141,7 +157,6 @@ def vdvae_block(
     name: str | None = None,
     dtype: Any = None,
 ) -> ResidualBlock:
-    """Factory of the ``vdvae`` block plugin (see :data:`hvae_core.interfaces.BlockFactory`)."""
     return ResidualBlock(
         in_width,
         middle_width,
@@ -151,35 +166,7 @@ def vdvae_block(
         activation=model.b_act,
         group_norm=model.block_gn,
         last_scale=last_scale,
-        name=name,
-        dtype=dtype,
-    )
-
-
-def depthwise_block(
-    options: Any,
-    model: Any,
-    *,
-    in_width: int,
-    middle_width: int,
-    out_width: int,
-    kernel_size: int = 3,
-    residual: bool = True,
-    last_scale: float = 1.0,
-    name: str | None = None,
-    dtype: Any = None,
-) -> ResidualBlock:
-    """Factory of the ``depthwise`` block: 5x5 depthwise convolutions (NVAE) in the middle."""
-    return ResidualBlock(
-        in_width,
-        middle_width,
-        out_width,
-        kernel_size=kernel_size + 2 if kernel_size > 1 else 1,
-        residual=residual,
-        activation=model.b_act,
-        group_norm=model.block_gn,
-        last_scale=last_scale,
-        depthwise=True,
+        depthwise=depthwise,
         name=name,
         dtype=dtype,
     )

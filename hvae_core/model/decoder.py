@@ -16,6 +16,7 @@ from hvae_core.model.distributions import (
     sum_per_example,
 )
 from hvae_core.model.layout import Scale
+from hvae_core.model.resample import Resample
 
 
 class TopDownBlock(keras.layers.Layer):
@@ -140,30 +141,6 @@ class TopDownBlock(keras.layers.Layer):
         return self.resnet(x), z, stats
 
 
-class Unpool(keras.layers.Layer):
-    """Nearest-neighbour upsampling by 2; a 1x1 convolution when the width changes."""
-
-    def __init__(self, out_width: int | None, activation: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.up = keras.layers.UpSampling2D(2, dtype=self.dtype_policy)
-        self.conv = (
-            keras.layers.Conv2D(
-                out_width,
-                1,
-                kernel_initializer=torch_default_init(),
-                dtype=self.dtype_policy,
-                name="conv",
-            )
-            if out_width is not None
-            else None
-        )
-        self.activation = keras.activations.get(activation)
-
-    def call(self, x: Any) -> Any:
-        x = self.up(x)
-        return self.activation(self.conv(x)) if self.conv is not None else x
-
-
 class Decoder(keras.layers.Layer):
     """Top-down pass from 1x1 to the image size; returns the final state, every block's z and
     every block's statistics (KL per example, posterior and prior parameters)."""
@@ -189,8 +166,12 @@ class Decoder(keras.layers.Layer):
         for scale in self.order:
             if previous is not None:
                 width = scale.width if scale.width != previous.width else None
-                self.unpools[scale.resolution] = Unpool(
-                    width, model.p_act, dtype=self.dtype_policy, name=f"unpool_{scale.resolution}"
+                self.unpools[scale.resolution] = Resample(
+                    "up",
+                    width,
+                    model.p_act,
+                    dtype=self.dtype_policy,
+                    name=f"unpool_{scale.resolution}",
                 )
             for _ in range(scale.dec_blocks):
                 index = len(self.blocks)

@@ -9,31 +9,7 @@ import keras
 
 from hvae_core.model.blocks import torch_default_init
 from hvae_core.model.layout import Scale
-
-
-@keras.saving.register_keras_serializable(package="hvae")
-class Pool(keras.layers.Layer):
-    """Average pooling by 2; a 1x1 convolution and ``activation`` when the width changes."""
-
-    def __init__(self, out_width: int | None, activation: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pool = keras.layers.AveragePooling2D(2, dtype=self.dtype_policy)
-        self.conv = (
-            keras.layers.Conv2D(
-                out_width,
-                1,
-                kernel_initializer=torch_default_init(),
-                dtype=self.dtype_policy,
-                name="conv",
-            )
-            if out_width is not None
-            else None
-        )
-        self.activation = keras.activations.get(activation)
-
-    def call(self, x: Any) -> Any:
-        x = self.pool(x)
-        return self.activation(self.conv(x)) if self.conv is not None else x
+from hvae_core.model.resample import Resample
 
 
 class Encoder(keras.layers.Layer):
@@ -73,7 +49,9 @@ class Encoder(keras.layers.Layer):
             if below is not None:
                 width = below.width if below.width != scale.width else None
                 self.pools.append(
-                    Pool(width, model.p_act, dtype=policy, name=f"pool_{scale.resolution}")
+                    Resample(
+                        "down", width, model.p_act, dtype=policy, name=f"pool_{scale.resolution}"
+                    )
                 )
 
     def call(self, x: Any) -> dict[int, Any]:

@@ -84,6 +84,23 @@ class Engine:
 
     # -- shared ------------------------------------------------------------------------------
 
+    def accumulate(self, chunks: Any, compute: Any) -> tuple[list[Any], dict[str, Any]]:
+        """Gradients and loss terms averaged over the ``batch_size_div`` micro-batches;
+        ``compute(chunk)`` returns one micro-batch's (gradients, terms)."""
+        grads: list[Any] | None = None
+        terms: dict[str, Any] = {}
+        for chunk in chunks:
+            chunk_grads, chunk_terms = compute(chunk)
+            grads = (
+                list(chunk_grads)
+                if grads is None
+                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
+            )
+            for key, value in chunk_terms.items():
+                terms[key] = terms.get(key, 0.0) + value / self.div
+        assert grads is not None
+        return [g / self.div for g in grads], terms
+
     def loss_terms(self, images: Any, beta: Any, training: bool) -> dict[str, Any]:
         """Loss and metrics of ``images`` (uint8), averaged over ``batch_size_div`` chunks."""
         x = to_unit_range(images, self.num_bits)

@@ -53,17 +53,15 @@ class JaxEngine(Engine):
     def _train_impl(self, state: tuple, images: Any, beta: Any) -> tuple[tuple, dict]:
         tv, ntv, ov, ema = state
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        grads, terms = None, {}
-        for chunk in jnp.split(images, self.div) if self.div > 1 else [images]:
-            (_, (chunk_terms, ntv)), chunk_grads = grad_fn(tv, ntv, chunk, beta, True)
-            grads = (
-                chunk_grads
-                if grads is None
-                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
-            )
-            for key, value in chunk_terms.items():
-                terms[key] = terms.get(key, 0.0) + value / self.div
-        grads = [g / self.div for g in grads]
+        seeds = [ntv]  # the noise seeds advance from one micro-batch to the next
+
+        def compute(chunk: Any) -> tuple[list, dict]:
+            (_, (terms, seeds[0])), grads = grad_fn(tv, seeds[0], chunk, beta, True)
+            return grads, terms
+
+        chunks = jnp.split(images, self.div) if self.div > 1 else [images]
+        grads, terms = self.accumulate(chunks, compute)
+        ntv = seeds[0]
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
             norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm

@@ -18,23 +18,17 @@ class TensorFlowEngine(Engine):
         self._eval = tf.function(self._eval_impl, jit_compile=self.jit, reduce_retracing=True)
 
     def _train_impl(self, images: Any, beta: Any) -> dict[str, Any]:
-        grads, terms = None, {}
-        for chunk in tf.split(images, self.div) if self.div > 1 else [images]:
+        def compute(chunk: Any) -> tuple[list, dict]:
             with tf.GradientTape() as tape:
-                chunk_terms = self.loss_terms(chunk, beta, training=True)
-            chunk_grads = tape.gradient(chunk_terms["loss"], self.trainable)
-            chunk_grads = [
+                terms = self.loss_terms(chunk, beta, training=True)
+            grads = tape.gradient(terms["loss"], self.trainable)
+            return [
                 tf.zeros_like(v) if g is None else g
-                for g, v in zip(chunk_grads, self.trainable, strict=True)
-            ]
-            grads = (
-                chunk_grads
-                if grads is None
-                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
-            )
-            for key, value in chunk_terms.items():
-                terms[key] = terms.get(key, 0.0) + value / self.div
-        grads = [g / self.div for g in grads]
+                for g, v in zip(grads, self.trainable, strict=True)
+            ], terms
+
+        chunks = tf.split(images, self.div) if self.div > 1 else [images]
+        grads, terms = self.accumulate(chunks, compute)
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
             norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm

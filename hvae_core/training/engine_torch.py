@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from keras import ops
@@ -13,22 +15,16 @@ class TorchEngine(Engine):
     def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
         images = ops.convert_to_tensor(images)
         params = [v.value for v in self.trainable]
-        grads, terms = None, {}
-        for chunk in torch.chunk(images, self.div) if self.div > 1 else [images]:
-            chunk_terms = self.loss_terms(chunk, beta, training=True)
-            chunk_grads = torch.autograd.grad(chunk_terms["loss"], params, allow_unused=True)
-            chunk_grads = [
-                torch.zeros_like(p) if g is None else g
-                for g, p in zip(chunk_grads, params, strict=True)
-            ]
-            grads = (
-                chunk_grads
-                if grads is None
-                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
-            )
-            for key, value in chunk_terms.items():
-                terms[key] = terms.get(key, 0.0) + value.detach() / self.div
-        grads = [g / self.div for g in grads]
+
+        def compute(chunk: Any) -> tuple[list, dict]:
+            terms = self.loss_terms(chunk, beta, training=True)
+            grads = torch.autograd.grad(terms["loss"], params, allow_unused=True)
+            return [
+                torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
+            ], {k: v.detach() for k, v in terms.items()}
+
+        chunks = torch.chunk(images, self.div) if self.div > 1 else [images]
+        grads, terms = self.accumulate(chunks, compute)
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
             norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
