@@ -400,9 +400,40 @@ def test_checkpoints_round_trip_every_shape(tmp_path) -> None:
 
 def test_early_stopping_ends_a_run_without_improvement(tmp_path) -> None:
     # A learning rate of ~0 cannot improve val: patience 1 stops after epoch 2 of 5.
-    trainer = train_run(tmp_path, "early", "training.early_stopping=1",
-                        "training.scheduler=constant", "training.learning_rate=1e-12",
-                        "training.weight_decay=0", epochs=5)
+    trainer = train_run(
+        tmp_path,
+        "early",
+        "training.early_stopping=1",
+        "training.scheduler=constant",
+        "training.learning_rate=1e-12",
+        "training.weight_decay=0",
+        epochs=5,
+    )
     rows = trainer.fit()
     assert 2 <= len(rows) < 5
     assert rows[-1]["val_bpd"] >= min(r["val_bpd"] for r in rows[:-1])
+
+
+def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
+    trainer = train_run(tmp_path, "oom")
+
+    class ResourceExhaustedError(Exception):  # the name TensorFlow's error has
+        pass
+
+    def explode(images, beta):
+        raise ResourceExhaustedError("Out of memory while trying to allocate 36.42GiB.")
+
+    monkeypatch.setattr(trainer.engine, "train_step", explode)
+    from hvae_core.errors import HvaeError
+
+    with pytest.raises(HvaeError) as err:
+        trainer.fit()
+    assert "out of memory in the train step at batch size 64" in err.value.one_line()
+    assert "batch_size_div" in err.value.hint
+    monkeypatch.setattr(
+        trainer.engine,
+        "train_step",
+        lambda images, beta: (_ for _ in ()).throw(ValueError("a bug")),
+    )
+    with pytest.raises(ValueError, match="a bug"):  # other errors are not disguised
+        trainer.fit()

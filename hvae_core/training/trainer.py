@@ -142,6 +142,16 @@ class Trainer:
                 row = self._epoch()
                 if row is None:
                     break
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.reporter.close()
+            raise HvaeError(
+                f"out of memory in the train step at batch size {training.batch_size} "
+                f"({type(exc).__name__})",
+                hint="lower --batch-size, or raise training.batch_size_div to accumulate "
+                "gradients over smaller micro-batches",
+            ) from None
         except KeyboardInterrupt:
             self.reporter.close()
             self.save()
@@ -335,6 +345,19 @@ class Trainer:
             )
 
         self.with_ema(run)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure of any backend (TensorFlow's ResourceExhaustedError, JAX's
+    RESOURCE_EXHAUSTED, torch's OutOfMemoryError), told apart by name and message only so
+    that no backend is imported here."""
+    name, text = type(exc).__name__, str(exc)
+    return (
+        isinstance(exc, MemoryError)
+        or name in ("ResourceExhaustedError", "OutOfMemoryError")
+        or "RESOURCE_EXHAUSTED" in text
+        or "out of memory" in text.lower()
+    )
 
 
 def to_uint8(levels: np.ndarray, bits: int) -> np.ndarray:
