@@ -784,4 +784,3 @@ def test_num_bits_reduction_is_exact_in_memory_and_lazy(
         assert isinstance(lazy, LazyImages) and isinstance(lazy.base, np.memmap)
         np.testing.assert_array_equal(np.asarray(lazy), np.asarray(full.load(split)) >> 3)
     assert np.asarray(full.load("test")).max() > 31  # the memmap itself is untouched
-
