@@ -147,17 +147,19 @@ def open_arrays(folder: Path, size: int, cache_dir: str | None) -> tuple[np.memm
 # ---- the npz release
 
 
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from an open ``.npy`` stream, leaving it at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def npz_data_header(path: Path, how: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """Shape, Fortran order and dtype of the ``data`` array, read from its header only."""
     try:
         with zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            return read(f)
+            return _read_npy_header(f)
     except KeyError:
         raise bad_file(path, "it has no array named 'data'", how) from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
@@ -226,13 +228,7 @@ def iter_npz_rows(path: Path, size: int, how: str) -> Iterator[np.ndarray]:
     row = 3 * size * size
     try:
         with zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read(f)
+            shape, fortran, dtype = _read_npy_header(f)
             if dtype != np.uint8 or len(shape) != 2 or shape[1] != row:
                 raise bad_file(path, f"expected uint8 rows of {row}, got {dtype} {shape}", how)
             if fortran:
