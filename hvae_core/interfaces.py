@@ -103,7 +103,13 @@ class Attention(Protocol):
 
 @runtime_checkable
 class Regularizer(Protocol):
-    """A training regularizer. Factory: ``(options, training: TrainingConfig) -> Regularizer``."""
+    """A training regularizer. Factory: ``(options, training: TrainingConfig) -> Regularizer``.
+
+    It acts on training steps only; evaluation scores the plain ELBO. Optional attribute
+    ``noise_groups`` (default 1): the training batch, and each of its ``batch_size_div``
+    micro-batches, consists of that many equal parts that share one draw of the latent noise
+    (e.g. images followed by their augmentations).
+    """
 
     def transform_batch(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Rewrite a uint8 NHWC batch before the step; the result has the same batch size."""

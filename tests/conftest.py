@@ -14,7 +14,7 @@ from hvae_core import plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hvae-example-plugins"
-FIRST_PARTY_ENTRY_POINTS = "datasets"
+FIRST_PARTY_ENTRY_POINTS = "datasets,flows,attention,regularizers"
 
 
 @pytest.fixture(autouse=True)

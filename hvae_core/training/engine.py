@@ -104,8 +104,14 @@ class Engine:
     def loss_terms(self, images: Any, beta: Any, training: bool) -> dict[str, Any]:
         """Loss and metrics of ``images`` (uint8), averaged over ``batch_size_div`` chunks."""
         x = to_unit_range(images, self.num_bits)
+        # Only training batches went through the regularizer's transform_batch.
+        groups = int(getattr(self.regularizer, "noise_groups", 1)) if training else 1
         result = self.model.losses_for(
-            x, beta=beta, training=training, regularizer=self.regularizer
+            x,
+            beta=beta,
+            training=training,
+            regularizer=self.regularizer if training else None,
+            noise_groups=groups,
         )
         return {k: v for k, v in result.items() if k not in ("outputs", "kl_layers_bpd")}
 
