@@ -50,18 +50,31 @@ class JaxEngine(Engine):
         new_ntv = [scope.get_current_value(v) for v in self.non_trainable]
         return terms["loss"], (terms, new_ntv)
 
+    def _gradients(self, tv: list, ntv: list, images: Any, beta: Any) -> tuple:
+        """Mean gradients and terms over the ``batch_size_div`` micro-batches.
+
+        The micro-batches run in a ``lax.scan``: one compiled body, so only one micro-batch's
+        activations are alive at a time (an unrolled loop would keep them all).
+        """
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if self.div == 1:
+            (_, (terms, ntv)), grads = grad_fn(tv, ntv, images, beta, True)
+            return grads, terms, ntv
+
+        def body(carry: tuple, chunk: Any) -> tuple:
+            seeds, total = carry  # the noise seeds advance from one micro-batch to the next
+            (_, (terms, seeds)), grads = grad_fn(tv, seeds, chunk, beta, True)
+            return (seeds, [t + g for t, g in zip(total, grads, strict=True)]), terms
+
+        chunks = images.reshape((self.div, -1, *images.shape[1:]))
+        zeros = [jnp.zeros_like(w) for w in tv]
+        (ntv, total), terms = jax.lax.scan(body, (ntv, zeros), chunks)
+        grads = [g / self.div for g in total]
+        return grads, {k: jnp.mean(v, axis=0) for k, v in terms.items()}, ntv
+
     def _train_impl(self, state: tuple, images: Any, beta: Any) -> tuple[tuple, dict]:
         tv, ntv, ov, ema = state
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        seeds = [ntv]  # the noise seeds advance from one micro-batch to the next
-
-        def compute(chunk: Any) -> tuple[list, dict]:
-            (_, (terms, seeds[0])), grads = grad_fn(tv, seeds[0], chunk, beta, True)
-            return grads, terms
-
-        chunks = jnp.split(images, self.div) if self.div > 1 else [images]
-        grads, terms = self.accumulate(chunks, compute)
-        ntv = seeds[0]
+        grads, terms, ntv = self._gradients(tv, ntv, images, beta)
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
             norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm

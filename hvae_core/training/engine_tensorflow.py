@@ -27,8 +27,7 @@ class TensorFlowEngine(Engine):
                 for g, v in zip(grads, self.trainable, strict=True)
             ], terms
 
-        chunks = tf.split(images, self.div) if self.div > 1 else [images]
-        grads, terms = self.accumulate(chunks, compute)
+        grads, terms = self._accumulate(images, compute)
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
             norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
@@ -44,6 +43,34 @@ class TensorFlowEngine(Engine):
         terms["grad_norm"] = norm
         terms["skipped"] = tf.cast(skip, tf.float32)
         return terms
+
+    def _accumulate(self, images: Any, compute: Any) -> tuple[list, dict]:
+        """Mean gradients and terms over the ``batch_size_div`` micro-batches.
+
+        The first micro-batch runs on its own (it fixes which terms there are); the rest run in
+        a ``tf.while_loop`` whose body holds one micro-batch's activations at a time, where an
+        unrolled loop would keep them all alive.
+        """
+        if self.div == 1:
+            return compute(images)
+        chunks = tf.reshape(images, (self.div, -1, *images.shape[1:]))
+        grads, terms = compute(chunks[0])
+
+        def body(i: Any, grads: list, terms: dict) -> tuple:
+            chunk_grads, chunk_terms = compute(chunks[i])
+            return (
+                i + 1,
+                [a + b for a, b in zip(grads, chunk_grads, strict=True)],
+                {k: terms[k] + chunk_terms[k] for k in terms},
+            )
+
+        _, grads, terms = tf.while_loop(
+            lambda i, *_: i < self.div,
+            body,
+            (tf.constant(1), grads, terms),
+            parallel_iterations=1,
+        )
+        return [g / self.div for g in grads], {k: v / self.div for k, v in terms.items()}
 
     def _eval_impl(self, images: Any) -> dict[str, Any]:
         return self.loss_terms(images, 1.0, training=False)
