@@ -197,6 +197,18 @@ class RunConfig:
     )
     jit: bool = option(True, "compile the train step (XLA on jax/tensorflow)")
     save_dir: str = option("runs", "directory that run directories are created in")
+    devices: int = option(
+        0,
+        "data-parallel devices per process: 0 = every visible accelerator (one CPU when "
+        "there is none); training.batch_size is the global batch, split evenly over them",
+    )
+    connect_timeout: int = option(
+        120, "seconds to wait for the other processes of a multi-process run before failing"
+    )
+
+    def validate(self, section: str) -> None:
+        _non_negative(section, self, "devices")
+        _positive(section, self, "connect_timeout")
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -230,6 +242,7 @@ FLAG_KEYS: dict[str, str] = {
     "seed": "training.seed",
     "backend": "run.backend",
     "save_dir": "run.save_dir",
+    "devices": "run.devices",
 }
 
 

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from hvae_core.training.parallel import Launch, Parallel
+
 METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
 
 
@@ -46,8 +48,16 @@ def skip_and_scale(norm: Any, loss: Any, clipnorm: float, skipnorm: float) -> tu
 class Engine:
     """Runs the compiled train and eval steps of one model and owns the training state."""
 
-    def __init__(self, model: Any, optimizer: Any, config: Any, regularizer: Any = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        config: Any,
+        regularizer: Any = None,
+        parallel: Parallel | None = None,
+    ) -> None:
         self.model = model
+        self.parallel = parallel or Parallel()
         self.optimizer = optimizer
         self.training = config.training
         self.jit = config.run.jit
@@ -172,7 +182,13 @@ class Engine:
         return {k: float(keras.ops.convert_to_numpy(v)) for k, v in metrics.items()}
 
 
-def make_engine(model: Any, optimizer: Any, config: Any, regularizer: Any = None) -> Engine:
+def make_engine(
+    model: Any,
+    optimizer: Any,
+    config: Any,
+    regularizer: Any = None,
+    parallel: Parallel | None = None,
+) -> Engine:
     """The engine of the active Keras backend."""
     backend = keras.backend.backend()
     if backend == "jax":
@@ -183,7 +199,22 @@ def make_engine(model: Any, optimizer: Any, config: Any, regularizer: Any = None
         from hvae_core.training.engine_torch import TorchEngine as cls
     else:
         raise ValueError(f"unsupported Keras backend {backend}")
-    return cls(model, optimizer, config, regularizer)
+    return cls(model, optimizer, config, regularizer, parallel)
+
+
+def backend_module() -> Any:
+    """The engine module of the active Keras backend."""
+    import importlib
+
+    backend = keras.backend.backend()
+    if backend not in ("jax", "tensorflow", "torch"):
+        raise ValueError(f"unsupported Keras backend {backend}")
+    return importlib.import_module(f"hvae_core.training.engine_{backend}")
+
+
+def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
+    """Start the active backend's distributed engine (before any weight is created)."""
+    return backend_module().setup_parallel(devices, launch, timeout)
 
 
 def nan_to_inf(value: float) -> float:

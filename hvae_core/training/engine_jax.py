@@ -15,6 +15,47 @@ import keras
 import numpy as np
 
 from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+from hvae_core.training.parallel import Launch, Parallel, check_devices
+
+
+def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
+    """Data parallelism through ``keras.distribution.DataParallel``: the weights replicated on
+    a device mesh, the batch sharded along it; XLA's partitioner inserts the gradient
+    all-reduce, so the step is the single-device step, sharded."""
+    if launch.multi_process:
+        # CPU processes talk through gloo; accelerators bring their own collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # What keras.distribution.initialize does, with a bound on the wait for the others.
+        jax.distributed.initialize(
+            coordinator_address=launch.coordinator,
+            num_processes=launch.num_processes,
+            process_id=launch.process_id,
+            initialization_timeout=timeout,
+        )
+    local = jax.local_devices()
+    accelerators = [d for d in local if d.platform != "cpu"]
+    visible = accelerators or local
+    what = f"{visible[0].platform.upper()} devices are"
+    count = check_devices(devices, len(visible), what) if devices else len(accelerators) or 1
+    if count == 1 and not launch.multi_process:
+        return Parallel()
+    platform = visible[0].platform
+    mesh_devices = [
+        d
+        for p in range(jax.process_count())
+        for d in [d for d in jax.devices(platform) if d.process_index == p][:count]
+    ]
+    mesh = keras.distribution.DeviceMesh(
+        shape=(len(mesh_devices),), axis_names=["batch"], devices=mesh_devices
+    )
+    distribution = keras.distribution.DataParallel(device_mesh=mesh)
+    keras.distribution.set_distribution(distribution)
+    return Parallel(
+        replicas=len(mesh_devices),
+        process_index=jax.process_index(),
+        num_processes=jax.process_count(),
+        strategy=distribution,
+    )
 
 
 class JaxEngine(Engine):
@@ -24,6 +65,20 @@ class JaxEngine(Engine):
         self._read_state()
         self._train = jax.jit(self._train_impl, donate_argnums=0) if self.jit else self._train_impl
         self._eval = jax.jit(self._eval_impl) if self.jit else self._eval_impl
+
+    def _put(self, images: np.ndarray) -> Any:
+        """The global batch as one array: sharded over the mesh when it divides evenly (an
+        evaluation's last batch may not: it is then replicated). Every process holds the
+        whole global batch and gives each of its devices that device's part."""
+        distribution = self.parallel.strategy
+        if distribution is None:
+            return jnp.asarray(images)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh = distribution.device_mesh.backend_mesh
+        spec = PartitionSpec("batch") if len(images) % self.parallel.replicas == 0 else None
+        sharding = NamedSharding(mesh, spec if spec is not None else PartitionSpec())
+        return jax.make_array_from_callback(images.shape, sharding, lambda index: images[index])
 
     def _read_state(self) -> None:
         self.state_arrays = (
@@ -106,12 +161,12 @@ class JaxEngine(Engine):
 
     def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
         self.state_arrays, terms = self._train(
-            self.state_arrays, jnp.asarray(images), jnp.float32(beta)
+            self.state_arrays, self._put(images), np.float32(beta)
         )
         return self.to_floats(terms)
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         tv, ntv, ov, ema = self.state_arrays
-        terms, ntv = self._eval(tv, ntv, jnp.asarray(images))
+        terms, ntv = self._eval(tv, ntv, self._put(images))
         self.state_arrays = (tv, ntv, ov, ema)
         return self.to_floats(terms)

@@ -45,14 +45,29 @@ class Trainer:
         from hvae_core.data import BatchStream, batch_transform, open_dataset
         from hvae_core.model.hvae import HVAE
         from hvae_core.plugins import get_registry
-        from hvae_core.training.engine import make_engine
+        from hvae_core.training.engine import make_engine, setup_parallel
         from hvae_core.training.optim import make_optimizer
+        from hvae_core.training.parallel import check_batch, launch_from_env
 
         self.config = config
         self.run_dir: Path = run_dir  # type: ignore[assignment]  # set before fit() or save()
-        self.reporter = Reporter(quiet)
         registry = registry or get_registry()
         training = config.training
+        # First: the distributed engine must be up before any weight exists.
+        self.parallel = setup_parallel(
+            config.run.devices, launch_from_env(), config.run.connect_timeout
+        )
+        self.reporter = Reporter(quiet or not self.parallel.is_chief)
+        self.regularizer = None
+        if training.regularizer is not None:
+            factory = registry.get("regularizer", training.regularizer).load()
+            self.regularizer = factory(config.options("regularizer"), training)
+        check_batch(
+            training.batch_size,
+            training.batch_size_div,
+            int(getattr(self.regularizer, "noise_groups", 1)),
+            self.parallel.replicas,
+        )
         self.dataset = open_dataset(config, registry)
         train = self.dataset.load("train")
         self.val = self.dataset.load("val")
@@ -74,20 +89,19 @@ class Trainer:
         import keras
 
         keras.utils.set_random_seed(training.seed)  # the same seed, the same initial weights
-        self.model = HVAE(
-            config,
-            self.dataset.image_shape,
-            self.dataset.num_bits,
-            registry=registry,
-            seed=training.seed,
-        )
-        self.model.build_weights()
-        self.regularizer = None
-        if training.regularizer is not None:
-            factory = registry.get("regularizer", training.regularizer).load()
-            self.regularizer = factory(config.options("regularizer"), training)
-        optimizer = make_optimizer(config, self.steps_per_epoch, registry)
-        self.engine = make_engine(self.model, optimizer, config, self.regularizer)
+        with self.parallel.scope():
+            self.model = HVAE(
+                config,
+                self.dataset.image_shape,
+                self.dataset.num_bits,
+                registry=registry,
+                seed=training.seed,
+            )
+            self.model.build_weights()
+            optimizer = make_optimizer(config, self.steps_per_epoch, registry)
+            self.engine = make_engine(
+                self.model, optimizer, config, self.regularizer, self.parallel
+            )
         self.beta_schedule = registry.get("beta-schedule", training.beta_schedule).load()(
             config.options("beta-schedule"), training, self.steps_per_epoch
         )
@@ -96,9 +110,12 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
 
     def save(self) -> None:
+        state = self.engine.state()  # every process: reading a distributed state may need all
+        if not self.parallel.is_chief:
+            return
         rundir.save_checkpoint(
             self.run_dir / rundir.CHECKPOINT,
-            self.engine.state(),
+            state,
             {
                 "position": asdict(self.position),
                 "num_bits": self.dataset.num_bits,
@@ -117,7 +134,8 @@ class Trainer:
                 hint="was config.yaml edited after the run started?",
             ) from None
         self.position = Position(**meta["position"])
-        rundir.truncate_metrics(self.run_dir, self.position.epoch)
+        if self.parallel.is_chief:
+            rundir.truncate_metrics(self.run_dir, self.position.epoch)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -127,8 +145,9 @@ class Trainer:
         backend = keras.backend.backend()
         device = _device_name(backend)
         return (
-            f"hvae: backend {backend} on {device}; {self.model.count_params():,} "
-            f"parameters, {self.model.num_latent_layers} latent layers; dataset "
+            f"hvae: backend {backend} on {device}, {self.parallel.describe()}; "
+            f"{self.model.count_params():,} parameters{_flows_note(self.model)}, "
+            f"{self.model.num_latent_layers} latent layers; dataset "
             f"{self.config.data.dataset} ({len(self.stream) * self.stream.batch_size:,} "
             f"train images/epoch, {self.dataset.num_bits} bits); run dir {self.run_dir}"
         )
@@ -161,7 +180,7 @@ class Trainer:
             ) from None
         finally:
             self.reporter.close()
-        return rundir.read_metrics(self.run_dir)
+        return rundir.read_metrics(self.run_dir) if self.parallel.is_chief else []
 
     def _epoch(self) -> dict[str, Any] | None:
         training, pos = self.config.training, self.position
@@ -262,9 +281,10 @@ class Trainer:
             ):
                 row[key] = sums[key] / count  # a regularizer's named terms
         pos.epoch, pos.batch, pos.sums, pos.epoch_seconds = epoch, 0, {}, 0.0
-        rundir.append_metrics(self.run_dir, row)
         self.write_images()
-        rundir.plot_metrics(self.run_dir)
+        if self.parallel.is_chief:
+            rundir.append_metrics(self.run_dir, row)
+            rundir.plot_metrics(self.run_dir)
         self.reporter.end_epoch(row)
         return row
 
@@ -323,28 +343,37 @@ class Trainer:
         return self.with_ema(run).astype(np.uint8)
 
     def write_images(self) -> None:
+        """Samples and reconstructions; every process computes them (a distributed model
+        runs its ops on all processes), the chief saves them."""
+        import keras
+
         from hvae_core.model.likelihood import to_levels
+        from hvae_core.training.engine import to_unit_range
 
         bits = self.dataset.num_bits
-
         samples = self.sample(NUM_SAMPLES, SAMPLE_TEMPERATURE)
-        rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png")
+        originals = next(iter(self.eval_batches(self.val[:8])))
 
-        def run() -> None:
-            import keras
-
-            originals = next(iter(self.eval_batches(self.val[:8])))
-            from hvae_core.training.engine import to_unit_range
-
+        def run() -> np.ndarray:
             recon = self.model.reconstruct(to_unit_range(originals, bits))
-            recon = to_uint8(keras.ops.convert_to_numpy(to_levels(recon, bits)), bits)
-            rundir.save_grid(
-                np.concatenate([to_uint8(originals, bits), recon]),
-                self.run_dir / "reconstructions.png",
-                columns=len(originals),
-            )
+            return keras.ops.convert_to_numpy(to_levels(recon, bits))
 
-        self.with_ema(run)
+        recon = self.with_ema(run)
+        if not self.parallel.is_chief:
+            return
+        rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png")
+        rundir.save_grid(
+            np.concatenate([to_uint8(originals, bits), to_uint8(recon, bits)]),
+            self.run_dir / "reconstructions.png",
+            columns=len(originals),
+        )
+
+
+def _flows_note(model: Any) -> str:
+    """The start-up line's flow parameter count, when there are flows: the reference found
+    that they can outgrow the rest of the model."""
+    count = model.num_flow_params()
+    return f" (flows {count:,})" if count else ""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

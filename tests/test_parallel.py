@@ -1,0 +1,147 @@
+"""Data parallelism: the batch layout, clear errors, and one data-parallel step that equals the
+single-device step on the same images, on each backend's own distributed engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from backends import require_backend, run_on_backend
+from hvae_plugins.datasets.digits import digits_images
+
+from hvae_core.errors import ConfigError, HvaeError
+from hvae_core.training.parallel import (
+    Launch,
+    check_batch,
+    check_devices,
+    launch_from_env,
+    replica_slice,
+)
+
+# --- backend-neutral ----------------------------------------------------------------------
+
+
+def test_replicas_take_equal_shares_of_every_micro_batch_and_noise_group() -> None:
+    batch = np.arange(16)[:, None, None, None]  # 2 micro-batches x 2 groups x 2 replicas x 2
+    parts = [replica_slice(batch, r, 2, div=2, groups=2)[:, 0, 0, 0].tolist() for r in range(2)]
+    # Replica 0's micro-batch 0 is [its originals; their partners in group 1], and so on.
+    assert parts == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
+    together = np.sort(np.concatenate(parts))
+    assert together.tolist() == list(range(16))
+    assert replica_slice(batch, 0, 1) is batch
+
+
+def test_contiguous_shares_without_micro_batches() -> None:
+    batch = np.arange(8)[:, None, None, None]
+    assert replica_slice(batch, 1, 4)[:, 0, 0, 0].tolist() == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("batch", "div", "groups", "replicas", "unit"),
+    [(10, 1, 1, 4, 4), (8, 2, 1, 3, 6), (12, 1, 2, 4, 8)],
+)
+def test_a_batch_that_does_not_divide_is_a_clear_error(batch, div, groups, replicas, unit) -> None:
+    with pytest.raises(ConfigError, match=rf"does not split evenly .*\({unit}\)") as error:
+        check_batch(batch, div, groups, replicas)
+    assert f"multiple of {unit}" in error.value.hint
+    check_batch(unit * 2, div, groups, replicas)
+
+
+def test_device_counts() -> None:
+    assert check_devices(0, 3, "GPUs are") == 3
+    assert check_devices(2, 3, "GPUs are") == 2
+    with pytest.raises(HvaeError, match="--devices 4 but only 3 GPUs are visible"):
+        check_devices(4, 3, "GPUs are")
+
+
+def test_launch_settings_from_the_environment() -> None:
+    assert launch_from_env({}) == Launch()
+    launch = launch_from_env(
+        {
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234,10.0.0.2:1234",
+            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+            "KERAS_DISTRIBUTION_PROCESS_ID": "1",
+        }
+    )
+    assert launch == Launch("10.0.0.1:1234", 2, 1) and launch.multi_process
+    with pytest.raises(ConfigError, match="no coordinator"):
+        launch_from_env({"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"})
+    with pytest.raises(ConfigError, match="not in 0..1"):
+        launch_from_env(
+            {
+                "KERAS_DISTRIBUTION_JOB_ADDRESSES": "h:1",
+                "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+                "KERAS_DISTRIBUTION_PROCESS_ID": "2",
+            }
+        )
+
+
+# --- one step, single device vs data parallel -------------------------------------------
+
+STEP_SCRIPT = """
+import keras
+from hvae_core.config import resolve_config
+from hvae_core.model import decoder
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine, setup_parallel
+from hvae_core.training.parallel import Launch, Parallel
+
+# No latent noise: replicas draw their own noise, so only a noiseless step can match exactly.
+decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
+DEVICES = int(inputs["devices"])
+
+
+def engine(parallel):
+    cfg = resolve_config("tiny", overrides=[
+        "training.batch_size=8", "training.batch_size_div=2", "training.scheduler=constant",
+        "training.gradient_clipnorm=50",
+    ])
+    with parallel.scope():
+        model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+        model.build_weights()
+        from hvae_core.training.optim import make_optimizer
+        return make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg, None, parallel)
+
+
+single = engine(Parallel())
+weights = single.model.get_weights()
+terms = single.train_step(inputs["images"], 1.0)
+single.sync()
+outputs["single_norm"] = terms["grad_norm"]
+for j, w in enumerate(single.model.get_weights()):
+    outputs[f"single_{j}"] = w
+for j, w in enumerate(single.ema):
+    outputs[f"single_ema_{j}"] = keras.ops.convert_to_numpy(w.value)
+
+parallel = setup_parallel(DEVICES, Launch(), 60)
+outputs["replicas"] = parallel.replicas
+dp = engine(parallel)
+dp.model.set_weights(weights)
+for e, w in zip(dp.ema, dp.trainable, strict=True):
+    e.assign(keras.ops.convert_to_numpy(w.value))  # a copy: JAX donates the buffers
+dp.after_external_change()
+terms = dp.train_step(inputs["images"], 1.0)
+dp.sync()
+outputs["dp_norm"] = terms["grad_norm"]
+for j, w in enumerate(dp.model.get_weights()):
+    outputs[f"dp_{j}"] = w
+for j, w in enumerate(dp.ema):
+    outputs[f"dp_ema_{j}"] = keras.ops.convert_to_numpy(w.value)
+"""
+
+
+def assert_same_step(out: dict[str, np.ndarray], replicas: int) -> None:
+    assert int(out["replicas"]) == replicas
+    assert float(out["dp_norm"]) == pytest.approx(float(out["single_norm"]), rel=1e-4)
+    names = [k[len("single_") :] for k in out if k.startswith("single_") and k != "single_norm"]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_allclose(out[f"dp_{name}"], out[f"single_{name}"], rtol=1e-4, atol=1e-6)
+
+
+def test_jax_data_parallel_step_equals_the_single_device_step(tmp_path, monkeypatch) -> None:
+    require_backend("jax")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    inputs = {"images": digits_images()[:8], "devices": np.array(4)}
+    out = run_on_backend("jax", STEP_SCRIPT, inputs, tmp_path)
+    assert_same_step(out, 4)
