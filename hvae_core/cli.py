@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import click
 from hvae_core import __version__
 from hvae_core.errors import HvaeError
 from hvae_core.hookspecs import KINDS
+from hvae_core.training import parallel as parallel_env
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -213,32 +215,91 @@ def config_presets() -> None:
     help="continue the run in RUN_DIR where it stopped",
 )
 @click.option("--quiet", is_flag=True, help="log lines instead of progress bars")
+@click.option(
+    "--devices",
+    type=click.IntRange(min=0),
+    help="data-parallel devices per process (run.devices; 0: every visible accelerator)",
+)
+@click.option(
+    "--coordinator",
+    metavar="HOST:PORT",
+    help=f"multi-process runs: address of process 0 (or ${parallel_env.COORDINATOR_ENV})",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    help=f"multi-process runs: how many (or ${parallel_env.NUM_PROCESSES_ENV})",
+)
+@click.option(
+    "--process-id",
+    type=click.IntRange(min=0),
+    help=f"multi-process runs: this process's index (or ${parallel_env.PROCESS_ID_ENV})",
+)
 def train(
-    config: str | None, overrides: tuple[str, ...], resume: str | None, quiet: bool, **flags: Any
+    config: str | None,
+    overrides: tuple[str, ...],
+    resume: str | None,
+    quiet: bool,
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    **flags: Any,
 ) -> None:
     """Train an HVAE; writes a run directory under run.save_dir."""
     from hvae_core.training import rundir
 
+    launch = {
+        parallel_env.COORDINATOR_ENV: coordinator,
+        parallel_env.NUM_PROCESSES_ENV: num_processes,
+        parallel_env.PROCESS_ID_ENV: process_id,
+    }
+    for name, value in launch.items():
+        if value is not None:  # the flags win over the environment
+            os.environ[name] = str(value)
     if resume is not None:
         run_dir = Path(resume)
         cfg = _resume_config(run_dir, config, overrides, flags)
     else:
         cfg = _resolve(config, overrides, **flags)
-    trainer = _trainer(cfg, quiet)
+    try:
+        trainer = _trainer(cfg, quiet)
+    except parallel_env.Relaunch as relaunch:
+        sys.exit(_relaunch_with_torchrun(relaunch.processes))
+    chief = trainer.parallel.is_chief  # only process 0 writes
     if resume is not None:
         trainer.run_dir = run_dir
         trainer.restore()
-        rundir.write_config(run_dir, cfg)
-    else:
+        if chief:
+            rundir.write_config(run_dir, cfg)
+    elif chief:
         trainer.run_dir = rundir.create_run_dir(cfg.run.save_dir, cfg.data.dataset)
         rundir.write_config(trainer.run_dir, cfg)
     rows = trainer.fit()
+    if not chief:
+        return
     last = rows[-1] if rows else {}
     val = last.get("val_bpd")
     click.echo(
         f"done: {trainer.run_dir} (epoch {last.get('epoch', 0)}"
         + (f", val {val:.4f} bpd)" if val is not None else ")")
     )
+
+
+def _relaunch_with_torchrun(processes: int) -> int:
+    """torch trains one process per device: run this same command under torchrun."""
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "hvae_core",
+        *sys.argv[1:],
+    ]
+    return subprocess.run(command, check=False).returncode
 
 
 def _trainer(cfg: Any, quiet: bool) -> Any:

@@ -78,11 +78,23 @@ class PosteriorFlow(Protocol):
 class Attention(Protocol):
     """Attention that lets top-down blocks read from a memory along the hierarchy.
 
-    Factory: ``(options, model: ModelConfig, *, widths: Mapping[int, int]) -> Attention``
-    where ``widths`` maps each resolution to the residual width there. The memory is whatever
-    the plugin likes (a tuple of tensors, say); the core only passes it along: from
-    :meth:`encode`, through :meth:`update` after every top-down block, into :meth:`read`.
+    Factory: ``(options, model: ModelConfig, *, widths: Mapping[int, int], make_block) ->
+    Attention`` where ``widths`` maps each resolution to the residual width there and
+    ``make_block`` is the model's own :data:`BlockFactory` with its options and dtype policy
+    already bound (call it with the keyword arguments only), for plugins that need residual
+    blocks of their own. Top-down blocks are numbered from 0 at the top (1x1), in the order
+    ``model.dec_num_blocks`` gives, read from its last scale to its first.
+
+    The memory is whatever the plugin likes (a tuple of tensors, say); the core only passes it
+    along: from :meth:`encode`, through the optional ``prepare`` before and :meth:`update` after
+    every top-down block, into :meth:`read`. If the plugin is a Keras layer, the model tracks
+    its weights; layers it calls inside these methods are built on the first forward pass.
     """
+
+    # Optional: ``prepare(state, memory, *, block, resolution) -> memory``, called with the
+    # state top-down block ``block`` starts from, before its reads; the memory it returns is
+    # what both reads of that block (and then :meth:`update`) receive. It lets work that the
+    # prior and posterior reads share, such as the block's queries, be done once.
 
     def encode(self, activations: Mapping[int, Tensor] | None) -> Any:
         """The memory before the first top-down block, from the encoder's activations
@@ -108,7 +120,9 @@ class Regularizer(Protocol):
     It acts on training steps only; evaluation scores the plain ELBO. Optional attribute
     ``noise_groups`` (default 1): the training batch, and each of its ``batch_size_div``
     micro-batches, consists of that many equal parts that share one draw of the latent noise
-    (e.g. images followed by their augmentations).
+    (e.g. images followed by their augmentations). Optional attribute ``batch_groups``
+    (default ``noise_groups``): how many equal, row-matched parts each micro-batch has, shared
+    noise or not; under data parallelism every replica takes the same rows of each part.
     """
 
     def transform_batch(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -134,7 +134,13 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.stdout)
     assert cfg["data"]["data_dir"] == str(tmp_path)
-    assert cfg["run"] == {"backend": "jax", "jit": True, "save_dir": str(tmp_path / "runs")}
+    assert cfg["run"] == {
+        "backend": "jax",
+        "jit": True,
+        "save_dir": str(tmp_path / "runs"),
+        "devices": 0,
+        "connect_timeout": 120,
+    }
     assert (cfg["training"]["epochs"], cfg["training"]["batch_size"]) == (4, 16)
     assert cfg["training"]["seed"] == 9
     assert cfg["model"]["flow"] is None and cfg["training"]["regularizer"] is None

@@ -3,6 +3,10 @@ single-device step on the same images, on each backend's own distributed engine.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from backends import require_backend, run_on_backend
@@ -96,6 +100,7 @@ def engine(parallel):
         "training.batch_size=8", "training.batch_size_div=2", "training.scheduler=constant",
         "training.gradient_clipnorm=50",
     ])
+    keras.utils.set_random_seed(0)  # every process starts from the same weights
     with parallel.scope():
         model = HVAE(cfg, (8, 8, 1), 4, seed=0)
         model.build_weights()
@@ -145,3 +150,55 @@ def test_jax_data_parallel_step_equals_the_single_device_step(tmp_path, monkeypa
     inputs = {"images": digits_images()[:8], "devices": np.array(4)}
     out = run_on_backend("jax", STEP_SCRIPT, inputs, tmp_path)
     assert_same_step(out, 4)
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+import numpy as np
+inputs = dict(np.load(sys.argv[1]))
+outputs = {}
+exec(open(sys.argv[2]).read())
+if int(os.environ["RANK"]) == 0:
+    np.savez(sys.argv[3], **{k: np.asarray(v) for k, v in outputs.items()})
+"""
+
+
+def test_torch_ddp_step_over_two_gloo_processes_equals_the_single_device_step(tmp_path) -> None:
+    require_backend("torch")
+    np.savez(tmp_path / "in.npz", images=digits_images()[:8], devices=np.array(0))
+    (tmp_path / "step.py").write_text(STEP_SCRIPT)
+    (tmp_path / "main.py").write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(tmp_path / "main.py"),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "step.py"),
+            str(tmp_path / "out.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_step(dict(np.load(tmp_path / "out.npz")), 2)
+
+
+def test_replicas_keep_regularizer_pairs_together_with_or_without_shared_noise() -> None:
+    from hvae_core.training.parallel import batch_groups
+
+    class Pairs:
+        noise_groups = 1  # no shared noise, but still [originals; augmentations]
+        batch_groups = 2
+
+    assert batch_groups(None) == 1 and batch_groups(Pairs()) == 2
+    batch = np.arange(8)[:, None, None, None]  # rows 0-3 originals, 4-7 their augmentations
+    shares = [replica_slice(batch, r, 2, groups=batch_groups(Pairs()))[:, 0, 0, 0] for r in (0, 1)]
+    assert [s.tolist() for s in shares] == [[0, 1, 4, 5], [2, 3, 6, 7]]

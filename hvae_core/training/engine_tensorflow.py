@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from hvae_core.errors import HvaeError
 from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+from hvae_core.training.parallel import Launch, Parallel, check_devices
+
+
+def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
+    """One device. Data parallelism on TensorFlow (``tf.distribute.MirroredStrategy``) is not
+    in this version: asking for it is a clear error, never a silent single-device run."""
+    gpus = tf.config.list_physical_devices("GPU")
+    visible = len(gpus) or 1
+    what = "GPUs are" if gpus else "CPU devices are"
+    count = check_devices(devices, visible, what) if devices else 1
+    if count > 1 or launch.multi_process or os.environ.get("TF_CONFIG"):
+        raise HvaeError(
+            "data-parallel training is not available on the tensorflow backend yet",
+            hint="use --backend jax or --backend torch for several devices, or --devices 1",
+        )
+    return Parallel()
 
 
 class TensorFlowEngine(Engine):

@@ -58,6 +58,14 @@ class Parallel:
         return f"{self.replicas} devices (data parallel{hosts})"
 
 
+class Relaunch(Exception):
+    """This backend runs one process per device: start ``processes`` of them (torchrun)."""
+
+    def __init__(self, processes: int) -> None:
+        super().__init__(f"relaunch as {processes} processes")
+        self.processes = processes
+
+
 @dataclass(frozen=True)
 class Launch:
     """Multi-host settings of this process, from flags or the environment."""
@@ -97,6 +105,13 @@ def launch_from_env(environ: dict[str, str] | None = None) -> Launch:
                 hint="give each process a distinct --process-id",
             )
     return Launch(coordinator.split(",")[0] if coordinator else None, num_processes, process_id)
+
+
+def batch_groups(regularizer: Any) -> int:
+    """How many equal, row-matched parts each micro-batch has (e.g. images and their
+    augmentations): a replica must get the same rows of every part."""
+    noise = int(getattr(regularizer, "noise_groups", 1))
+    return int(getattr(regularizer, "batch_groups", noise))
 
 
 def check_devices(requested: int, visible: int, what: str) -> int:

@@ -47,7 +47,7 @@ class Trainer:
         from hvae_core.plugins import get_registry
         from hvae_core.training.engine import make_engine, setup_parallel
         from hvae_core.training.optim import make_optimizer
-        from hvae_core.training.parallel import check_batch, launch_from_env
+        from hvae_core.training.parallel import batch_groups, check_batch, launch_from_env
 
         self.config = config
         self.run_dir: Path = run_dir  # type: ignore[assignment]  # set before fit() or save()
@@ -65,7 +65,7 @@ class Trainer:
         check_batch(
             training.batch_size,
             training.batch_size_div,
-            int(getattr(self.regularizer, "noise_groups", 1)),
+            batch_groups(self.regularizer),
             self.parallel.replicas,
         )
         self.dataset = open_dataset(config, registry)
