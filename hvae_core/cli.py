@@ -274,7 +274,10 @@ def train(
     elif chief:
         trainer.run_dir = rundir.create_run_dir(cfg.run.save_dir, cfg.data.dataset)
         rundir.write_config(trainer.run_dir, cfg)
-    rows = trainer.fit()
+    try:
+        rows = trainer.fit()
+    finally:
+        trainer.parallel.close()
     if not chief:
         return
     last = rows[-1] if rows else {}

@@ -202,3 +202,122 @@ def test_replicas_keep_regularizer_pairs_together_with_or_without_shared_noise()
     batch = np.arange(8)[:, None, None, None]  # rows 0-3 originals, 4-7 their augmentations
     shares = [replica_slice(batch, r, 2, groups=batch_groups(Pairs()))[:, 0, 0, 0] for r in (0, 1)]
     assert [s.tolist() for s in shares] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+# --- several processes through the CLI --------------------------------------------------
+
+
+def hvae(*args: str, backend: str, timeout: int = 900) -> subprocess.Popen:
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hvae_core", "train", "--config", "tiny", "--quiet", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: int = 900) -> str:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return out + err
+
+
+def resume_on_one_device(run_dir, backend: str) -> list[dict]:
+    from hvae_core.training import rundir
+
+    finish(hvae("--resume", str(run_dir), "--epochs", "2", "--devices", "1", backend=backend))
+    rows = rundir.read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    return rows
+
+
+def assert_one_complete_run_dir(save_dir) -> object:
+    [run_dir] = list(save_dir.iterdir())
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.safetensors", "samples.png"):
+        assert (run_dir / name).is_file(), name
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_jax_processes_train_only_the_chief_writes_and_one_device_resumes(tmp_path) -> None:
+    require_backend("jax")
+    common = ["--epochs", "1", "--batch-size", "64", "--coordinator", "localhost:23611"]
+    chief = hvae(
+        *common,
+        "--num-processes",
+        "2",
+        "--process-id",
+        "0",
+        "--save-dir",
+        str(tmp_path / "chief"),
+        backend="jax",
+    )
+    other = hvae(
+        *common,
+        "--num-processes",
+        "2",
+        "--process-id",
+        "1",
+        "--save-dir",
+        str(tmp_path / "other"),
+        backend="jax",
+    )
+    log = finish(chief)
+    finish(other)
+    assert "2 devices (data parallel in 2 processes)" in log
+    assert not (tmp_path / "other").exists()  # the other process never writes
+    run_dir = assert_one_complete_run_dir(tmp_path / "chief")
+    resume_on_one_device(run_dir, "jax")
+
+
+@pytest.mark.slow
+def test_torch_devices_flag_runs_gloo_processes_and_one_device_resumes(tmp_path) -> None:
+    require_backend("torch")
+    log = finish(
+        hvae(
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--devices",
+            "2",
+            "--save-dir",
+            str(tmp_path),
+            backend="torch",
+        )
+    )
+    assert "2 devices (data parallel in 2 processes)" in log
+    run_dir = assert_one_complete_run_dir(tmp_path)
+    resume_on_one_device(run_dir, "torch")
+
+
+def test_an_unreachable_coordinator_fails_in_one_line_within_the_timeout(tmp_path) -> None:
+    require_backend("jax")
+    process = hvae(
+        "--coordinator",
+        "127.0.0.1:9",
+        "--num-processes",
+        "2",
+        "--process-id",
+        "1",
+        "--save-dir",
+        str(tmp_path),
+        "--set",
+        "run.connect_timeout=5",
+        backend="jax",
+    )
+    out, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "error: could not join" in err and "hint:" in err
+    assert "Traceback" not in err
+
+
+def test_more_devices_than_visible_is_one_line(tmp_path) -> None:
+    require_backend("jax")
+    process = hvae("--devices", "64", "--save-dir", str(tmp_path), backend="jax")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "error: --devices 64 but only 1 CPU devices are visible" in err
+    assert "Traceback" not in err

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from hvae_core.errors import HvaeError
 from hvae_core.training.engine import Engine, global_norm, skip_and_scale
-from hvae_core.training.parallel import Launch, Parallel, check_devices
+from hvae_core.training.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
@@ -25,13 +26,23 @@ def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
     if launch.multi_process:
         # CPU processes talk through gloo; accelerators bring their own collectives.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if launch.process_id != 0:  # process 0 hosts the coordinator service
+            wait_for_coordinator(launch.coordinator, timeout)
         # What keras.distribution.initialize does, with a bound on the wait for the others.
-        jax.distributed.initialize(
-            coordinator_address=launch.coordinator,
-            num_processes=launch.num_processes,
-            process_id=launch.process_id,
-            initialization_timeout=timeout,
-        )
+        try:
+            jax.distributed.initialize(
+                coordinator_address=launch.coordinator,
+                num_processes=launch.num_processes,
+                process_id=launch.process_id,
+                initialization_timeout=timeout,
+            )
+        except Exception as exc:  # an unreachable coordinator, a missing process
+            raise HvaeError(
+                f"could not join the {launch.num_processes} processes at {launch.coordinator} "
+                f"within {timeout} s: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                hint="start every process with the same --coordinator and --num-processes, "
+                "or raise run.connect_timeout",
+            ) from None
     local = jax.local_devices()
     accelerators = [d for d in local if d.platform != "cpu"]
     visible = accelerators or local
@@ -55,6 +66,7 @@ def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
         process_index=jax.process_index(),
         num_processes=jax.process_count(),
         strategy=distribution,
+        shutdown=jax.distributed.shutdown if launch.multi_process else None,
     )
 
 

@@ -57,7 +57,10 @@ def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
             hint="check MASTER_ADDR/MASTER_PORT and that every process was started",
         ) from None
     return Parallel(
-        replicas=world, process_index=dist.get_rank(), num_processes=world, strategy=None
+        replicas=world,
+        process_index=dist.get_rank(),
+        num_processes=world,
+        shutdown=dist.destroy_process_group,
     )
 
 

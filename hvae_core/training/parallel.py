@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,12 @@ class Parallel:
     process_index: int = 0
     num_processes: int = 1
     strategy: Any = None  # the backend's distribution object, if any
+    shutdown: Any = None  # leaves the process group at the end of the run
+
+    def close(self) -> None:
+        """Leave the distributed run together with the other processes."""
+        if self.shutdown is not None:
+            self.shutdown()
 
     @property
     def is_chief(self) -> bool:
@@ -112,6 +120,30 @@ def batch_groups(regularizer: Any) -> int:
     augmentations): a replica must get the same rows of every part."""
     noise = int(getattr(regularizer, "noise_groups", 1))
     return int(getattr(regularizer, "batch_groups", noise))
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Block until ``host:port`` accepts connections, or fail in one line after ``timeout``
+    seconds (some engines abort the whole process when their coordinator is unreachable)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"coordinator address {address!r} is not HOST:PORT", hint="e.g. 10.0.0.1:1234"
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise HvaeError(
+                    f"could not join the run: coordinator {address} unreachable after "
+                    f"{timeout:g} s ({exc.strerror or exc})",
+                    hint="start process 0 first, check the address and port, "
+                    "or raise run.connect_timeout",
+                ) from None
+            time.sleep(0.5)
 
 
 def check_devices(requested: int, visible: int, what: str) -> int:

@@ -8,13 +8,17 @@ from typing import Any
 
 
 class Reporter:
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+    def __init__(self, quiet: bool, silent: bool = False) -> None:
+        # silent: a data-parallel run's other processes; process 0 speaks for all of them.
+        self.quiet = quiet or silent
+        self.silent = silent
         self.progress: Any = None
         self.task: Any = None
         self._last_log = 0.0
 
     def info(self, message: str) -> None:
+        if self.silent:
+            return
         print(message, file=sys.stderr if self.quiet else sys.stdout, flush=True)
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:

@@ -57,7 +57,7 @@ class Trainer:
         self.parallel = setup_parallel(
             config.run.devices, launch_from_env(), config.run.connect_timeout
         )
-        self.reporter = Reporter(quiet or not self.parallel.is_chief)
+        self.reporter = Reporter(quiet, silent=not self.parallel.is_chief)
         self.regularizer = None
         if training.regularizer is not None:
             factory = registry.get("regularizer", training.regularizer).load()
