@@ -321,3 +321,43 @@ def test_more_devices_than_visible_is_one_line(tmp_path) -> None:
     assert process.returncode != 0
     assert "error: --devices 64 but only 1 CPU devices are visible" in err
     assert "Traceback" not in err
+
+
+# TensorFlow makes logical CPU devices only before its runtime starts, i.e. before the
+# single-device engine of the step script: split the CPU first.
+TF_STEP_SCRIPT = """
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+"""
+
+
+def test_tensorflow_mirrored_step_over_two_logical_cpus_equals_the_single_device_step(
+    tmp_path,
+) -> None:
+    require_backend("tensorflow")
+    inputs = {"images": digits_images()[:8], "devices": np.array(2)}
+    out = run_on_backend("tensorflow", TF_STEP_SCRIPT + STEP_SCRIPT, inputs, tmp_path)
+    assert_same_step(out, 2)
+
+
+@pytest.mark.slow
+def test_tensorflow_devices_flag_trains_mirrored_and_one_device_resumes(tmp_path) -> None:
+    require_backend("tensorflow")
+    log = finish(
+        hvae(
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--devices",
+            "2",
+            "--save-dir",
+            str(tmp_path),
+            backend="tensorflow",
+        )
+    )
+    assert "2 devices (data parallel)" in log
+    run_dir = assert_one_complete_run_dir(tmp_path)
+    resume_on_one_device(run_dir, "tensorflow")

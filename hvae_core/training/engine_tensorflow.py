@@ -10,42 +10,94 @@ import tensorflow as tf
 
 from hvae_core.errors import HvaeError
 from hvae_core.training.engine import Engine, global_norm, skip_and_scale
-from hvae_core.training.parallel import Launch, Parallel, check_devices
+from hvae_core.training.parallel import (
+    Launch,
+    Parallel,
+    batch_groups,
+    check_devices,
+    replica_slice,
+)
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
-    """One device. Data parallelism on TensorFlow (``tf.distribute.MirroredStrategy``) is not
-    in this version: asking for it is a clear error, never a silent single-device run."""
-    gpus = tf.config.list_physical_devices("GPU")
-    visible = len(gpus) or 1
-    what = "GPUs are" if gpus else "CPU devices are"
-    count = check_devices(devices, visible, what) if devices else 1
-    if count > 1 or launch.multi_process or os.environ.get("TF_CONFIG"):
+    """Data parallelism through ``tf.distribute``: ``MultiWorkerMirroredStrategy`` when
+    ``TF_CONFIG`` describes a cluster, else ``MirroredStrategy`` over this machine's GPUs (on a
+    CPU-only machine, ``--devices N`` splits the CPU into N logical devices)."""
+    if os.environ.get("TF_CONFIG"):
+        return _multi_worker(timeout)
+    if launch.multi_process:
         raise HvaeError(
-            "data-parallel training is not available on the tensorflow backend yet",
-            hint="use --backend jax or --backend torch for several devices, or --devices 1",
+            "on the tensorflow backend, several processes are described by TF_CONFIG",
+            hint="set TF_CONFIG on every worker instead of --coordinator/--num-processes",
         )
-    return Parallel()
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        count = check_devices(devices, len(gpus), "GPUs are") if devices else len(gpus)
+        names = [f"/gpu:{i}" for i in range(count)]
+    else:
+        count = check_devices(devices, os.cpu_count() or 1, "CPU cores are") if devices else 1
+        if count > 1:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            configured = tf.config.get_logical_device_configuration(cpu) or []
+            try:
+                if len(configured) < count:
+                    tf.config.set_logical_device_configuration(
+                        cpu, [tf.config.LogicalDeviceConfiguration()] * count
+                    )
+            except RuntimeError:
+                raise HvaeError(
+                    "TensorFlow's devices were set up before the run started",
+                    hint="start a new process for a data-parallel run",
+                ) from None
+        names = [f"/cpu:{i}" for i in range(count)]
+    if count == 1:
+        return Parallel()
+    strategy = tf.distribute.MirroredStrategy(names)
+    return Parallel(replicas=count, strategy=strategy)
+
+
+def _multi_worker(timeout: int) -> Parallel:
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        resolver = strategy.cluster_resolver
+        workers = len(resolver.cluster_spec().as_dict().get("worker", [])) or 1
+        index = int(resolver.task_id or 0)
+    except (ValueError, KeyError, tf.errors.OpError) as exc:
+        raise HvaeError(
+            f"TF_CONFIG does not describe a usable cluster: {exc}".splitlines()[0],
+            hint="see the README's multi-machine section",
+        ) from None
+    return Parallel(
+        replicas=strategy.num_replicas_in_sync,
+        process_index=index,
+        num_processes=workers,
+        strategy=strategy,
+    )
 
 
 class TensorFlowEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._train = tf.function(self._train_impl, jit_compile=self.jit)
+        self.strategy = self.parallel.strategy
+        if self.strategy is None:
+            self._train = tf.function(self._train_impl, jit_compile=self.jit)
+        else:
+            # XLA compiles what each replica computes; the all-reduces and the update run
+            # around it (XLA cannot span the strategy's devices).
+            self._replica_grads = tf.function(self._gradients, jit_compile=self.jit)
+            self._train = tf.function(self._train_distributed)
+            self.groups = batch_groups(self.regularizer)
         # Evaluation sees a last, smaller batch: one trace serves every batch size.
-        self._eval = tf.function(self._eval_impl, jit_compile=self.jit, reduce_retracing=True)
+        # Under a strategy, XLA could not reach the mirrored variables' other copies.
+        self._eval = tf.function(
+            self._eval_impl,
+            jit_compile=self.jit and self.parallel.strategy is None,
+            reduce_retracing=True,
+        )
 
     def _train_impl(self, images: Any, beta: Any) -> dict[str, Any]:
-        def compute(chunk: Any) -> tuple[list, dict]:
-            with tf.GradientTape() as tape:
-                terms = self.loss_terms(chunk, beta, training=True)
-            grads = tape.gradient(terms["loss"], self.trainable)
-            return [
-                tf.zeros_like(v) if g is None else g
-                for g, v in zip(grads, self.trainable, strict=True)
-            ], terms
-
-        grads, terms = self._accumulate(images, compute)
+        grads, terms = self._gradients(images, beta)
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
             norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
@@ -60,6 +112,62 @@ class TensorFlowEngine(Engine):
         tf.cond(skip, lambda: tf.constant(1.0), apply)
         terms["grad_norm"] = norm
         terms["skipped"] = tf.cast(skip, tf.float32)
+        return terms
+
+    def _gradients(self, images: Any, beta: Any) -> tuple[list, dict]:
+        """One replica's mean gradients and terms over its micro-batches."""
+
+        def compute(chunk: Any) -> tuple[list, dict]:
+            with tf.GradientTape() as tape:
+                terms = self.loss_terms(chunk, beta, training=True)
+            grads = tape.gradient(terms["loss"], self.trainable)
+            return [
+                tf.zeros_like(v) if g is None else g
+                for g, v in zip(grads, self.trainable, strict=True)
+            ], terms
+
+        return self._accumulate(images, compute)
+
+    def _train_distributed(self, images: Any, beta: Any) -> dict[str, Any]:
+        """The step under a ``tf.distribute`` strategy.
+
+        Each replica all-reduces its gradients to the global mean, so that every replica takes
+        the same skip decision on the global norm. Keras' optimizer sums gradients over the
+        replicas itself, so it is given mean / replicas. A skipped update cannot sit in a
+        ``tf.cond`` (the optimizer synchronises the replicas), so it is applied with zero
+        gradients and then undone from a copy of the state.
+        """
+        state = [*self.trainable, *self.optimizer.variables, *self.ema]
+        before = [tf.identity(v.value) for v in state]
+
+        def replica(images: Any) -> tuple:
+            grads, terms = self._replica_grads(images, beta)
+            context = tf.distribute.get_replica_context()
+            n = context.num_replicas_in_sync
+            grads = context.all_reduce("SUM", [g / n for g in grads])
+            terms = context.all_reduce("MEAN", terms)
+            norm = global_norm(grads)
+            skip, scale = skip_and_scale(
+                norm,
+                terms["loss"],
+                self.training.gradient_clipnorm,
+                self.training.gradient_skipnorm,
+            )
+            self.optimizer.apply(
+                [tf.where(skip, tf.zeros_like(g), g * tf.cast(scale / n, g.dtype)) for g in grads],
+                self.trainable,
+            )
+            terms["grad_norm"] = norm
+            terms["skipped"] = tf.cast(skip, tf.float32)
+            return terms
+
+        per_replica = self.strategy.run(replica, args=(images,))
+        terms = {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
+        for e, v in zip(self.ema, self.ema_targets, strict=True):
+            e.assign(self.ema_rate * e + (1.0 - self.ema_rate) * v)
+        skip = terms["skipped"] > 0
+        for v, old in zip(state, before, strict=True):
+            v.assign(tf.where(skip, old, v.value))
         return terms
 
     def _accumulate(self, images: Any, compute: Any) -> tuple[list, dict]:
@@ -94,9 +202,19 @@ class TensorFlowEngine(Engine):
         return self.loss_terms(images, 1.0, training=False)
 
     def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
-        return self.to_floats(
-            self._train(tf.convert_to_tensor(images), tf.constant(beta, tf.float32))
-        )
+        if self.strategy is None:
+            batch = tf.convert_to_tensor(images)
+        else:
+            n = self.parallel.replicas
+
+            def share(context: Any) -> Any:
+                replica = context.replica_id_in_sync_group
+                return tf.convert_to_tensor(
+                    replica_slice(images, replica, n, self.div, self.groups)
+                )
+
+            batch = self.strategy.experimental_distribute_values_from_function(share)
+        return self.to_floats(self._train(batch, tf.constant(beta, tf.float32)))
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         return self.to_floats(self._eval(tf.convert_to_tensor(images)))
