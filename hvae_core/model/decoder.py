@@ -217,6 +217,7 @@ class Decoder(keras.layers.Layer):
         training: bool = False,
     ) -> tuple[Any, list[Any], list[dict[str, Any]]]:
         memory = self.attention.encode(activations) if self.attention is not None else None
+        prepare = getattr(self.attention, "prepare", None)
         top = self.order[0]
         state = ops.zeros((batch_size, 1, 1, top.width), dtype=self.compute_dtype)
         zs, stats = [], []
@@ -230,11 +231,15 @@ class Decoder(keras.layers.Layer):
             activation = activations[r] if activations is not None else None
             for _ in range(scale.dec_blocks):
                 block = next(blocks)
+                if prepare is not None:
+                    memory = prepare(state, memory, block=block.index, resolution=r)
                 t = 1.0 if temperatures is None else temperatures[block.index]
                 state, z, block_stats = block(
                     state,
                     activation,
-                    memory,
+                    # By keyword: Keras takes only tensors positionally, and the memory is
+                    # whatever the attention plugin makes it.
+                    memory=memory,
                     temperature=t,
                     noise_groups=noise_groups,
                     training=training,

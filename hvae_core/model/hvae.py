@@ -71,7 +71,10 @@ class HVAE(keras.Model):
         if model.attention is not None:
             attention_factory = registry.get("attention", model.attention).load()
             self.attention = attention_factory(
-                config.options("attention"), model, widths={s.resolution: s.width for s in layout}
+                config.options("attention"),
+                model,
+                widths={s.resolution: s.width for s in layout},
+                make_block=make_block,
             )
 
         self.encoder = Encoder(model, layout, make_block, dtype=policy, name="encoder")
@@ -98,6 +101,14 @@ class HVAE(keras.Model):
     @property
     def num_latent_layers(self) -> int:
         return len(self.decoder.blocks)
+
+    def num_flow_params(self) -> int:
+        """Parameters of the posterior flows (0 without flows); the model must be built."""
+        total = 0
+        for block in self.decoder.blocks:
+            if block.flow is not None:
+                total += sum(math.prod(w.shape) for w in getattr(block.flow, "weights", []))
+        return int(total)
 
     def call(self, x: Any, training: bool = False, noise_groups: int = 1) -> dict[str, Any]:
         """The posterior pass: likelihood parameters, every layer's z and statistics."""
@@ -146,6 +157,12 @@ class HVAE(keras.Model):
             "kl_layers_bpd": ops.mean(kl_layers, axis=0) * to_bpd,
             "outputs": out,
         }
+        flow_layers = [i for i, b in enumerate(self.decoder.blocks) if b.flow is not None]
+        if flow_layers:
+            # The part of kl_bpd estimated through posterior flows: a systematic negative
+            # value here is a wrong log-determinant.
+            kl_flow = ops.sum(ops.take(kl_layers, flow_layers, axis=1), axis=1)
+            result["kl_flow_bpd"] = ops.mean(kl_flow) * to_bpd
         loss = ops.mean(loss_nats) * to_bpd
         if regularizer is not None:
             for name, term in regularizer.loss_terms(out, x).items():
