@@ -24,6 +24,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="data-parallel devices (on a CPU: virtual JAX devices, logical TensorFlow "
+        "devices, gloo processes for torch); --batch-size is the global batch",
+    )
     p.add_argument("--channels", type=int, default=None, help="default: the dataset's, else 3")
     p.add_argument(
         "--set",
@@ -63,6 +70,10 @@ def peak_memory_mb(backend: str) -> dict[str, float]:
 def main() -> None:
     args = parse()
     os.environ["KERAS_BACKEND"] = args.backend
+    if args.backend == "jax" and args.devices > 1 and "WORLD_SIZE" not in os.environ:
+        # Virtual CPU devices; accelerators, where present, are used instead.
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     import numpy as np
 
     from hvae_core.config import resolve_config
@@ -81,13 +92,25 @@ def main() -> None:
     import keras
 
     from hvae_core.model.hvae import HVAE
-    from hvae_core.training.engine import make_engine
+    from hvae_core.training.engine import make_engine, setup_parallel
     from hvae_core.training.optim import make_optimizer
+    from hvae_core.training.parallel import Relaunch, launch_from_env
 
+    try:
+        parallel = setup_parallel(args.devices, launch_from_env(), 120)
+    except Relaunch as relaunch:  # torch: one process per device
+        import subprocess
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={relaunch.processes}", *sys.argv]
+        sys.exit(subprocess.run(command, check=False).returncode)
     size, batch = cfg.image_size, cfg.training.batch_size
-    model = HVAE(cfg, (size, size, channels), 8, seed=0)
-    model.build_weights()
-    engine = make_engine(model, make_optimizer(cfg, 1000, get_registry()), cfg)
+    keras.utils.set_random_seed(0)  # every process starts from the same weights
+    with parallel.scope():
+        model = HVAE(cfg, (size, size, channels), 8, seed=0)
+        model.build_weights()
+        optimizer = make_optimizer(cfg, 1000, get_registry())
+        engine = make_engine(model, optimizer, cfg, None, parallel)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -103,6 +126,7 @@ def main() -> None:
         "backend": keras.backend.backend(),
         "batch_size": batch,
         "batch_size_div": cfg.training.batch_size_div,
+        "devices": parallel.replicas,
         "image_shape": [size, size, channels],
         "parameters": model.count_params(),
         "jit": cfg.run.jit,
@@ -112,8 +136,10 @@ def main() -> None:
         "images_per_second": round(batch * args.steps / seconds, 2),
         **{k: round(v, 1) for k, v in peak_memory_mb(args.backend).items()},
     }
-    print(json.dumps(row))
-    sys.stdout.flush()
+    if parallel.is_chief:
+        print(json.dumps(row))
+        sys.stdout.flush()
+    parallel.close()
 
 
 if __name__ == "__main__":
