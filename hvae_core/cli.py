@@ -176,12 +176,15 @@ def plugins_show(kind: str, name: str, as_json: bool) -> None:
     if not options:
         click.echo("no options")
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("option", "type", "default", "help", box=None, pad_edge=False)
     for o in options:
         kind_of = f"{o.type} (per scale)" if o.per_scale else o.type
-        table.add_row(f"{section}.{o.name}", kind_of, json.dumps(o.default), o.help)
+        # Escaped: rich would read a default such as [false] as a markup tag and drop it.
+        cells = (f"{section}.{o.name}", kind_of, json.dumps(o.default), o.help)
+        table.add_row(*(escape(c) for c in cells))
     _console().print(table)
 
 

@@ -203,3 +203,11 @@ def test_errors_through_the_real_console_script() -> None:
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("error: unknown key model.nope (hint: known keys: block, flow")
+
+
+def test_plugins_show_prints_list_defaults_that_look_like_markup() -> None:
+    # rich used to swallow "[false]" as a markup tag, leaving the default blank.
+    result = run("plugins", "show", "flow", "conv-sylvester")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "convsylv_splitfirst" in x)
+    assert "[false]" in line
