@@ -190,15 +190,7 @@ def make_engine(
     parallel: Parallel | None = None,
 ) -> Engine:
     """The engine of the active Keras backend."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        from hvae_core.training.engine_jax import JaxEngine as cls
-    elif backend == "tensorflow":
-        from hvae_core.training.engine_tensorflow import TensorFlowEngine as cls
-    elif backend == "torch":
-        from hvae_core.training.engine_torch import TorchEngine as cls
-    else:
-        raise ValueError(f"unsupported Keras backend {backend}")
+    cls = backend_module().ENGINE
     return cls(model, optimizer, config, regularizer, parallel)
 
 

@@ -182,3 +182,6 @@ class JaxEngine(Engine):
         terms, ntv = self._eval(tv, ntv, self._put(images))
         self.state_arrays = (tv, ntv, ov, ema)
         return self.to_floats(terms)
+
+
+ENGINE = JaxEngine

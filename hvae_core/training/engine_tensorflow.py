@@ -218,3 +218,6 @@ class TensorFlowEngine(Engine):
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         return self.to_floats(self._eval(tf.convert_to_tensor(images)))
+
+
+ENGINE = TensorFlowEngine

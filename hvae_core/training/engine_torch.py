@@ -142,3 +142,6 @@ class TorchEngine(Engine):
         # every process then reports the same figures.
         with torch.no_grad():
             return self.to_floats(self.loss_terms(ops.convert_to_tensor(images), 1.0, False))
+
+
+ENGINE = TorchEngine

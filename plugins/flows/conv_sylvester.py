@@ -38,6 +38,7 @@ from .layers import (
     unsqueeze,
 )
 from .masked import MaskedConv2D, channel_degrees
+from .options import flows_at
 
 SPLIT = "split"
 
@@ -251,9 +252,8 @@ def make_conv_sylvester_flow(
     name: str,
 ) -> ConvSylvesterFlow | None:
     """The flow of one top-down block at ``scale`` (None where the options turn it off)."""
-    num_flows = options.num_flows[scale]
-    limit = options.max_resolution
-    if num_flows == 0 or (limit is not None and resolution > limit):
+    num_flows = flows_at(options, scale, resolution)
+    if num_flows == 0:
         return None
     return ConvSylvesterFlow(
         z_width=z_width,

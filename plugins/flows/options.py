@@ -4,6 +4,7 @@ are listed, so nothing here imports Keras."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hvae_core.errors import ConfigError
 from hvae_core.options import option, per_scale
@@ -94,3 +95,10 @@ class ConvSylvesterOptions:
         _check(section, "convsylv_flows_per_stage", self.convsylv_flows_per_stage, 1)
         _check(section, "convsylv_stage_limit", self.convsylv_stage_limit, 0)
         _check(section, "max_resolution", self.max_resolution, 1)
+
+
+def flows_at(options: Any, scale: int, resolution: int) -> int:
+    """How many flows a top-down block at ``scale`` gets: ``num_flows`` there, or 0 above
+    ``max_resolution``."""
+    limit = options.max_resolution
+    return 0 if limit is not None and resolution > limit else int(options.num_flows[scale])

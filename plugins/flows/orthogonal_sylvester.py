@@ -26,6 +26,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from .options import flows_at
+
 TINY = 1e-30  # keeps a Householder vector's squared norm above zero
 
 
@@ -150,9 +152,8 @@ def make_orthogonal_sylvester_flow(
     name: str,
 ) -> OrthogonalSylvesterFlow | None:
     """The flow of one top-down block at ``scale`` (None where the options turn it off)."""
-    num_flows = options.num_flows[scale]
-    limit = options.max_resolution
-    if num_flows == 0 or (limit is not None and resolution > limit):
+    num_flows = flows_at(options, scale, resolution)
+    if num_flows == 0:
         return None
     return OrthogonalSylvesterFlow(
         z_width=z_width,
