@@ -91,6 +91,7 @@ def main() -> None:
             channels = 3
     import keras
 
+    from hvae_core.backend import set_random_seed
     from hvae_core.model.hvae import HVAE
     from hvae_core.training.engine import make_engine, setup_parallel
     from hvae_core.training.optim import make_optimizer
@@ -105,7 +106,7 @@ def main() -> None:
         command += [f"--nproc-per-node={relaunch.processes}", *sys.argv]
         sys.exit(subprocess.run(command, check=False).returncode)
     size, batch = cfg.image_size, cfg.training.batch_size
-    keras.utils.set_random_seed(0)  # every process starts from the same weights
+    set_random_seed(0)  # every process starts from the same weights
     with parallel.scope():
         model = HVAE(cfg, (size, size, channels), 8, seed=0)
         model.build_weights()

@@ -29,3 +29,33 @@ def select_backend(name: str) -> None:
     os.environ["KERAS_BACKEND"] = name
     # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is not for our users.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed Python, NumPy, Keras and the running backend, as ``keras.utils.set_random_seed`` does.
+
+    Keras' own function also seeds TensorFlow whenever it is installed, which imports it (about
+    5 s and 700 MB) into jax and torch runs that never use it; those get the rest without it.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    import random
+
+    import numpy as np
+
+    # No public API resets Keras' global seed state without the TensorFlow import above.
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)

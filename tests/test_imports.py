@@ -48,3 +48,34 @@ def test_import_hvae_core_loads_no_backend() -> None:
 )
 def test_light_commands_load_no_backend(args) -> None:
     assert heavy_modules_after(CLI_BODY.format(args=args)) == []
+
+
+SEEDED_BODY = """
+import os
+os.environ["KERAS_BACKEND"] = {backend!r}
+import keras
+from hvae_core.backend import set_random_seed
+
+def draws():
+    set_random_seed(7)
+    layer = keras.layers.Dense(3)
+    layer.build((None, 2))
+    return (
+        keras.ops.convert_to_numpy(keras.random.normal((4,))).tolist(),
+        keras.ops.convert_to_numpy(layer.kernel).tolist(),
+    )
+
+first, again = draws(), draws()
+set_random_seed(8)
+other = keras.ops.convert_to_numpy(keras.random.normal((4,))).tolist()
+print("SAME:", first == again, "DIFFERENT:", first[0] != other)
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_seeding_a_jax_or_torch_run_is_repeatable_and_does_not_import_tensorflow(backend) -> None:
+    code = PROBE.format(body=SEEDED_BODY.format(backend=backend), heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "SAME: True DIFFERENT: True" in done.stdout
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("HEAVY:")]
+    assert not any(m.split(".")[0] == "tensorflow" for m in line.split(":")[1].split(","))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hvae_core.backend import set_random_seed
 from hvae_core.errors import HvaeError
 from hvae_core.training import rundir
 from hvae_core.training.progress import Reporter
@@ -86,9 +87,7 @@ class Trainer:
                 f"{training.batch_size}",
                 hint="lower --batch-size",
             )
-        import keras
-
-        keras.utils.set_random_seed(training.seed)  # the same seed, the same initial weights
+        set_random_seed(training.seed)  # the same seed, the same initial weights
         with self.parallel.scope():
             self.model = HVAE(
                 config,
