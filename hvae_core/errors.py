@@ -33,3 +33,9 @@ class PluginError(HvaeError):
     """An unknown plugin, a bad registration or a conflict between packages."""
 
     exit_code = 2
+
+
+class Interrupted(HvaeError):
+    """Ctrl-C (SIGINT) during a run; the shell's convention for it is exit status 130."""
+
+    exit_code = 130

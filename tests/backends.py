@@ -47,3 +47,17 @@ def run_on_backend(
     )
     assert done.returncode == 0, f"{backend} run failed:\n{done.stderr[-4000:]}"
     return dict(np.load(dst))
+
+
+def run_hvae(*args: str, backend: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """``python -m hvae_core ARGS`` in a fresh process on ``backend``; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hvae_core", *args],
+        env=dict(os.environ, KERAS_BACKEND=backend),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"hvae {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+    return done

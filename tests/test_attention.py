@@ -5,15 +5,12 @@ training through the CLI on every backend."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import yaml
-from backends import run_on_backend
+from backends import run_hvae, run_on_backend
 from click.testing import CliRunner
 from hvae_plugins.attention.depthwise import (
     DepthwiseAttention,
@@ -363,33 +360,11 @@ def test_non_positive_options_name_the_key(key) -> None:
 def train_cli(tmp_path, backend: str, *flags: str) -> tuple[list[dict], dict]:
     """``hvae train --config tiny --attention depthwise`` for two epochs: the metrics and the
     resolved config of the run."""
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvae_core",
-            "train",
-            "--config",
-            "tiny",
-            "--attention",
-            "depthwise",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--save-dir",
-            str(tmp_path),
-            "--quiet",
-            *flags,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    run_hvae(
+        *("train", "--config", "tiny", "--attention", "depthwise", "--epochs", "2"),
+        *("--batch-size", "64", "--save-dir", str(tmp_path), "--quiet", *flags),
+        backend=backend,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     [run_dir] = list(tmp_path.iterdir())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["attention"] == "depthwise"

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import scipy.linalg
-from backends import run_on_backend
+from backends import run_hvae, run_on_backend
 from click.testing import CliRunner
 from hvae_plugins.datasets.digits import digits_images
 from hvae_plugins.flows.conv_exponential import ConvExponential, series_terms
@@ -640,17 +637,11 @@ def test_train_with_a_flow(flow, tmp_path) -> None:
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_train_with_a_flow_on_other_backends(backend, flow, tmp_path) -> None:
     pytest.importorskip(backend)
-    done = subprocess.run(
-        # JAX compiles the step (op by op, its loops would compile on every call); torch has
-        # no compiled step.
-        [sys.executable, "-m", "hvae_core", *train_args(flow, tmp_path, jit=backend == "jax")],
-        env=dict(os.environ, KERAS_BACKEND=backend),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
+    # JAX compiles the step (op by op, its loops would compile on every call); torch has no
+    # compiled step.
+    done = run_hvae(
+        *train_args(flow, tmp_path, jit=backend == "jax"), backend=backend, timeout=1800
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     assert f"backend {backend}" in done.stderr
     [run_dir] = list(tmp_path.iterdir())
     check_run(run_dir, done.stderr, flow)

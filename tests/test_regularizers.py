@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from backends import run_on_backend
+from backends import run_hvae, run_on_backend
 from click.testing import CliRunner
 from hvae_plugins.datasets.digits import digits_images
 from hvae_plugins.regularizers.augment import translate_and_flip
@@ -370,16 +367,15 @@ def test_cli_training_learns_and_logs_the_consistency_term(tmp_path) -> None:
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_backends_train_with_cr_vae(backend, tmp_path) -> None:
     pytest.importorskip(backend)
-    done = subprocess.run(
-        [sys.executable, "-m", "hvae_core", *TRAIN, "--save-dir", str(tmp_path), "--quiet"]
-        + ["--set", "training.batch_size_div=2"],
-        env=dict(os.environ, KERAS_BACKEND=backend),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    done = run_hvae(
+        *TRAIN,
+        "--save-dir",
+        str(tmp_path),
+        "--quiet",
+        "--set",
+        "training.batch_size_div=2",
+        backend=backend,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     [run_dir] = list(tmp_path.iterdir())
     check_run(run_dir)
     assert f"backend {backend}" in done.stderr

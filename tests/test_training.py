@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from backends import run_on_backend
+from backends import run_hvae, run_on_backend
 from click.testing import CliRunner
 from hvae_plugins.datasets.digits import digits_images
 
@@ -391,32 +391,11 @@ def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(tmp_path) -> None:
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_backends_train_and_learn(backend, tmp_path) -> None:
     pytest.importorskip(backend)
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvae_core",
-            "train",
-            "--config",
-            "tiny",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--save-dir",
-            str(tmp_path),
-            "--quiet",
-            "--set",
-            "training.batch_size_div=2",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    done = run_hvae(
+        *("train", "--config", "tiny", "--epochs", "2", "--batch-size", "64", "--quiet"),
+        *("--save-dir", str(tmp_path), "--set", "training.batch_size_div=2"),
+        backend=backend,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     [run_dir] = list(tmp_path.iterdir())
     rows = rundir.read_metrics(run_dir)
     assert rows[1]["train_bpd"] < rows[0]["train_bpd"]
@@ -455,6 +434,27 @@ def test_early_stopping_ends_a_run_without_improvement(tmp_path) -> None:
     rows = trainer.fit()
     assert 2 <= len(rows) < 5
     assert rows[-1]["val_bpd"] >= min(r["val_bpd"] for r in rows[:-1])
+
+
+def test_ctrl_c_mid_epoch_checkpoints_where_it_stopped_and_exits_130(tmp_path, monkeypatch):
+    from hvae_core.errors import Interrupted
+
+    trainer = train_run(tmp_path, "ctrl-c")
+    step, done = trainer.engine.train_step, []
+
+    def three_steps_then_ctrl_c(images, beta):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(1)
+        return step(images, beta)
+
+    monkeypatch.setattr(trainer.engine, "train_step", three_steps_then_ctrl_c)
+    with pytest.raises(Interrupted) as err:
+        trainer.fit()
+    assert err.value.exit_code == 130
+    assert f"hvae train --resume {trainer.run_dir}" in err.value.hint
+    _, meta = rundir.load_checkpoint(trainer.run_dir / rundir.CHECKPOINT)
+    assert (meta["position"]["step"], meta["position"]["batch"]) == (3, 3)
 
 
 def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:

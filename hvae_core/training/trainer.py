@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hvae_core.backend import set_random_seed
-from hvae_core.errors import HvaeError
+from hvae_core.errors import HvaeError, Interrupted
 from hvae_core.training import rundir
 from hvae_core.training.progress import Reporter
 
@@ -173,7 +173,7 @@ class Trainer:
         except KeyboardInterrupt:
             self.reporter.close()
             self.save()
-            raise HvaeError(
+            raise Interrupted(
                 "interrupted; the run was checkpointed",
                 hint=f"continue with: hvae train --resume {self.run_dir}",
             ) from None
