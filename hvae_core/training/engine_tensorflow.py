@@ -9,7 +9,13 @@ import numpy as np
 import tensorflow as tf
 
 from hvae_core.errors import HvaeError
-from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+from hvae_core.training.engine import (
+    Engine,
+    global_norm,
+    noise_seed_variables,
+    replica_seed_state,
+    skip_and_scale,
+)
 from hvae_core.training.parallel import (
     Launch,
     Parallel,
@@ -88,6 +94,7 @@ class TensorFlowEngine(Engine):
             self._replica_grads = tf.function(self._gradients, jit_compile=self.jit)
             self._train = tf.function(self._train_distributed)
             self.groups = batch_groups(self.regularizer)
+            self.decorrelate_noise()
         # Evaluation sees a last, smaller batch: one trace serves every batch size.
         # Under a strategy, XLA could not reach the mirrored variables' other copies.
         self._eval = tf.function(
@@ -95,6 +102,16 @@ class TensorFlowEngine(Engine):
             jit_compile=self.jit and self.parallel.strategy is None,
             reduce_retracing=True,
         )
+
+    def decorrelate_noise(self) -> None:
+        # A mirrored variable keeps one copy per local replica; each replica reads and advances
+        # its own copy, so copies set apart stay apart.
+        for v in noise_seed_variables(self.model):
+            copies = v.value.values
+            first = self.parallel.process_index * len(copies)  # global index of copy 0
+            state = copies[0].numpy()
+            for i, copy in enumerate(copies):
+                copy.assign(replica_seed_state(state, first + i))
 
     def _train_impl(self, images: Any, beta: Any) -> dict[str, Any]:
         grads, terms = self._gradients(images, beta)

@@ -18,7 +18,13 @@ import torch.distributed as dist
 from keras import ops
 
 from hvae_core.errors import HvaeError
-from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+from hvae_core.training.engine import (
+    Engine,
+    global_norm,
+    noise_seed_variables,
+    replica_seed_state,
+    skip_and_scale,
+)
 from hvae_core.training.parallel import (
     Launch,
     Parallel,
@@ -89,16 +95,12 @@ class TorchEngine(Engine):
             self.module = DistributedDataParallel(
                 self.module, broadcast_buffers=False, find_unused_parameters=True
             )
-            self._decorrelate_noise()
+            self.decorrelate_noise()
 
-    def _decorrelate_noise(self) -> None:
-        """Give each replica its own latent noise stream (DDP copied process 0's seeds)."""
-        rank = self.parallel.process_index
-        for v in self.model.non_trainable_variables:
-            if "seed_generator_state" in v.path:
-                state = ops.convert_to_numpy(v.value).copy()
-                state[0] = (int(state[0]) + 1_000_003 * rank) % 2**31
-                v.assign(state)
+    def decorrelate_noise(self) -> None:
+        rank = self.parallel.process_index  # one process per replica
+        for v in noise_seed_variables(self.model):
+            v.assign(replica_seed_state(ops.convert_to_numpy(v.value), rank))
 
     def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
         replicas = self.parallel.replicas
