@@ -7,10 +7,14 @@ import io
 import json
 import os
 import pickle
+import queue
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +309,49 @@ def test_config_show_with_cifar10_via_cli(tmp_path: Path) -> None:
     assert "dataset: cifar10" in result.output
     assert f"data_dir: {tmp_path}" in result.output
     assert "dataset:\n  path: null" in result.output
+
+
+@pytest.mark.slow
+def test_cifar10_preset_starts_training_on_release_files_from_the_cli(tmp_path: Path) -> None:
+    """`hvae train --dataset cifar10 --data-dir DIR --config cifar10`: VDVAE's full model on the
+    release format. jax, and batch 32 as 8 micro-batches of 4, fit a 24 GB CPU (about 10 GB);
+    the first step, then Ctrl-C, must leave a checkpoint one step in."""
+    pytest.importorskip("jax")
+    write_cifar(tmp_path / "data", per_batch=1007, n_test=8)  # 5,035: 5,000 val, 35 train
+    command = [sys.executable, "-m", "hvae_core", "train", "--dataset", "cifar10"]
+    command += ["--data-dir", str(tmp_path / "data"), "--config", "cifar10", "--backend", "jax"]
+    command += ["--set", "training.batch_size_div=8", "--quiet", "--save-dir", str(tmp_path)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
+    reader.start()
+    deadline, seen = time.monotonic() + 3000, []
+    try:
+        while not any(x.startswith("epoch 1 step 1/1:") for x in seen):
+            assert proc.poll() is None, "".join(seen)[-4000:]
+            try:
+                seen.append(lines.get(timeout=max(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                pytest.fail("no first step within 50 minutes:\n" + "".join(seen)[-4000:])
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=600) == 130
+    finally:
+        proc.kill()
+    reader.join(timeout=60)
+    seen += [lines.get() for _ in range(lines.qsize())]
+    out = "".join(seen)
+    assert "39,145,700 parameters, 43 latent layers; dataset cifar10 (32 train images" in out
+    step = next(x for x in seen if x.startswith("epoch 1 step 1/1:"))
+    bpd = float(step.split("bpd ")[1].split()[0])
+    assert 5.0 < bpd < 12.0  # an untrained model on uniform noise images: a few bits per dim
+    assert "interrupted; the run was checkpointed" in out
+    [run_dir] = tmp_path.glob("cifar10-*")
+    assert "enc_num_blocks: [12, 7, 7, 4, 0, 3]" in (run_dir / "config.yaml").read_text()
+    from hvae_core.training import rundir
+
+    _, meta = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
+    assert (meta["position"]["step"], meta["position"]["batch"]) == (1, 1)
+    assert meta["image_shape"] == [32, 32, 3] and meta["num_bits"] == 8
 
 
 def test_plugin_module_is_light_and_lists_every_dataset() -> None:

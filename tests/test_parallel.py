@@ -273,24 +273,18 @@ def test_two_jax_processes_train_only_the_chief_writes_and_one_device_resumes(tm
 
 
 @pytest.mark.slow
-def test_torch_devices_flag_runs_gloo_processes_and_one_device_resumes(tmp_path) -> None:
-    require_backend("torch")
-    log = finish(
-        hvae(
-            "--epochs",
-            "1",
-            "--batch-size",
-            "64",
-            "--devices",
-            "2",
-            "--save-dir",
-            str(tmp_path),
-            backend="torch",
-        )
-    )
-    assert "2 devices (data parallel in 2 processes)" in log
+@pytest.mark.parametrize(
+    ("backend", "how"),
+    [("torch", "data parallel in 2 processes"), ("tensorflow", "data parallel")],
+)
+def test_devices_flag_trains_data_parallel_and_one_device_resumes(backend, how, tmp_path) -> None:
+    """torch: two gloo processes started by hvae itself; tensorflow: two logical CPUs."""
+    require_backend(backend)
+    args = ("--epochs", "1", "--batch-size", "64", "--devices", "2", "--save-dir", str(tmp_path))
+    log = finish(hvae(*args, backend=backend))
+    assert f"2 devices ({how})" in log
     run_dir = assert_one_complete_run_dir(tmp_path)
-    resume_on_one_device(run_dir, "torch")
+    resume_on_one_device(run_dir, backend)
 
 
 def test_an_unreachable_coordinator_fails_in_one_line_within_the_timeout(tmp_path) -> None:
@@ -429,24 +423,3 @@ for key, value in rows.items():
 def test_torch_replicas_draw_their_own_noise_also_after_a_restore(tmp_path) -> None:
     out = run_on_backend("torch", TORCH_NOISE_SCRIPT, {}, tmp_path)
     assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out)
-
-
-@pytest.mark.slow
-def test_tensorflow_devices_flag_trains_mirrored_and_one_device_resumes(tmp_path) -> None:
-    require_backend("tensorflow")
-    log = finish(
-        hvae(
-            "--epochs",
-            "1",
-            "--batch-size",
-            "64",
-            "--devices",
-            "2",
-            "--save-dir",
-            str(tmp_path),
-            backend="tensorflow",
-        )
-    )
-    assert "2 devices (data parallel)" in log
-    run_dir = assert_one_complete_run_dir(tmp_path)
-    resume_on_one_device(run_dir, "tensorflow")
