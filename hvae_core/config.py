@@ -147,6 +147,9 @@ class TrainingConfig:
     gradient_skipnorm: float = option(
         0.0, "skip updates whose global gradient norm exceeds this (0: off)"
     )
+    skipnorm_warmup_epochs: float = option(
+        0.0, "skip on gradient_skipnorm only after this many epochs (early norms run large)"
+    )
     beta: float = option(1.0, "weight of the KL term once warmed up")
     beta_warmup_epochs: float = option(0.0, "epochs over which beta rises from 0 (0: off)")
     beta_schedule: str = option("linear-warmup", "beta schedule (a 'beta-schedule' plugin)")
@@ -171,6 +174,7 @@ class TrainingConfig:
             "weight_decay",
             "gradient_clipnorm",
             "gradient_skipnorm",
+            "skipnorm_warmup_epochs",
             "beta",
             "beta_warmup_epochs",
             "early_stopping",

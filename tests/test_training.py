@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -102,6 +103,9 @@ for i, engine in enumerate(engines):
     outputs[f"norm{i}"] = terms["grad_norm"]
     for j, w in enumerate(engine.model.get_weights()):
         outputs[f"w{i}_{j}"] = w
+# The compiled step takes the skip threshold as an argument: on, then off again.
+outputs["skipped"] = [engines[0].train_step(inputs["images"], 1.0, s)["skipped"] for s in
+                      (1e-9, 0.0)]
 """
 
 
@@ -114,6 +118,7 @@ def test_compiled_accumulation_loop_gives_the_full_batch_update(backend, tmp_pat
     n = sum(1 for k in out if k.startswith("w0_"))
     for j in range(n):
         np.testing.assert_allclose(out[f"w0_{j}"], out[f"w1_{j}"], rtol=1e-4, atol=1e-6)
+    assert out["skipped"].tolist() == [1.0, 0.0]
 
 
 def test_skipped_updates_leave_weights_optimizer_and_ema_alone() -> None:
@@ -127,6 +132,42 @@ def test_skipped_updates_leave_weights_optimizer_and_ema_alone() -> None:
     for key, value in state.items():
         if key.startswith(("ema/", "optimizer/")) or key in trainable_keys(engine):
             np.testing.assert_array_equal(value, after[key], err_msg=key)
+
+
+SKIPNORM_SCRIPT = """
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+
+cfg = resolve_config("tiny", overrides=["training.batch_size=8", "training.gradient_skipnorm=1e-9"])
+model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+model.build_weights()
+engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
+outputs["skipped"] = [engine.train_step(inputs["images"], 1.0, s)["skipped"] for s in
+                      (None, 0.0, 1e-9, 1e9)]
+"""
+
+
+def test_the_skip_threshold_can_change_from_step_to_step_on_torch(tmp_path) -> None:
+    out = run_on_backend("torch", SKIPNORM_SCRIPT, {"images": digits_images()[:8]}, tmp_path)
+    assert out["skipped"].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_skipping_on_the_norm_waits_for_skipnorm_warmup_epochs(tmp_path) -> None:
+    trainer = train_run(
+        tmp_path,
+        "skip-warmup",
+        "training.gradient_skipnorm=1e-9",  # every update's norm is above it
+        "training.skipnorm_warmup_epochs=1.5",
+        "training.max_consecutive_skips=0",
+        epochs=3,
+    )
+    rows = trainer.fit()
+    steps = trainer.steps_per_epoch
+    first_checked = math.ceil(1.5 * steps)  # the first step (0-based) the norm test is on
+    assert [r["skipped_updates"] for r in rows] == [0, 2 * steps - first_checked, steps]
 
 
 def trainable_keys(engine) -> set[str]:

@@ -46,12 +46,11 @@ def global_norm(grads: list[Any]) -> Any:
     return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads))
 
 
-def skip_and_scale(norm: Any, loss: Any, clipnorm: float, skipnorm: float) -> tuple[Any, Any]:
-    """Whether to skip this update, and the factor that clips the gradients."""
+def skip_and_scale(norm: Any, loss: Any, clipnorm: float, skipnorm: Any) -> tuple[Any, Any]:
+    """Whether to skip this update, and the factor that clips the gradients. ``skipnorm`` may
+    be a traced scalar, so that turning skipping on mid-run does not recompile the step."""
     finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
-    skip = ops.logical_not(finite)
-    if skipnorm > 0:
-        skip = ops.logical_or(skip, norm > skipnorm)
+    skip = ops.logical_or(ops.logical_not(finite), ops.logical_and(skipnorm > 0, norm > skipnorm))
     scale = ops.minimum(1.0, clipnorm / (norm + 1e-6)) if clipnorm > 0 else ops.ones(())
     # A non-finite norm would poison the clipped gradients even in the branch not taken.
     scale = ops.where(finite, scale, ops.zeros(()))
@@ -95,8 +94,15 @@ class Engine:
 
     # -- compiled steps: provided by the backend ---------------------------------------------
 
-    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+    def train_step(
+        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+    ) -> dict[str, float]:
+        """One update on the global batch ``images``; ``skipnorm`` overrides
+        ``training.gradient_skipnorm`` for this step (0: no skipping on the norm)."""
         raise NotImplementedError
+
+    def skipnorm(self, override: float | None) -> float:
+        return self.training.gradient_skipnorm if override is None else float(override)
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         """Loss parts with the current model variables (swap in the EMA first if wanted)."""

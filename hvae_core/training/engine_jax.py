@@ -139,13 +139,13 @@ class JaxEngine(Engine):
         grads = [g / self.div for g in total]
         return grads, {k: jnp.mean(v, axis=0) for k, v in terms.items()}, ntv
 
-    def _train_impl(self, state: tuple, images: Any, beta: Any) -> tuple[tuple, dict]:
+    def _train_impl(
+        self, state: tuple, images: Any, beta: Any, skipnorm: Any
+    ) -> tuple[tuple, dict]:
         tv, ntv, ov, ema = state
         grads, terms, ntv = self._gradients(tv, ntv, images, beta)
         norm = global_norm(grads)
-        skip, scale = skip_and_scale(
-            norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
-        )
+        skip, scale = skip_and_scale(norm, terms["loss"], self.training.gradient_clipnorm, skipnorm)
         new_tv, new_ov = self.optimizer.stateless_apply(
             ov, [g * scale.astype(g.dtype) for g in grads], tv
         )
@@ -171,9 +171,14 @@ class JaxEngine(Engine):
         _, (terms, ntv) = self._loss(tv, ntv, images, 1.0, False)
         return terms, ntv
 
-    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+    def train_step(
+        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+    ) -> dict[str, float]:
         self.state_arrays, terms = self._train(
-            self.state_arrays, self._put(images), np.float32(beta)
+            self.state_arrays,
+            self._put(images),
+            np.float32(beta),
+            np.float32(self.skipnorm(skipnorm)),
         )
         return self.to_floats(terms)
 

@@ -113,12 +113,10 @@ class TensorFlowEngine(Engine):
             for i, copy in enumerate(copies):
                 copy.assign(replica_seed_state(state, first + i))
 
-    def _train_impl(self, images: Any, beta: Any) -> dict[str, Any]:
+    def _train_impl(self, images: Any, beta: Any, skipnorm: Any) -> dict[str, Any]:
         grads, terms = self._gradients(images, beta)
         norm = global_norm(grads)
-        skip, scale = skip_and_scale(
-            norm, terms["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
-        )
+        skip, scale = skip_and_scale(norm, terms["loss"], self.training.gradient_clipnorm, skipnorm)
 
         def apply() -> Any:
             self.optimizer.apply([g * tf.cast(scale, g.dtype) for g in grads], self.trainable)
@@ -145,7 +143,7 @@ class TensorFlowEngine(Engine):
 
         return self._accumulate(images, compute)
 
-    def _train_distributed(self, images: Any, beta: Any) -> dict[str, Any]:
+    def _train_distributed(self, images: Any, beta: Any, skipnorm: Any) -> dict[str, Any]:
         """The step under a ``tf.distribute`` strategy.
 
         Each replica all-reduces its gradients to the global mean, so that every replica takes
@@ -165,10 +163,7 @@ class TensorFlowEngine(Engine):
             terms = context.all_reduce("MEAN", terms)
             norm = global_norm(grads)
             skip, scale = skip_and_scale(
-                norm,
-                terms["loss"],
-                self.training.gradient_clipnorm,
-                self.training.gradient_skipnorm,
+                norm, terms["loss"], self.training.gradient_clipnorm, skipnorm
             )
             self.optimizer.apply(
                 [tf.where(skip, tf.zeros_like(g), g * tf.cast(scale / n, g.dtype)) for g in grads],
@@ -218,7 +213,9 @@ class TensorFlowEngine(Engine):
     def _eval_impl(self, images: Any) -> dict[str, Any]:
         return self.loss_terms(images, 1.0, training=False)
 
-    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+    def train_step(
+        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+    ) -> dict[str, float]:
         if self.strategy is None:
             batch = tf.convert_to_tensor(images)
         else:
@@ -231,7 +228,8 @@ class TensorFlowEngine(Engine):
                 )
 
             batch = self.strategy.experimental_distribute_values_from_function(share)
-        return self.to_floats(self._train(batch, tf.constant(beta, tf.float32)))
+        scalars = (tf.constant(beta, tf.float32), tf.constant(self.skipnorm(skipnorm), tf.float32))
+        return self.to_floats(self._train(batch, *scalars))
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         return self.to_floats(self._eval(tf.convert_to_tensor(images)))

@@ -102,7 +102,9 @@ class TorchEngine(Engine):
         for v in noise_seed_variables(self.model):
             v.assign(replica_seed_state(ops.convert_to_numpy(v.value), rank))
 
-    def train_step(self, images: np.ndarray, beta: float) -> dict[str, float]:
+    def train_step(
+        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+    ) -> dict[str, float]:
         replicas = self.parallel.replicas
         local = replica_slice(images, self.parallel.process_index, replicas, self.div, self.groups)
         chunks = torch.chunk(ops.convert_to_tensor(local), self.div)
@@ -126,7 +128,7 @@ class TorchEngine(Engine):
             totals = {k: stacked[j] / replicas for j, k in enumerate(keys)}
         norm = global_norm(grads)
         skip, scale = skip_and_scale(
-            norm, totals["loss"], self.training.gradient_clipnorm, self.training.gradient_skipnorm
+            norm, totals["loss"], self.training.gradient_clipnorm, self.skipnorm(skipnorm)
         )
         if not bool(skip):
             with torch.no_grad():

@@ -195,7 +195,7 @@ class Trainer:
                     images = self.regularizer.transform_batch(images, rng)
                 beta = float(self.beta_schedule(pos.step))
                 t0 = time.monotonic()
-                metrics = self.engine.train_step(images, beta)
+                metrics = self.engine.train_step(images, beta, self._skipnorm(pos.step))
                 step_seconds = time.monotonic() - t0
                 self._accumulate(metrics)
                 pos.batch += 1
@@ -236,6 +236,12 @@ class Trainer:
             self.reporter.info(f"early stopping: no val improvement in {pos.bad_epochs} epochs")
             return None
         return row
+
+    def _skipnorm(self, step: int) -> float:
+        """The skip threshold at ``step``: off (0) during ``skipnorm_warmup_epochs``."""
+        training = self.config.training
+        warm = step >= training.skipnorm_warmup_epochs * self.steps_per_epoch
+        return training.gradient_skipnorm if warm else 0.0
 
     def _accumulate(self, metrics: dict[str, float]) -> None:
         sums = self.position.sums
