@@ -12,10 +12,13 @@ BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 EXTRA = {"tensorflow": "hvae", "jax": "hvae[jax]", "torch": "hvae[torch]"}
 
 
-def select_backend(name: str) -> None:
-    """Make ``name`` Keras' backend. Must happen before Keras is first imported."""
+def select_backend(name: str, gpus: str | None = None) -> None:
+    """Make ``name`` Keras' backend, on the GPUs ``gpus`` ("0,1"; None: all). Must happen
+    before Keras is first imported."""
     if name not in BACKEND_MODULES:
         raise HvaeError(f"unknown backend '{name}'", hint=f"choose {', '.join(BACKEND_MODULES)}")
+    if gpus is not None:
+        choose_gpus(gpus)
     if "keras" in sys.modules:
         current = sys.modules["keras"].backend.backend()
         if current != name:
@@ -29,6 +32,18 @@ def select_backend(name: str) -> None:
     os.environ["KERAS_BACKEND"] = name
     # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is not for our users.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def choose_gpus(gpus: str) -> None:
+    """Let the backend see only the GPUs ``gpus`` (indices, "0,1"): CUDA_VISIBLE_DEVICES, which
+    each framework reads once, when it starts."""
+    started = [m for m in BACKEND_MODULES.values() if m in sys.modules]
+    if started and os.environ.get("CUDA_VISIBLE_DEVICES") != gpus:
+        raise HvaeError(
+            f"cannot choose GPUs {gpus}: {started[0]} has already started with its own",
+            hint="start a new process (or set CUDA_VISIBLE_DEVICES before it starts)",
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
 
 
 def set_random_seed(seed: int) -> None:

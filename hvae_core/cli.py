@@ -224,6 +224,11 @@ def config_presets() -> None:
     help="data-parallel devices per process (run.devices; 0: every visible accelerator)",
 )
 @click.option(
+    "--gpus",
+    metavar="0,1,...",
+    help="the GPUs to use, by index (run.gpus; sets CUDA_VISIBLE_DEVICES; default: all)",
+)
+@click.option(
     "--coordinator",
     metavar="HOST:PORT",
     help=f"multi-process runs: address of process 0 (or ${parallel_env.COORDINATOR_ENV})",
@@ -311,7 +316,7 @@ def _relaunch_with_torchrun(processes: int) -> int:
 def _trainer(cfg: Any, quiet: bool) -> Any:
     from hvae_core.backend import select_backend
 
-    select_backend(cfg.run.backend)
+    select_backend(cfg.run.backend, cfg.run.gpus)
     from hvae_core.training.trainer import Trainer
 
     return Trainer(cfg, quiet=quiet)

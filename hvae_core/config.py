@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -209,10 +210,21 @@ class RunConfig:
     connect_timeout: int = option(
         120, "seconds to wait for the other processes of a multi-process run before failing"
     )
+    gpus: int | str | None = option(
+        None,
+        "the GPUs this process may use, by index, e.g. '0,1' (CUDA_VISIBLE_DEVICES, set before "
+        "the backend starts; default: all)",
+    )
 
     def validate(self, section: str) -> None:
         _non_negative(section, self, "devices")
         _positive(section, self, "connect_timeout")
+        if isinstance(self.gpus, int) and not isinstance(self.gpus, bool):
+            self.gpus = str(self.gpus)  # `--set run.gpus=1` reads as a YAML number
+        if self.gpus is not None and not re.fullmatch(r"\d+(,\d+)*", str(self.gpus)):
+            raise ConfigError(
+                f"{section}.gpus: expected GPU indices such as '0' or '0,1', got {self.gpus!r}"
+            )
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -247,6 +259,7 @@ FLAG_KEYS: dict[str, str] = {
     "backend": "run.backend",
     "save_dir": "run.save_dir",
     "devices": "run.devices",
+    "gpus": "run.gpus",
 }
 
 

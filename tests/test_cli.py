@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import hvae_core
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
+from hvae_core.errors import ConfigError
 
 HVAE = [sys.executable, "-m", "hvae_core"]
 
@@ -140,6 +141,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
         "save_dir": str(tmp_path / "runs"),
         "devices": 0,
         "connect_timeout": 120,
+        "gpus": None,
     }
     assert (cfg["training"]["epochs"], cfg["training"]["batch_size"]) == (4, 16)
     assert cfg["training"]["seed"] == 9
@@ -211,3 +213,38 @@ def test_plugins_show_prints_list_defaults_that_look_like_markup() -> None:
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if "convsylv_splitfirst" in x)
     assert "[false]" in line
+
+
+@pytest.mark.parametrize(("value", "stored"), [("1", "1"), ("0,1", "0,1"), ("null", None)])
+def test_run_gpus_reads_indices_even_as_a_yaml_number(value, stored) -> None:
+    assert resolve_config(overrides=[f"run.gpus={value}"]).run.gpus == stored
+
+
+@pytest.mark.parametrize("value", ["-1", "'0;1'", "cuda:0", "true"])
+def test_run_gpus_refuses_anything_but_indices(value) -> None:
+    with pytest.raises(ConfigError, match="run.gpus"):
+        resolve_config(overrides=[f"run.gpus={value}"])
+
+
+GPUS_PROBE = """
+import os, sys
+from hvae_core.backend import select_backend
+from hvae_core.errors import HvaeError
+select_backend("jax", "1,0")
+print("visible", os.environ["CUDA_VISIBLE_DEVICES"], "jax" in sys.modules)
+import jax  # the framework starts after the choice, so it reads it
+select_backend("jax", "1,0")  # the same choice again is fine
+try:
+    select_backend("jax", "2")
+except HvaeError as exc:
+    print("refused:", exc.one_line())
+"""
+
+
+def test_gpus_are_chosen_before_the_backend_starts_and_not_after() -> None:
+    pytest.importorskip("jax")
+    done = subprocess.run(
+        [sys.executable, "-c", GPUS_PROBE], capture_output=True, text=True, check=True
+    )
+    assert "visible 1,0 False" in done.stdout
+    assert "refused: cannot choose GPUs 2: jax has already started" in done.stdout
