@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from hvae_core import __version__
-from hvae_core.errors import HvaeError
+from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.hookspecs import KINDS
 from hvae_core.training import parallel as parallel_env
 
@@ -224,6 +224,11 @@ def config_presets() -> None:
     help="data-parallel devices per process (run.devices; 0: every visible accelerator)",
 )
 @click.option(
+    "--save/--no-save",
+    default=None,
+    help="keep a run directory (run.save; --no-save: train and print, keep nothing)",
+)
+@click.option(
     "--gpus",
     metavar="0,1,...",
     help="the GPUs to use, by index (run.gpus; sets CUDA_VISIBLE_DEVICES; default: all)",
@@ -267,6 +272,11 @@ def train(
     if resume is not None:
         run_dir = Path(resume)
         cfg = _resume_config(run_dir, config, overrides, flags)
+        if not cfg.run.save:
+            raise ConfigError(
+                "run.save is false, but --resume continues a run directory by writing to it",
+                hint="drop --set run.save=false",
+            )
     else:
         cfg = _resolve(config, overrides, **flags)
     try:
@@ -279,7 +289,7 @@ def train(
         trainer.restore()
         if chief:
             rundir.write_config(run_dir, cfg)
-    elif chief:
+    elif chief and cfg.run.save:
         trainer.run_dir = rundir.create_run_dir(cfg.run.save_dir, cfg.data.dataset)
         rundir.write_config(trainer.run_dir, cfg)
     try:
@@ -290,8 +300,9 @@ def train(
         return
     last = rows[-1] if rows else {}
     val = last.get("val_bpd")
+    where = trainer.run_dir if cfg.run.save else "nothing saved"
     click.echo(
-        f"done: {trainer.run_dir} (epoch {last.get('epoch', 0)}"
+        f"done: {where} (epoch {last.get('epoch', 0)}"
         + (f", val {val:.4f} bpd)" if val is not None else ")")
     )
 

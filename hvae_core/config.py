@@ -202,6 +202,9 @@ class RunConfig:
     )
     jit: bool = option(True, "compile the train step (XLA on jax/tensorflow)")
     save_dir: str = option("runs", "directory that run directories are created in")
+    save: bool = option(
+        True, "keep a run directory (config, metrics, checkpoints, images); false: print only"
+    )
     devices: int = option(
         0,
         "data-parallel devices per process: 0 = every visible accelerator (one CPU when "
@@ -260,6 +263,7 @@ FLAG_KEYS: dict[str, str] = {
     "save_dir": "run.save_dir",
     "devices": "run.devices",
     "gpus": "run.gpus",
+    "save": "run.save",
 }
 
 

@@ -142,6 +142,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
         "devices": 0,
         "connect_timeout": 120,
         "gpus": None,
+        "save": True,
     }
     assert (cfg["training"]["epochs"], cfg["training"]["batch_size"]) == (4, 16)
     assert cfg["training"]["seed"] == 9

@@ -359,6 +359,25 @@ def test_resume_refuses_another_model_config(trained) -> None:
     )
 
 
+def test_no_save_trains_and_reports_but_writes_nothing(tmp_path) -> None:
+    save_dir = tmp_path / "runs"
+    result = run_cli(
+        *("train", "--config", "tiny", "--epochs", "1", "--no-save", "--quiet"),
+        *("--save-dir", str(save_dir), "--set", "run.jit=false", "--set", "training.batch_size=64"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "nothing saved (run.save)" in result.stderr
+    assert result.stdout.startswith("done: nothing saved (epoch 1, val ")
+    assert "epoch 1: train " in result.stderr
+    assert not save_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_resume_with_no_save_is_refused(trained) -> None:
+    result = run_cli("train", "--resume", str(trained), "--no-save")
+    assert result.exit_code == 2
+    assert "run.save is false, but --resume continues a run directory" in result.stderr
+
+
 def test_a_locked_run_stops_with_a_clear_message(tmp_path) -> None:
     trainer = train_run(
         tmp_path, "locked", "training.gradient_skipnorm=1e-9", "training.max_consecutive_skips=3"
@@ -483,11 +502,11 @@ def test_ctrl_c_mid_epoch_checkpoints_where_it_stopped_and_exits_130(tmp_path, m
     trainer = train_run(tmp_path, "ctrl-c")
     step, done = trainer.engine.train_step, []
 
-    def three_steps_then_ctrl_c(images, beta):
+    def three_steps_then_ctrl_c(*args):
         if len(done) == 3:
             raise KeyboardInterrupt
         done.append(1)
-        return step(images, beta)
+        return step(*args)
 
     monkeypatch.setattr(trainer.engine, "train_step", three_steps_then_ctrl_c)
     with pytest.raises(Interrupted) as err:
@@ -504,7 +523,7 @@ def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
     class ResourceExhaustedError(Exception):  # the name TensorFlow's error has
         pass
 
-    def explode(images, beta):
+    def explode(*args):
         raise ResourceExhaustedError("Out of memory while trying to allocate 36.42GiB.")
 
     monkeypatch.setattr(trainer.engine, "train_step", explode)
@@ -517,7 +536,7 @@ def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(
         trainer.engine,
         "train_step",
-        lambda images, beta: (_ for _ in ()).throw(ValueError("a bug")),
+        lambda *args: (_ for _ in ()).throw(ValueError("a bug")),
     )
     with pytest.raises(ValueError, match="a bug"):  # other errors are not disguised
         trainer.fit()

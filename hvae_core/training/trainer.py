@@ -59,6 +59,9 @@ class Trainer:
             config.run.devices, launch_from_env(), config.run.connect_timeout
         )
         self.reporter = Reporter(quiet, silent=not self.parallel.is_chief)
+        # Only process 0 writes, and only when the run is kept (run.save).
+        self.writes = self.parallel.is_chief and config.run.save
+        self.rows: list[dict[str, Any]] = []  # this session's epochs, kept or not
         self.regularizer = None
         if training.regularizer is not None:
             factory = registry.get("regularizer", training.regularizer).load()
@@ -110,7 +113,7 @@ class Trainer:
 
     def save(self) -> None:
         state = self.engine.state()  # every process: reading a distributed state may need all
-        if not self.parallel.is_chief:
+        if not self.writes:
             return
         rundir.save_checkpoint(
             self.run_dir / rundir.CHECKPOINT,
@@ -133,7 +136,7 @@ class Trainer:
                 hint="was config.yaml edited after the run started?",
             ) from None
         self.position = Position(**meta["position"])
-        if self.parallel.is_chief:
+        if self.writes:
             rundir.truncate_metrics(self.run_dir, self.position.epoch)
 
     # -- the run ----------------------------------------------------------------------------
@@ -148,7 +151,8 @@ class Trainer:
             f"{self.model.count_params():,} parameters{_flows_note(self.model)}, "
             f"{self.model.num_latent_layers} latent layers; dataset "
             f"{self.config.data.dataset} ({len(self.stream) * self.stream.batch_size:,} "
-            f"train images/epoch, {self.dataset.num_bits} bits); run dir {self.run_dir}"
+            f"train images/epoch, {self.dataset.num_bits} bits); "
+            + (f"run dir {self.run_dir}" if self.config.run.save else "nothing saved (run.save)")
         )
 
     def fit(self) -> list[dict[str, Any]]:
@@ -172,6 +176,8 @@ class Trainer:
             ) from None
         except KeyboardInterrupt:
             self.reporter.close()
+            if not self.config.run.save:
+                raise Interrupted("interrupted; nothing was kept (run.save is false)") from None
             self.save()
             raise Interrupted(
                 "interrupted; the run was checkpointed",
@@ -179,7 +185,7 @@ class Trainer:
             ) from None
         finally:
             self.reporter.close()
-        return rundir.read_metrics(self.run_dir) if self.parallel.is_chief else []
+        return rundir.read_metrics(self.run_dir) if self.writes else self.rows
 
     def _epoch(self) -> dict[str, Any] | None:
         training, pos = self.config.training, self.position
@@ -286,8 +292,10 @@ class Trainer:
             ):
                 row[key] = sums[key] / count  # a regularizer's named terms
         pos.epoch, pos.batch, pos.sums, pos.epoch_seconds = epoch, 0, {}, 0.0
-        self.write_images()
-        if self.parallel.is_chief:
+        self.rows.append(row)
+        if self.config.run.save:  # on every process: sampling may be collective
+            self.write_images()
+        if self.writes:
             rundir.append_metrics(self.run_dir, row)
             rundir.plot_metrics(self.run_dir)
         self.reporter.end_epoch(row)
@@ -364,7 +372,7 @@ class Trainer:
             return keras.ops.convert_to_numpy(to_levels(recon, bits))
 
         recon = self.with_ema(run)
-        if not self.parallel.is_chief:
+        if not self.writes:
             return
         rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png")
         rundir.save_grid(
