@@ -428,6 +428,18 @@ def test_an_identity_flow_gives_the_analytic_kl(models, flow) -> None:
         assert kl.mean() > 0.01  # q differs from p: the comparison is not 0 = 0
 
 
+def assert_kl_estimates_are_consistent(b: dict[str, np.ndarray]) -> None:
+    """One flow block's per-sample KL estimates: their mean is not below 0 (within 3 SE), and
+    E[exp(-KL)] = 1 (within 4 SE), which holds for any correct log-det."""
+    kl = b["kl"].astype(np.float64)
+    n = len(kl)
+    mean, err = kl.mean(), kl.std() / math.sqrt(n)
+    assert mean >= -3 * err, f"block {b['index']}: KL estimate {mean:.5f} +- {err:.5f} < 0"
+    w = np.exp(-kl)
+    w_mean, w_err = w.mean(), w.std() / math.sqrt(n)
+    assert abs(w_mean - 1.0) <= 4 * w_err, f"block {b['index']}: E[w] {w_mean} +- {w_err}"
+
+
 @pytest.mark.parametrize("flow", FLOWS)
 def test_the_flow_kl_estimate_is_non_negative_and_normalised(models, flow) -> None:
     # With w = exp(-KL estimate) = p(z_K) |det dz_K/dz_0| / q(z_0), E_q[w] = integral of
@@ -461,12 +473,7 @@ def test_the_flow_kl_estimate_is_non_negative_and_normalised(models, flow) -> No
             - log_normal(b["zk"], b["p_mean"], b["p_scale"])
         )
         np.testing.assert_allclose(b["kl"], estimate, rtol=1e-4, atol=1e-3)
-        kl = b["kl"].astype(np.float64)
-        mean, err = kl.mean(), kl.std() / math.sqrt(n)
-        assert mean >= -3 * err, f"block {b['index']}: KL estimate {mean:.5f} +- {err:.5f} < 0"
-        w = np.exp(-kl)
-        w_mean, w_err = w.mean(), w.std() / math.sqrt(n)
-        assert abs(w_mean - 1.0) <= 4 * w_err, f"block {b['index']}: E[w] {w_mean} +- {w_err}"
+        assert_kl_estimates_are_consistent(b)
         moved.append(np.abs(b["log_det"]).mean())
     assert min(moved) > 1e-4 and max(moved) > 4e-3, "the flows must not be the identity"
 
@@ -624,12 +631,7 @@ def test_train_with_a_flow(flow, tmp_path) -> None:
     trainer.restore()
     n = 4000
     for b in flow_blocks_on_one_image(trainer.model, n):
-        kl = b["kl"].astype(np.float64)
-        mean, err = kl.mean(), kl.std() / math.sqrt(n)
-        assert mean >= -3 * err, f"block {b['index']}: KL estimate {mean:.5f} +- {err:.5f} < 0"
-        w = np.exp(-kl)
-        w_mean, w_err = w.mean(), w.std() / math.sqrt(n)
-        assert abs(w_mean - 1.0) <= 4 * w_err, f"block {b['index']}: E[w] {w_mean} +- {w_err}"
+        assert_kl_estimates_are_consistent(b)
 
 
 @pytest.mark.slow

@@ -403,17 +403,17 @@ for rank in (0, 1):
     engine.parallel = Parallel(replicas=2, process_index=rank, num_processes=2)
     engine.load_state(engine.state())  # a restore: every process gets process 0's seeds
     generators = [block.seed_generator for block in model.decoder.blocks]
-    draws = lambda: np.stack(
-        [keras.ops.convert_to_numpy(keras.random.normal((6,), seed=g)) for g in generators]
-    )
+
+    def draws():
+        return np.stack(
+            [keras.ops.convert_to_numpy(keras.random.normal((6,), seed=g)) for g in generators]
+        )
+
     rows["first"].append(draws())
-    saved = engine.state()
-    if rank == 1:  # what the chief saved: its own seeds
-        saved = {k: v for k, v in chief_state.items()}
-    else:
-        chief_state = saved
+    if rank == 0:
+        chief_state = engine.state()  # a checkpoint holds the chief's own seeds
     rows["after_save"].append(draws())
-    engine.load_state(saved)
+    engine.load_state(chief_state)
     rows["after_restore"].append(draws())
 for key, value in rows.items():
     outputs[key] = np.stack(value)
