@@ -16,6 +16,7 @@ from hvae_core.model.distributions import (
     sum_per_example,
 )
 from hvae_core.model.layout import Scale
+from hvae_core.model.repeat import RepeatedLayers, Untracked
 from hvae_core.model.resample import Resample
 
 
@@ -143,7 +144,12 @@ class TopDownBlock(keras.layers.Layer):
 
 class Decoder(keras.layers.Layer):
     """Top-down pass from 1x1 to the image size; returns the final state, every block's z and
-    every block's statistics (KL per example, posterior and prior parameters)."""
+    every block's statistics (KL per example, posterior and prior parameters).
+
+    With ``stack_blocks`` (and no attention, whose memory passes through every block) the
+    blocks of each resolution run as one :class:`RepeatedLayers`; ``blocks`` still lists every
+    block (for their structure: scale, flow), but the live weights are the runs'.
+    """
 
     def __init__(
         self,
@@ -153,6 +159,7 @@ class Decoder(keras.layers.Layer):
         make_flow: Any = None,
         attention: Any = None,
         seed: int | None = None,
+        stack_blocks: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -160,7 +167,10 @@ class Decoder(keras.layers.Layer):
         self.init_zeros = model.init_zeros
         self.attention = attention
         num_blocks = sum(s.dec_blocks for s in layout)
-        self.blocks: list[TopDownBlock] = []
+        stacking = stack_blocks and attention is None
+        # Unstacked, the blocks are tracked in the order they always were (a checkpoint lists
+        # the weights in that order); stacked, only the runs are.
+        blocks: list[TopDownBlock] = [] if stacking else self._tracked_blocks()
         self.unpools: dict[int, Any] = {}
         previous = None
         for scale in self.order:
@@ -174,9 +184,9 @@ class Decoder(keras.layers.Layer):
                     name=f"unpool_{scale.resolution}",
                 )
             for _ in range(scale.dec_blocks):
-                index = len(self.blocks)
+                index = len(blocks)
                 flow = make_flow(scale, index) if make_flow is not None else None
-                self.blocks.append(
+                blocks.append(
                     TopDownBlock(
                         scale,
                         index,
@@ -192,6 +202,25 @@ class Decoder(keras.layers.Layer):
                 )
             previous = scale
         self.unpool_list = list(self.unpools.values())  # tracked by Keras
+        self.runs: dict[int, RepeatedLayers] = {}
+        self._blocks = Untracked(blocks)
+        if stacking:
+            for scale in self.order:
+                members = [b for b in blocks if b.scale is scale]
+                if members:
+                    self.runs[scale.resolution] = RepeatedLayers(
+                        members, dtype=self.dtype_policy, name=f"run_{scale.resolution}"
+                    )
+            self.run_list = list(self.runs.values())  # tracked by Keras
+
+    def _tracked_blocks(self) -> list[TopDownBlock]:
+        self.block_list: list[TopDownBlock] = []
+        return self.block_list
+
+    @property
+    def blocks(self) -> list[TopDownBlock]:
+        """Every top-down block, top first."""
+        return list(self._blocks.layers)
 
     def build(self, input_shape: Any = None) -> None:
         # A learned starting state at every resolution with blocks (VDVAE's bias_xs); with
@@ -204,6 +233,12 @@ class Decoder(keras.layers.Layer):
             self.biases[r] = self.add_weight(
                 shape=(1, r, r, scale.width), initializer="zeros", name=f"bias_{r}"
             )
+        for scale in self.order:
+            if scale.resolution in self.runs:
+                # Built for the posterior pass (the encoder's activation has the state's
+                # shape), which needs every weight; sampling uses a subset.
+                shape = (None, scale.resolution, scale.resolution, scale.width)
+                self.runs[scale.resolution].build((shape, shape))
 
     def num_blocks(self) -> int:
         return len(self.blocks)
@@ -229,6 +264,24 @@ class Decoder(keras.layers.Layer):
             if r in self.biases:
                 state = state + ops.cast(self.biases[r], state.dtype)
             activation = activations[r] if activations is not None else None
+            if r in self.runs:
+                run = self.runs[r]
+                first = run.members[0].index
+                temps = [
+                    1.0 if temperatures is None else temperatures[first + i]
+                    for i in range(len(run))
+                ]
+                inputs = (state,) if activation is None else (state, activation)
+                state, (run_zs, run_stats) = run(
+                    inputs,
+                    per_layer={"temperature": ops.convert_to_tensor(temps, dtype="float32")},
+                    noise_groups=noise_groups,
+                    training=training,
+                )
+                zs.extend(ops.unstack(run_zs, axis=0) if len(run) > 1 else [run_zs[0]])
+                for i in range(len(run)):
+                    stats.append({k: v[i] for k, v in run_stats.items()})
+                continue
             for _ in range(scale.dec_blocks):
                 block = next(blocks)
                 if prepare is not None:

@@ -9,13 +9,25 @@ import keras
 
 from hvae_core.model.blocks import torch_default_init
 from hvae_core.model.layout import Scale
+from hvae_core.model.repeat import RepeatedLayers, Untracked
 from hvae_core.model.resample import Resample
 
 
 class Encoder(keras.layers.Layer):
-    """x (B, S, S, C) -> the activation kept at every scale, {resolution: (B, R, R, width)}."""
+    """x (B, S, S, C) -> the activation kept at every scale, {resolution: (B, R, R, width)}.
 
-    def __init__(self, model: Any, layout: list[Scale], make_block: Any, **kwargs: Any) -> None:
+    With ``stack_blocks`` the blocks of a scale up to the kept activation run as one
+    :class:`RepeatedLayers`; ``stages`` still lists every block (for their structure).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layout: list[Scale],
+        make_block: Any,
+        stack_blocks: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         policy = self.dtype_policy
         self.layout = layout
@@ -29,10 +41,12 @@ class Encoder(keras.layers.Layer):
             name="in_conv",
         )
         last_scale = math.sqrt(1.0 / max(1, sum(s.enc_blocks for s in layout)))
-        self.stages: list[list[Any]] = []
+        # Unstacked, the blocks are tracked in the order they always were (a checkpoint lists
+        # the weights in that order); stacked, only the runs are.
+        stages: list[list[Any]] = [] if stack_blocks else self._tracked_stages()
         self.pools: list[Any] = []
         for scale, below in zip(layout, [*layout[1:], None], strict=True):
-            self.stages.append(
+            stages.append(
                 [
                     make_block(
                         in_width=scale.width,
@@ -54,18 +68,52 @@ class Encoder(keras.layers.Layer):
                     )
                 )
 
+        self._stages = Untracked(stages)
+        # Per scale: the blocks before the kept activation (a run, or single layers) and
+        # after it (VDVAE: a scale's last block pools, and the activation is kept before it).
+        self.before: list[Any] = []
+        self.after: list[list[Any]] = []
+        for i, blocks in enumerate(stages):
+            pools_after = i < len(self.pools)
+            split = len(blocks) - 1 if self.pool_block and pools_after and blocks else len(blocks)
+            if stack_blocks and split > 0:
+                name = f"run_{layout[i].resolution}"
+                self.before.append([RepeatedLayers(blocks[:split], dtype=policy, name=name)])
+            else:
+                self.before.append(blocks[:split])
+            self.after.append(blocks[split:])
+
+    def _tracked_stages(self) -> list[list[Any]]:
+        self.stage_list: list[list[Any]] = []
+        return self.stage_list
+
+    @property
+    def stages(self) -> list[list[Any]]:
+        """Every encoder block, per scale."""
+        return [list(blocks) for blocks in self._stages.layers]
+
+    def build(self, input_shape: Any) -> None:
+        shape = tuple(input_shape)
+        self.in_conv.build(shape)
+        shape = self.in_conv.compute_output_shape(shape)
+        for i, scale in enumerate(self.layout):
+            for layer in [*self.before[i], *self.after[i]]:
+                layer.build((shape,) if isinstance(layer, RepeatedLayers) else shape)
+            if i < len(self.pools):
+                self.pools[i].build(shape)
+                r = scale.resolution // 2
+                width = self.layout[i + 1].width
+                shape = (shape[0], r, r, width)
+
     def call(self, x: Any) -> dict[int, Any]:
         h = self.in_conv(x)
         activations: dict[int, Any] = {}
-        for i, (scale, blocks) in enumerate(zip(self.layout, self.stages, strict=True)):
-            pools_after = i < len(self.pools)
-            # VDVAE: a scale's last block pools, and the activation is kept before it.
-            split = len(blocks) - 1 if self.pool_block and pools_after and blocks else len(blocks)
-            for block in blocks[:split]:
-                h = block(h)
+        for i, scale in enumerate(self.layout):
+            for layer in self.before[i]:
+                h = layer((h,))[0] if isinstance(layer, RepeatedLayers) else layer(h)
             activations[scale.resolution] = h
-            for block in blocks[split:]:
+            for block in self.after[i]:
                 h = block(h)
-            if pools_after:
+            if i < len(self.pools):
                 h = self.pools[i](h)
         return activations

@@ -32,9 +32,14 @@ class HVAE(keras.Model):
         num_bits: int,
         registry: PluginRegistry | None = None,
         seed: int | None = None,
+        stack_blocks: bool = True,
         **kwargs: Any,
     ) -> None:
+        """``stack_blocks``: run each resolution's identical blocks as one loop over stacked
+        weights (:class:`~hvae_core.model.repeat.RepeatedLayers`); False gives the layout of
+        one set of weights per block (checkpoints written before hvae stacked them)."""
         super().__init__(dtype=config.model.precision, **kwargs)
+        self.config, self.seed, self.stack_blocks = config, seed, stack_blocks
         registry = registry or get_registry()
         model = config.model
         self.image_shape = tuple(int(d) for d in image_shape)
@@ -77,7 +82,9 @@ class HVAE(keras.Model):
                 make_block=make_block,
             )
 
-        self.encoder = Encoder(model, layout, make_block, dtype=policy, name="encoder")
+        self.encoder = Encoder(
+            model, layout, make_block, stack_blocks=stack_blocks, dtype=policy, name="encoder"
+        )
         self.decoder = Decoder(
             model,
             layout,
@@ -85,6 +92,7 @@ class HVAE(keras.Model):
             make_flow,
             self.attention,
             seed=seed,
+            stack_blocks=stack_blocks,
             dtype=policy,
             name="decoder",
         )
@@ -101,6 +109,13 @@ class HVAE(keras.Model):
     @property
     def num_latent_layers(self) -> int:
         return len(self.decoder.blocks)
+
+    def count_params(self) -> int:
+        """Weights of the model, not counting the latent noise's seed states (stacked runs keep
+        theirs as weights; a single block keeps its own in a seed generator)."""
+        return int(
+            sum(math.prod(w.shape) for w in self.weights if "seed_generator_state" not in w.path)
+        )
 
     def num_flow_params(self) -> int:
         """Parameters of the posterior flows (0 without flows); the model must be built."""
@@ -120,6 +135,12 @@ class HVAE(keras.Model):
             training=training,
         )
         return {"params": self.head(state, zs), "latents": zs, "stats": stats}
+
+    def build(self, input_shape: Any) -> None:
+        # Eagerly and by shape: runs of repeated blocks stack their blocks' initial weights,
+        # which needs their values (a symbolic build would not have them).
+        self.encoder.build(tuple(input_shape))
+        self.decoder.build()
 
     def build_weights(self) -> None:
         """Create every weight (one forward pass on a zero image)."""

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from hvae_core.model.repeat import Scan, loop_with
 from hvae_core.training.parallel import Launch, Parallel
 
 METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
@@ -26,9 +27,11 @@ NOISE_STREAM_STRIDE = 1_000_003  # between the seeds of neighbouring replicas' n
 
 
 def replica_seed_state(state: np.ndarray, replica: int) -> np.ndarray:
-    """A Keras ``SeedGenerator`` state for ``replica``, from replica 0's ``state``."""
+    """A Keras ``SeedGenerator`` state for ``replica``, from replica 0's ``state`` (or a stack
+    of such states, one row per block of a run)."""
     state = np.array(state, copy=True)
-    state[0] = (int(state[0]) + NOISE_STREAM_STRIDE * replica) % 2**31
+    offset = (state[..., 0].astype(np.int64) + NOISE_STREAM_STRIDE * replica) % 2**31
+    state[..., 0] = offset.astype(state.dtype)
     return state
 
 
@@ -101,6 +104,11 @@ class Engine:
         ``training.gradient_skipnorm`` for this step (0: no skipping on the norm)."""
         raise NotImplementedError
 
+    def block_loop(self) -> Scan | None:
+        """How runs of repeated blocks loop inside this engine's steps: a compiled loop where
+        the step is compiled (one loop body per distinct block), None for a Python loop."""
+        return None
+
     def skipnorm(self, override: float | None) -> float:
         return self.training.gradient_skipnorm if override is None else float(override)
 
@@ -135,13 +143,14 @@ class Engine:
         x = to_unit_range(images, self.num_bits)
         # Only training batches went through the regularizer's transform_batch.
         groups = int(getattr(self.regularizer, "noise_groups", 1)) if training else 1
-        result = self.model.losses_for(
-            x,
-            beta=beta,
-            training=training,
-            regularizer=self.regularizer if training else None,
-            noise_groups=groups,
-        )
+        with loop_with(self.block_loop()):
+            result = self.model.losses_for(
+                x,
+                beta=beta,
+                training=training,
+                regularizer=self.regularizer if training else None,
+                noise_groups=groups,
+            )
         return {k: v for k, v in result.items() if k not in ("outputs", "kl_layers_bpd")}
 
     def swap_ema(self) -> None:

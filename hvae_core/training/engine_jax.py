@@ -70,6 +70,10 @@ def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
     )
 
 
+def _scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
+    return jax.lax.scan(step, init, xs, length=length)
+
+
 class JaxEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -77,6 +81,9 @@ class JaxEngine(Engine):
         self._read_state()
         self._train = jax.jit(self._train_impl, donate_argnums=0) if self.jit else self._train_impl
         self._eval = jax.jit(self._eval_impl) if self.jit else self._eval_impl
+
+    def block_loop(self) -> Any:
+        return _scan if self.jit else None
 
     def _put(self, images: np.ndarray) -> Any:
         """The global batch as one array: sharded over the mesh when it divides evenly (an

@@ -82,6 +82,36 @@ def _multi_worker(timeout: int) -> Parallel:
     )
 
 
+def _scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
+    """``jax.lax.scan`` on TensorFlow: a ``tf.while_loop`` reading ``xs`` from and writing the
+    per-step outputs to ``TensorArray``s. (``keras.ops.scan`` on TensorFlow only accepts
+    per-step outputs shaped like the carry.)"""
+    first = tf.nest.map_structure(lambda x: x[0], xs)
+    # The outputs' structure and dtypes, from a trace of the step that is then dropped.
+    _, spec = tf.function(step).get_concrete_function(init, first).structured_outputs
+    xs_arrays = [
+        tf.TensorArray(x.dtype, size=length, element_shape=x.shape[1:]).unstack(x)
+        for x in tf.nest.flatten(xs)
+    ]
+    ys_arrays = [
+        tf.TensorArray(y.dtype, size=length, element_shape=y.shape) for y in tf.nest.flatten(spec)
+    ]
+
+    def body(i: Any, carry: Any, ys: list) -> tuple:
+        x = tf.nest.pack_sequence_as(xs, [a.read(i) for a in xs_arrays])
+        carry, y = step(carry, x)
+        return i + 1, carry, [a.write(i, v) for a, v in zip(ys, tf.nest.flatten(y), strict=True)]
+
+    _, carry, ys_arrays = tf.while_loop(
+        lambda i, *_: i < length,
+        body,
+        (tf.constant(0), init, ys_arrays),
+        maximum_iterations=length,
+        parallel_iterations=1,
+    )
+    return carry, tf.nest.pack_sequence_as(spec, [a.stack() for a in ys_arrays])
+
+
 class TensorFlowEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,6 +132,9 @@ class TensorFlowEngine(Engine):
             jit_compile=self.jit and self.parallel.strategy is None,
             reduce_retracing=True,
         )
+
+    def block_loop(self) -> Any:
+        return _scan if self.jit else None
 
     def decorrelate_noise(self) -> None:
         # A mirrored variable keeps one copy per local replica; each replica reads and advances
