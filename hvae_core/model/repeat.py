@@ -109,13 +109,18 @@ class RepeatedLayers(keras.layers.Layer):
                     f"layers '{template.name}' and '{layer.name}' of one run differ in their "
                     "weights; a run needs layers of identical structure"
                 )
-        self._trainable_slots = [
-            self._stack(template, i, v) for i, v in _indexed(template, template.trainable_variables)
-        ]
-        self._state_slots = [
-            self._stack(template, i, v)
-            for i, v in _indexed(template, template.non_trainable_variables)
-        ]
+        trainable = _indexed(template, template.trainable_variables)
+        state = _indexed(template, template.non_trainable_variables)
+        self._trainable_slots = [self._stack(template, i, v) for i, v in trainable]
+        self._state_slots = [self._stack(template, i, v) for i, v in state]
+        self._positions = [i for i, _ in trainable + state]
+
+    def stacked_variables(self) -> list[tuple[Any, int]]:
+        """Each stacked variable with the position, in every member's ``variables``, of the
+        weight it stacks (row ``k`` is member ``k``'s)."""
+        return list(
+            zip(self._trainable_slots + self._state_slots, self._positions, strict=True)
+        )
 
     def _stack(self, template: Any, index: int, variable: Any) -> Any:
         values = np.stack(

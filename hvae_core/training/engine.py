@@ -76,6 +76,7 @@ class Engine:
         self.optimizer = optimizer
         self.training = config.training
         self.jit = config.run.jit
+        self.remat = config.run.remat_blocks
         self.regularizer = regularizer
         self.num_bits = model.num_bits
         self.div = self.training.batch_size_div
@@ -180,6 +181,13 @@ class Engine:
         return arrays
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore from ``state()``'s arrays; a checkpoint written before repeated blocks were
+        stacked (one set of weights per block) is converted to this model's layout."""
+        saved = sum(1 for k in arrays if k.startswith("model/"))
+        if saved != len(self.model.variables) and getattr(self.model, "stack_blocks", False):
+            from hvae_core.training.weights_layout import from_unstacked
+
+            arrays = from_unstacked(arrays, self.model, self.optimizer, bool(self.ema))
         groups = (
             ("model", self.model.variables),
             ("ema", self.ema),

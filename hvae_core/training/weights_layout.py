@@ -1,0 +1,114 @@
+"""Checkpoints written before hvae stacked repeated blocks: one set of weights per block.
+
+Such a checkpoint lists the model's weights, their EMA and the optimizer's slots block by block,
+in the order of the unstacked model. :func:`from_unstacked` rebuilds that model beside the
+stacked one (same config, same seed), reads the checkpoint into its structure, and stacks every
+run's blocks row by row, so an old run resumes exactly where it was: same weights, same EMA,
+same Adam moments, same noise seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from hvae_core.model.repeat import RepeatedLayers
+
+
+def runs_of(model: Any) -> list[RepeatedLayers]:
+    """Every run of repeated blocks in ``model``."""
+    runs = [layer for group in model.encoder.before for layer in group]
+    runs += list(model.decoder.runs.values())
+    return [run for run in runs if isinstance(run, RepeatedLayers)]
+
+
+def _relative(path: str) -> str:
+    """A variable's path below the model (models are numbered by name: hvae, hvae_1, ...)."""
+    return path.split("/", 1)[1] if "/" in path else path
+
+
+def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
+    return [arrays[k] for k in sorted(k for k in arrays if k.startswith(prefix + "/"))]
+
+
+def _sources(model: Any, legacy: Any) -> dict[int, tuple[list[Any], bool]]:
+    """For each variable of ``model`` (by id): the legacy variables it is made of, and whether
+    they are stacked (one row per legacy variable) or it is a single one."""
+    sources: dict[int, tuple[list[Any], bool]] = {}
+    encoder_blocks = [b for stage in legacy.encoder.stages for b in stage]
+    legacy_layers = {layer.name: layer for layer in [*encoder_blocks, *legacy.decoder.blocks]}
+    for run in runs_of(model):
+        members = [legacy_layers[m.name] for m in run.members]
+        for variable, position in run.stacked_variables():
+            sources[id(variable)] = ([m.variables[position] for m in members], True)
+    by_path = {_relative(v.path): v for v in legacy.variables}
+    for variable in model.variables:
+        if id(variable) not in sources:
+            sources[id(variable)] = ([by_path[_relative(variable.path)]], False)
+    return sources
+
+
+def _assemble(values: list[np.ndarray], stacked: bool) -> np.ndarray:
+    return np.stack(values) if stacked else values[0]
+
+
+def from_unstacked(
+    arrays: dict[str, np.ndarray], model: Any, optimizer: Any, ema: bool
+) -> dict[str, np.ndarray]:
+    """``arrays`` of a checkpoint in the unstacked layout, rewritten for ``model``'s (stacked)
+    variables, its EMA (when ``ema``) and ``optimizer``'s variables. A ValueError says what
+    does not fit."""
+    from hvae_core.model.hvae import HVAE
+
+    legacy = HVAE(
+        model.config, model.image_shape, model.num_bits, seed=model.seed, stack_blocks=False
+    )
+    legacy.build_weights()
+    saved = _prefixed(arrays, "model")
+    if len(saved) != len(legacy.variables):
+        raise ValueError(
+            f"checkpoint holds {len(saved)} model arrays; this model has "
+            f"{len(model.variables)} (or {len(legacy.variables)} unstacked)"
+        )
+    value = {id(v): a for v, a in zip(legacy.variables, saved, strict=True)}
+    sources = _sources(model, legacy)
+    out: dict[str, np.ndarray] = {}
+    for i, v in enumerate(model.variables):
+        parts, stacked = sources[id(v)]
+        out[f"model/{i:05d}"] = _assemble([value[id(p)] for p in parts], stacked)
+
+    trainable = legacy.trainable_variables
+    if ema:
+        ema_value = dict(zip(map(id, trainable), _prefixed(arrays, "ema"), strict=True))
+        for i, v in enumerate(model.trainable_variables):
+            parts, stacked = sources[id(v)]
+            out[f"ema/{i:05d}"] = _assemble([ema_value[id(p)] for p in parts], stacked)
+
+    # Keras names an optimizer's slot "<path of its weight, '/' as '_'>_<slot>"; an optimizer
+    # like the run's, built on the unstacked weights, gives the checkpoint's order of them.
+    twin = type(optimizer).from_config(optimizer.get_config())
+    twin.build(trainable)
+    saved_slots = _prefixed(arrays, "optimizer")
+    if len(saved_slots) != len(twin.variables):
+        raise ValueError(
+            f"checkpoint holds {len(saved_slots)} optimizer arrays, the unstacked model's "
+            f"optimizer {len(twin.variables)}"
+        )
+    slot_value = {v.name: a for v, a in zip(twin.variables, saved_slots, strict=True)}
+    legacy_names = {id(v): v.path.replace("/", "_") for v in trainable}
+    by_name = {}
+    for v in model.trainable_variables:
+        by_name[v.path.replace("/", "_")] = sources[id(v)]
+    for i, opt_var in enumerate(optimizer.variables):
+        name = opt_var.name
+        owner = max((n for n in by_name if name.startswith(n + "_")), key=len, default=None)
+        if owner is None:
+            out[f"optimizer/{i:05d}"] = slot_value[name]
+            continue
+        slot = name[len(owner) + 1 :]
+        parts, stacked = by_name[owner]
+        rows = [slot_value[f"{legacy_names[id(p)]}_{slot}"] for p in parts]
+        out[f"optimizer/{i:05d}"] = _assemble(rows, stacked)
+    return {k: np.asarray(keras.ops.convert_to_numpy(a)) for k, a in out.items()}
