@@ -118,9 +118,7 @@ class RepeatedLayers(keras.layers.Layer):
     def stacked_variables(self) -> list[tuple[Any, int]]:
         """Each stacked variable with the position, in every member's ``variables``, of the
         weight it stacks (row ``k`` is member ``k``'s)."""
-        return list(
-            zip(self._trainable_slots + self._state_slots, self._positions, strict=True)
-        )
+        return list(zip(self._trainable_slots + self._state_slots, self._positions, strict=True))
 
     def _stack(self, template: Any, index: int, variable: Any) -> Any:
         values = np.stack(

@@ -12,6 +12,7 @@ differentiate and compile this.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from keras import ops
 
 from hvae_core.model.repeat import Scan, loop_with
+from hvae_core.training.conv_gradients import canonical_conv_gradients
 from hvae_core.training.parallel import Launch, Parallel
 
 METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
@@ -77,6 +79,8 @@ class Engine:
         self.training = config.training
         self.jit = config.run.jit
         self.remat = config.run.remat_blocks
+        # Set by an engine whose steps XLA compiles for a CPU (see conv_gradients).
+        self.cpu_compiled = False
         self.regularizer = regularizer
         self.num_bits = model.num_bits
         self.div = self.training.batch_size_div
@@ -144,7 +148,8 @@ class Engine:
         x = to_unit_range(images, self.num_bits)
         # Only training batches went through the regularizer's transform_batch.
         groups = int(getattr(self.regularizer, "noise_groups", 1)) if training else 1
-        with loop_with(self.block_loop()):
+        layout = canonical_conv_gradients() if self.cpu_compiled else contextlib.nullcontext()
+        with loop_with(self.block_loop()), layout:
             result = self.model.losses_for(
                 x,
                 beta=beta,

@@ -7,9 +7,6 @@ only when something outside the step needs them (:meth:`sync`).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -82,97 +79,11 @@ def _scan_remat(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
     return jax.lax.scan(jax.checkpoint(step), init, xs, length=length)
 
 
-def _conv_pads(kernel_size: tuple[int, ...], padding: str) -> tuple[tuple[int, int], ...]:
-    if padding == "same":
-        return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_size)
-    return tuple((0, 0) for _ in kernel_size)
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _canonical_conv(x: Any, kernel: Any, padding: str) -> Any:
-    pads = _conv_pads(kernel.shape[:2], padding)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_NHWC)
-
-
-def _canonical_conv_fwd(x: Any, kernel: Any, padding: str) -> tuple[Any, tuple]:
-    return _canonical_conv(x, kernel, padding), (x, kernel)
-
-
-def _canonical_conv_bwd(padding: str, saved: tuple, g: Any) -> tuple[Any, Any]:
-    """Both gradients as NHWC/HWIO convolutions: the input's, the output gradient through the
-    flipped kernel; the kernel's, the input (channels as batch) through the output gradient."""
-    x, kernel = saved
-    size = kernel.shape[:2]
-    pads = _conv_pads(size, padding)
-    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-    dx_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(size, pads, strict=True))
-    dx = jax.lax.conv_general_dilated(g, flipped, (1, 1), dx_pads, dimension_numbers=_NHWC)
-    dk = jax.lax.conv_general_dilated(
-        jnp.transpose(x, (3, 1, 2, 0)),
-        jnp.transpose(g, (1, 2, 0, 3)),
-        (1, 1),
-        pads,
-        dimension_numbers=_NHWC,
-    )
-    return dx.astype(x.dtype), jnp.transpose(dk, (1, 2, 0, 3)).astype(kernel.dtype)
-
-
-_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
-
-
-@contextlib.contextmanager
-def _canonical_conv_gradients() -> Iterator[None]:
-    """XLA's CPU compiler brings convolutions into the form its fast (Eigen) kernels take only
-    in a program's top level; inside a loop body the gradient's transposed convolutions stay in
-    a naive form, and a step whose blocks run in ``lax.scan`` became 10x slower. While the step
-    is traced, Keras' plain 2D convolutions (channels last, stride 1, no dilation, no groups)
-    get a gradient already in that form. Same values: only the layout of the maths changes."""
-    try:
-        from keras.src.backend.jax import nn as keras_nn  # not public: guarded below
-    except ImportError:  # another Keras layout: run without (slower on a CPU, still right)
-        yield
-        return
-    original = getattr(keras_nn, "conv", None)
-    if original is None:
-        yield
-        return
-
-    def conv(
-        inputs: Any,
-        kernel: Any,
-        strides: Any = 1,
-        padding: str = "valid",
-        data_format: Any = None,
-        dilation_rate: Any = 1,
-    ) -> Any:
-        plain = (
-            (data_format or keras.config.image_data_format()) == "channels_last"
-            and inputs.ndim == 4
-            and padding in ("same", "valid")
-            and all(s == 1 for s in np.ravel(strides))
-            and all(d == 1 for d in np.ravel(dilation_rate))
-            and kernel.shape[-2] == inputs.shape[-1]
-        )
-        if not plain:
-            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
-        kernel = jnp.asarray(kernel)
-        return _canonical_conv(jnp.asarray(inputs, dtype=kernel.dtype), kernel, padding)
-
-    keras_nn.conv = conv
-    try:
-        yield
-    finally:
-        keras_nn.conv = original
-
-
 class JaxEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.non_trainable = list(self.model.non_trainable_variables)
-        self.cpu_loops = self.jit and jax.default_backend() == "cpu"
+        self.cpu_compiled = self.jit and jax.default_backend() == "cpu"
         self._read_state()
         self._train = jax.jit(self._train_impl, donate_argnums=0) if self.jit else self._train_impl
         self._eval = jax.jit(self._eval_impl) if self.jit else self._eval_impl
@@ -216,8 +127,7 @@ class JaxEngine(Engine):
     def _loss(self, tv: list, ntv: list, images: Any, beta: Any, training: bool) -> Any:
         mapping = list(zip(self.trainable, tv, strict=True))
         mapping += list(zip(self.non_trainable, ntv, strict=True))
-        canonical = _canonical_conv_gradients() if self.cpu_loops else contextlib.nullcontext()
-        with keras.StatelessScope(state_mapping=mapping) as scope, canonical:
+        with keras.StatelessScope(state_mapping=mapping) as scope:
             terms = self.loss_terms(images, beta, training)
         new_ntv = [scope.get_current_value(v) for v in self.non_trainable]
         return terms["loss"], (terms, new_ntv)

@@ -116,6 +116,7 @@ class TensorFlowEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.strategy = self.parallel.strategy
+        self.cpu_compiled = self.jit and not tf.config.list_physical_devices("GPU")
         if self.strategy is None:
             self._train = tf.function(self._train_impl, jit_compile=self.jit)
         else:
