@@ -138,6 +138,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
     assert cfg["run"] == {
         "backend": "jax",
         "jit": True,
+        "remat_blocks": True,
         "save_dir": str(tmp_path / "runs"),
         "devices": 0,
         "connect_timeout": 120,

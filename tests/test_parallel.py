@@ -327,6 +327,8 @@ tf.config.set_logical_device_configuration(
 """
 
 
+# Two minutes on a 2-core CPU: slow. The JAX and torch equalities stay in the default set.
+@pytest.mark.slow
 def test_tensorflow_mirrored_step_over_two_logical_cpus_equals_the_single_device_step(
     tmp_path,
 ) -> None:

@@ -168,10 +168,12 @@ class Decoder(keras.layers.Layer):
         self.attention = attention
         num_blocks = sum(s.dec_blocks for s in layout)
         stacking = stack_blocks and attention is None
-        # Unstacked, the blocks are tracked in the order they always were (a checkpoint lists
-        # the weights in that order); stacked, only the runs are.
-        blocks: list[TopDownBlock] = [] if stacking else self._tracked_blocks()
+        # Tracked in the order the weights always had (a checkpoint lists them in that order):
+        # a scale's unpooling, then its blocks (or the run of them).
+        self.block_list: list[Any] = []
         self.unpools: dict[int, Any] = {}
+        self.runs: dict[int, RepeatedLayers] = {}
+        blocks: list[TopDownBlock] = []
         previous = None
         for scale in self.order:
             if previous is not None:
@@ -183,39 +185,35 @@ class Decoder(keras.layers.Layer):
                     dtype=self.dtype_policy,
                     name=f"unpool_{scale.resolution}",
                 )
+            members = []
             for _ in range(scale.dec_blocks):
                 index = len(blocks)
                 flow = make_flow(scale, index) if make_flow is not None else None
-                blocks.append(
-                    TopDownBlock(
-                        scale,
-                        index,
-                        num_blocks,
-                        make_block,
-                        model.gradient_smoothing,
-                        flow=flow,
-                        attention=attention,
-                        seed=None if seed is None else seed + index,
-                        dtype=self.dtype_policy,
-                        name=f"dec_{scale.resolution}_{index}",
-                    )
+                block = TopDownBlock(
+                    scale,
+                    index,
+                    num_blocks,
+                    make_block,
+                    model.gradient_smoothing,
+                    flow=flow,
+                    attention=attention,
+                    seed=None if seed is None else seed + index,
+                    dtype=self.dtype_policy,
+                    name=f"dec_{scale.resolution}_{index}",
                 )
+                blocks.append(block)
+                members.append(block)
+            if stacking and len(members) > 1:
+                run = RepeatedLayers(
+                    members, dtype=self.dtype_policy, name=f"run_{scale.resolution}"
+                )
+                self.runs[scale.resolution] = run
+                self.block_list.append(run)
+            else:
+                self.block_list.extend(members)
             previous = scale
         self.unpool_list = list(self.unpools.values())  # tracked by Keras
-        self.runs: dict[int, RepeatedLayers] = {}
         self._blocks = Untracked(blocks)
-        if stacking:
-            for scale in self.order:
-                members = [b for b in blocks if b.scale is scale]
-                if members:
-                    self.runs[scale.resolution] = RepeatedLayers(
-                        members, dtype=self.dtype_policy, name=f"run_{scale.resolution}"
-                    )
-            self.run_list = list(self.runs.values())  # tracked by Keras
-
-    def _tracked_blocks(self) -> list[TopDownBlock]:
-        self.block_list: list[TopDownBlock] = []
-        return self.block_list
 
     @property
     def blocks(self) -> list[TopDownBlock]:
@@ -256,7 +254,6 @@ class Decoder(keras.layers.Layer):
         top = self.order[0]
         state = ops.zeros((batch_size, 1, 1, top.width), dtype=self.compute_dtype)
         zs, stats = [], []
-        blocks = iter(self.blocks)
         for scale in self.order:
             r = scale.resolution
             if r in self.unpools:
@@ -282,8 +279,7 @@ class Decoder(keras.layers.Layer):
                 for i in range(len(run)):
                     stats.append({k: v[i] for k, v in run_stats.items()})
                 continue
-            for _ in range(scale.dec_blocks):
-                block = next(blocks)
+            for block in (b for b in self._blocks.layers if b.scale is scale):
                 if prepare is not None:
                     memory = prepare(state, memory, block=block.index, resolution=r)
                 t = 1.0 if temperatures is None else temperatures[block.index]

@@ -41,25 +41,40 @@ class Encoder(keras.layers.Layer):
             name="in_conv",
         )
         last_scale = math.sqrt(1.0 / max(1, sum(s.enc_blocks for s in layout)))
-        # Unstacked, the blocks are tracked in the order they always were (a checkpoint lists
-        # the weights in that order); stacked, only the runs are.
-        stages: list[list[Any]] = [] if stack_blocks else self._tracked_stages()
+        # Tracked scale by scale, in the order the weights always had (a checkpoint lists them
+        # in that order): a scale's layers, then its pooling.
+        self.stage_list: list[list[Any]] = []
         self.pools: list[Any] = []
+        stages: list[list[Any]] = []
+        # Per scale: the layers before the kept activation (a run of two or more identical
+        # blocks, or single blocks) and after it (VDVAE: a scale's last block pools, and the
+        # activation is kept before it).
+        before: list[list[Any]] = []
+        after: list[list[Any]] = []
         for scale, below in zip(layout, [*layout[1:], None], strict=True):
-            stages.append(
-                [
-                    make_block(
-                        in_width=scale.width,
-                        middle_width=scale.enc_middle_width,
-                        out_width=scale.width,
-                        kernel_size=scale.kernel_size,
-                        residual=True,
-                        last_scale=last_scale,
-                        name=f"enc_{scale.resolution}_{i}",
-                    )
-                    for i in range(scale.enc_blocks)
-                ]
+            blocks = [
+                make_block(
+                    in_width=scale.width,
+                    middle_width=scale.enc_middle_width,
+                    out_width=scale.width,
+                    kernel_size=scale.kernel_size,
+                    residual=True,
+                    last_scale=last_scale,
+                    name=f"enc_{scale.resolution}_{i}",
+                )
+                for i in range(scale.enc_blocks)
+            ]
+            split = (
+                len(blocks) - 1 if self.pool_block and below is not None and blocks else len(blocks)
             )
+            if stack_blocks and split > 1:
+                run = RepeatedLayers(blocks[:split], dtype=policy, name=f"run_{scale.resolution}")
+                before.append([run])
+            else:
+                before.append(blocks[:split])
+            after.append(blocks[split:])
+            stages.append(blocks)
+            self.stage_list.append([*before[-1], *after[-1]])
             if below is not None:
                 width = below.width if below.width != scale.width else None
                 self.pools.append(
@@ -67,25 +82,8 @@ class Encoder(keras.layers.Layer):
                         "down", width, model.p_act, dtype=policy, name=f"pool_{scale.resolution}"
                     )
                 )
-
         self._stages = Untracked(stages)
-        # Per scale: the blocks before the kept activation (a run, or single layers) and
-        # after it (VDVAE: a scale's last block pools, and the activation is kept before it).
-        self.before: list[Any] = []
-        self.after: list[list[Any]] = []
-        for i, blocks in enumerate(stages):
-            pools_after = i < len(self.pools)
-            split = len(blocks) - 1 if self.pool_block and pools_after and blocks else len(blocks)
-            if stack_blocks and split > 0:
-                name = f"run_{layout[i].resolution}"
-                self.before.append([RepeatedLayers(blocks[:split], dtype=policy, name=name)])
-            else:
-                self.before.append(blocks[:split])
-            self.after.append(blocks[split:])
-
-    def _tracked_stages(self) -> list[list[Any]]:
-        self.stage_list: list[list[Any]] = []
-        return self.stage_list
+        self.before, self.after = before, after  # already tracked through stage_list
 
     @property
     def stages(self) -> list[list[Any]]:

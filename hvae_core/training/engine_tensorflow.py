@@ -240,6 +240,8 @@ class TensorFlowEngine(Engine):
             lambda i, *_: i < self.div,
             body,
             (tf.constant(1), grads, terms),
+            # XLA needs the bound when a loop inside (a run of blocks) is differentiated.
+            maximum_iterations=self.div - 1,
             parallel_iterations=1,
         )
         return [g / self.div for g in grads], {k: v / self.div for k, v in terms.items()}

@@ -39,10 +39,18 @@ def _sources(model: Any, legacy: Any) -> dict[int, tuple[list[Any], bool]]:
     sources: dict[int, tuple[list[Any], bool]] = {}
     encoder_blocks = [b for stage in legacy.encoder.stages for b in stage]
     legacy_layers = {layer.name: layer for layer in [*encoder_blocks, *legacy.decoder.blocks]}
+    in_runs = set()
     for run in runs_of(model):
         members = [legacy_layers[m.name] for m in run.members]
+        in_runs.update(id(m) for m in run.members)
         for variable, position in run.stacked_variables():
             sources[id(variable)] = ([m.variables[position] for m in members], True)
+    # Blocks on their own, layer by layer (their noise seeds' paths do not name the block).
+    blocks = [b for stage in model.encoder.stages for b in stage] + model.decoder.blocks
+    for block in blocks:
+        if id(block) not in in_runs:
+            pairs = zip(block.variables, legacy_layers[block.name].variables, strict=True)
+            sources.update((id(v), ([old], False)) for v, old in pairs)
     by_path = {_relative(v.path): v for v in legacy.variables}
     for variable in model.variables:
         if id(variable) not in sources:

@@ -65,9 +65,12 @@ class ConvExponential(keras.layers.Layer):
             term = ops.conv(term, kernel, padding="same") / ops.cast(k, x.dtype)
             return result + term, term
 
-        # A loop, not unrolled terms: it keeps compiled train steps small and quick to build.
-        result, _ = ops.fori_loop(1, self.terms + 1, add_term, (x, x))
-        return result
+        # Unrolled: a flow runs inside the compiled loops over repeated blocks and micro-batches,
+        # and TensorFlow's XLA cannot differentiate a loop of unknown length nested in those.
+        carry = (x, x)
+        for k in range(1, self.terms + 1):
+            carry = add_term(k, carry)
+        return carry[0]
 
     def call(self, x: Any) -> tuple[Any, Any]:
         kernel = self.effective_kernel()

@@ -53,8 +53,11 @@ def orthonormal_frame(vectors: Any, num_rows: int) -> Any:
         proj = ops.einsum("bd,bdm->bm", v, q)
         return q - 2.0 * v[:, :, None] * (proj / norm2[:, None])[:, None, :]
 
-    # A loop, not M unrolled copies: the compiled graph stays small whatever M is.
-    return ops.fori_loop(0, m, reflect, q)
+    # Unrolled: a flow runs inside the compiled loops over repeated blocks and micro-batches,
+    # and TensorFlow's XLA cannot differentiate a loop of unknown length nested in those.
+    for i in range(m):
+        q = reflect(i, q)
+    return q
 
 
 class OrthogonalSylvesterFlow(keras.layers.Layer):
@@ -134,7 +137,10 @@ class OrthogonalSylvesterFlow(keras.layers.Layer):
             diag = (1.0 - ops.square(h)) * _diagonal(r_k) * _diagonal(r_tilde)
             return z, log_det + ops.sum(ops.log1p(diag), axis=1)
 
-        z, log_det = ops.fori_loop(0, flows, layer, (z, ops.zeros((batch,), dtype=dtype)))
+        carry = (z, ops.zeros((batch,), dtype=dtype))
+        for k in range(flows):  # unrolled, as in orthonormal_frame
+            carry = layer(k, carry)
+        z, log_det = carry
         return ops.reshape(z, ops.shape(z0)), log_det
 
 
