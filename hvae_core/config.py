@@ -75,6 +75,12 @@ class ModelConfig:
     gradient_smoothing: float = option(
         0.6931472, "beta of the softplus giving the Gaussian scales (ln 2: softplus(0) = 1)"
     )
+    scale_fn: Literal["softplus", "exp"] = option(
+        "softplus",
+        "how raw outputs become scales: 'softplus' (Efficient-VDVAE: softplus with the "
+        "gradient_smoothing beta; latent scales at least 1e-5, DMoL scales at least e^-7) or "
+        "'exp' (VDVAE: latent scale exp(raw), DMoL log-scale max(raw, -7))",
+    )
     stage_in_width: list[int] = per_scale(
         [32], "residual width per scale (outer 1x1 channels of the blocks)"
     )
