@@ -479,6 +479,27 @@ def test_presets_have_vdvae_parameter_counts(preset, size, expected) -> None:
     assert abs(model.count_params() - published) / published < 0.01
 
 
+# VDVAE's hps (grad_clip, skip_threshold), on the gradient of its loss in nats per dimension.
+VDVAE_THRESHOLDS = {"cifar10": (200, 400), "imagenet32": (200, 300), "imagenet64": (220, 380)}
+
+
+@pytest.mark.parametrize(
+    ("preset", "size"), [("cifar10", 32), ("imagenet32", 32), ("imagenet64", 64)]
+)
+def test_vdvae_presets_use_vdvaes_scales_and_nats_thresholds(preset, size) -> None:
+    with with_dataset(preset, size):
+        cfg = resolve_config(preset)
+    assert cfg.model.scale_fn == "exp"
+    assert cfg.training.grad_norm_unit == "nats"
+    training = cfg.training
+    assert (training.gradient_clipnorm, training.gradient_skipnorm) == VDVAE_THRESHOLDS[preset]
+
+
+def test_other_configs_keep_softplus_scales_on_the_nats_scale() -> None:
+    for cfg in (resolve_config(), resolve_config("tiny")):
+        assert (cfg.model.scale_fn, cfg.training.grad_norm_unit) == ("softplus", "nats")
+
+
 def test_cifar10_aggregate_variant_changes_the_parameter_count() -> None:
     with with_dataset("cifar10", 32):
         model = build("model.output_head=aggregate", preset="cifar10", channels=3)
