@@ -113,7 +113,7 @@ def _resolve(config: str | None, overrides: tuple[str, ...], **flags: Any) -> An
 
 
 def _run_dir_config(run_dir: str) -> Any:
-    from hvae_core.config import resolve_config
+    from hvae_core.config import load_run_config
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -121,7 +121,7 @@ def _run_dir_config(run_dir: str) -> Any:
             f"{run_dir} is not a run directory (no config.yaml)",
             hint="give a directory that 'hvae train' created",
         )
-    return resolve_config(path)
+    return load_run_config(path)
 
 
 @click.group(cls=HvaeGroup, context_settings={"help_option_names": ["-h", "--help"]})

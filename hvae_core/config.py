@@ -75,6 +75,12 @@ class ModelConfig:
     gradient_smoothing: float = option(
         0.6931472, "beta of the softplus giving the Gaussian scales (ln 2: softplus(0) = 1)"
     )
+    scale_fn: Literal["softplus", "exp"] = option(
+        "softplus",
+        "how raw outputs become scales: 'softplus' (Efficient-VDVAE: softplus with the "
+        "gradient_smoothing beta; latent scales at least 1e-5, DMoL scales at least e^-7) or "
+        "'exp' (VDVAE: latent scale exp(raw), DMoL log-scale max(raw, -7))",
+    )
     stage_in_width: list[int] = per_scale(
         [32], "residual width per scale (outer 1x1 channels of the blocks)"
     )
@@ -144,9 +150,19 @@ class TrainingConfig:
     weight_decay: float = option(0.01, "decoupled weight decay")
     use_ema: bool = option(True, "keep an exponential moving average of the weights")
     ema_rate: float = option(0.99, "EMA decay per update")
-    gradient_clipnorm: float = option(200.0, "clip the global gradient norm to this (0: off)")
+    grad_norm_unit: Literal["nats", "bits"] = option(
+        "nats",
+        "the scale of gradient_clipnorm, gradient_skipnorm and the logged gradient norms: the "
+        "gradient of the loss in nats per dimension (VDVAE's and Efficient-VDVAE's scale) or "
+        "in bits per dimension (what hvae used before; 1/ln 2 = 1.44x larger)",
+    )
+    gradient_clipnorm: float = option(
+        200.0, "clip the global gradient norm, on the grad_norm_unit scale, to this (0: off)"
+    )
     gradient_skipnorm: float = option(
-        0.0, "skip updates whose global gradient norm exceeds this (0: off)"
+        0.0,
+        "skip updates whose global gradient norm, on the grad_norm_unit scale, is this or more "
+        "(0: off)",
     )
     skipnorm_warmup_epochs: float = option(
         0.0, "skip on gradient_skipnorm only after this many epochs (early norms run large)"
@@ -416,6 +432,22 @@ def resolve_config(
             set_dotted(raw, FLAG_KEYS.get(name, name), value)
     for item in overrides:
         set_dotted(raw, *parse_override(item))
+    return build_config(raw, registry)
+
+
+def load_run_config(path: str | os.PathLike[str], registry: PluginRegistry | None = None) -> Config:
+    """The config a run directory's ``config.yaml`` records.
+
+    Options added to hvae after the run was written are absent from it; where the new default
+    would change what the run does, the absent option means the old behaviour: a run that is
+    resumed or evaluated must never silently change.
+    """
+    raw = load_config_source(path)
+    training = dict(raw.get("training") or {})
+    # Before grad_norm_unit existed, the thresholds and logged norms were on the bits scale.
+    # (model.scale_fn needs no entry: its default, softplus, is what every older run used.)
+    training.setdefault("grad_norm_unit", "bits")
+    raw["training"] = training
     return build_config(raw, registry)
 
 

@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 import hvae_core as hvae
-from hvae_core.config import DataConfig, ModelConfig, TrainingConfig, build_config, resolve_config
+from hvae_core.config import (
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    build_config,
+    load_run_config,
+    resolve_config,
+)
 from hvae_core.errors import ConfigError, PluginError
 from hvae_core.plugins import get_registry
 
@@ -137,6 +144,22 @@ def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
     again = resolve_config(path)
     assert again.to_dict() == cfg.to_dict()
     assert again.to_yaml() == text
+
+
+def test_a_run_config_without_grad_norm_unit_keeps_the_bits_scale(tmp_path) -> None:
+    # A run written before grad_norm_unit existed clipped and skipped on the bits scale.
+    stored = resolve_config("tiny").to_dict()
+    del stored["training"]["grad_norm_unit"]
+    del stored["model"]["scale_fn"]
+    old = load_run_config(write_yaml(tmp_path / "old.yaml", stored))
+    assert old.training.grad_norm_unit == "bits"
+    assert old.model.scale_fn == "softplus"  # what every older run used
+    # A run that records its unit keeps it; a new config gets the new default.
+    for unit in ("nats", "bits"):
+        stored["training"]["grad_norm_unit"] = unit
+        path = write_yaml(tmp_path / f"{unit}.yaml", stored)
+        assert load_run_config(path).training.grad_norm_unit == unit
+    assert resolve_config("tiny").training.grad_norm_unit == "nats"
 
 
 def test_plugin_sections_hold_the_chosen_plugins_options() -> None:

@@ -97,18 +97,25 @@ def random_images(rng, lead: tuple, channels: int, num_bits: int) -> np.ndarray:
     return grid(num_bits)[levels]
 
 
-def log_prob(params, x, mixtures: int, num_bits: int) -> np.ndarray:
+def log_prob(params, x, mixtures: int, num_bits: int, scale_fn: str = "softplus") -> np.ndarray:
     out = dmol_log_prob(
-        params, x, num_mixtures=mixtures, num_bits=num_bits, gradient_smoothing=BETA
+        params,
+        x,
+        num_mixtures=mixtures,
+        num_bits=num_bits,
+        gradient_smoothing=BETA,
+        scale_fn=scale_fn,
     )
     return numpy(out)
 
 
-def pixel_log_probs(params: np.ndarray, values: np.ndarray, mixtures: int, num_bits: int):
+def pixel_log_probs(
+    params: np.ndarray, values: np.ndarray, mixtures: int, num_bits: int, scale_fn="softplus"
+):
     """log p of each row of ``values`` (N, C) under one pixel's ``params``."""
     n = values.shape[0]
     tiled = np.broadcast_to(params, (n, 1, 1, params.shape[-1])).copy()
-    return log_prob(tiled, values.reshape(n, 1, 1, -1), mixtures, num_bits)
+    return log_prob(tiled, values.reshape(n, 1, 1, -1), mixtures, num_bits, scale_fn)
 
 
 def logsumexp(a, axis=None):
@@ -119,8 +126,12 @@ def logsumexp(a, axis=None):
     return np.squeeze(out, axis=axis) if axis is not None else out.item()
 
 
-def reference_log_prob(params, x, *, num_mixtures, num_bits, gradient_smoothing):
-    """Float64, straight from the formulas, one mixture and one channel at a time."""
+def reference_log_prob(
+    params, x, *, num_mixtures, num_bits, gradient_smoothing, scale_fn="softplus"
+):
+    """Float64, straight from the formulas, one mixture and one channel at a time. The
+    component scale s is max(softplus(beta v) / beta, e^-7) (softplus, Efficient-VDVAE) or
+    exp(max(v, -7)) (exp, VDVAE's ``torch.clamp(log_scales, min=-7.)``)."""
     params = np.asarray(params, np.float64)
     x = np.asarray(x, np.float64)
     channels = x.shape[-1]
@@ -142,7 +153,11 @@ def reference_log_prob(params, x, *, num_mixtures, num_bits, gradient_smoothing)
                 mean = means[..., m, c].copy()
                 for j in range(c):
                     mean += np.tanh(coefs[..., m, c * (c - 1) // 2 + j]) * x[..., j]
-                s = np.maximum(np.logaddexp(0.0, beta * scale_logits[..., m, c]) / beta, np.exp(-7))
+                v = scale_logits[..., m, c]
+                if scale_fn == "exp":
+                    s = np.exp(np.maximum(v, -7.0))
+                else:
+                    s = np.maximum(np.logaddexp(0.0, beta * v) / beta, np.exp(-7))
                 y = x[..., c] - mean
                 cdf_plus = sigmoid((y + h) / s)
                 cdf_min = sigmoid((y - h) / s)
@@ -206,12 +221,13 @@ def test_num_params_matches_vdvae_layout() -> None:
 # --- 1. normalisation over every grid value ---------------------------------------------------
 
 
+@pytest.mark.parametrize("scale_fn", ["softplus", "exp"])
 @pytest.mark.parametrize("num_bits", [5, 8])
-def test_grayscale_sums_to_one_over_all_levels(num_bits: int) -> None:
+def test_grayscale_sums_to_one_over_all_levels(num_bits: int, scale_fn: str) -> None:
     rng = np.random.default_rng(10 + num_bits)
     for _ in range(5):
         params = pixel_params(rng, channels=1)
-        lp = pixel_log_probs(params, grid(num_bits)[:, None], 6, num_bits)
+        lp = pixel_log_probs(params, grid(num_bits)[:, None], 6, num_bits, scale_fn)
         assert np.exp(lp.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-4)
 
 
@@ -272,24 +288,24 @@ def test_rgb_8_bits_sums_to_one_over_all_16_million_values() -> None:
 # --- 2. float64 reference ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scale_fn", ["softplus", "exp"])
 @pytest.mark.parametrize(("channels", "num_bits"), [(1, 5), (1, 8), (3, 5), (3, 8), (4, 3)])
-def test_matches_float64_reference(channels: int, num_bits: int) -> None:
+def test_matches_float64_reference(channels: int, num_bits: int, scale_fn: str) -> None:
     rng = np.random.default_rng(100 * channels + num_bits)
     mixtures = 5
     params = random_params(rng, (3, 7, 6), channels, mixtures)
     x = random_images(rng, (3, 7, 6), channels, num_bits)
-    expected = reference_log_prob(
-        params, x, num_mixtures=mixtures, num_bits=num_bits, gradient_smoothing=BETA
-    )
-    got = log_prob(params, x, mixtures, num_bits)
+    kw = dict(num_mixtures=mixtures, num_bits=num_bits, gradient_smoothing=BETA, scale_fn=scale_fn)
+    expected = reference_log_prob(params, x, **kw)
+    got = log_prob(params, x, mixtures, num_bits, scale_fn)
     assert got.shape == (3,) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # Per pixel too (each pixel its own example), where a wrong branch could not hide in a sum.
     flat_p, flat_x = params.reshape(-1, 1, 1, params.shape[-1]), x.reshape(-1, 1, 1, channels)
-    expected = reference_log_prob(
-        flat_p, flat_x, num_mixtures=mixtures, num_bits=num_bits, gradient_smoothing=BETA
+    expected = reference_log_prob(flat_p, flat_x, **kw)
+    np.testing.assert_allclose(
+        log_prob(flat_p, flat_x, mixtures, num_bits, scale_fn), expected, 1e-5, 1e-4
     )
-    np.testing.assert_allclose(log_prob(flat_p, flat_x, mixtures, num_bits), expected, 1e-5, 1e-4)
 
 
 def test_gradient_smoothing_is_the_softplus_beta() -> None:
@@ -372,15 +388,17 @@ def test_sharp_dominant_component_samples_its_quantised_mean() -> None:
         np.testing.assert_array_equal(sample(params, m, num_bits, seed=seed), expected)
 
 
-def empirical_vs_model(params, channels, mixtures, num_bits, n, seed, temperature=1.0, model=None):
+def empirical_vs_model(
+    params, channels, mixtures, num_bits, n, seed, temperature=1.0, model=None, scale_fn="softplus"
+):
     """Sample frequencies of every grid value, and the probabilities ``model`` gives them."""
     top = 2**num_bits - 1
     values = np.stack(np.meshgrid(*[grid(num_bits)] * channels, indexing="ij"), -1)
     values = values.reshape(-1, channels)
     model = params if model is None else model
-    probs = np.exp(pixel_log_probs(model, values, mixtures, num_bits).astype(np.float64))
+    probs = np.exp(pixel_log_probs(model, values, mixtures, num_bits, scale_fn).astype(np.float64))
     tiled = np.broadcast_to(params, (n, 1, 1, params.shape[-1])).copy()
-    s = sample(tiled, mixtures, num_bits, seed=seed, temperature=temperature)
+    s = sample(tiled, mixtures, num_bits, seed=seed, temperature=temperature, scale_fn=scale_fn)
     s = s.reshape(n, channels)
     levels = np.rint((s + 1) * top / 2).astype(int)
     index = np.ravel_multi_index(tuple(levels.T), (top + 1,) * channels)
@@ -388,8 +406,11 @@ def empirical_vs_model(params, channels, mixtures, num_bits, n, seed, temperatur
     return freqs, probs
 
 
+@pytest.mark.parametrize("scale_fn", ["softplus", "exp"])
 @pytest.mark.parametrize(("channels", "num_bits", "n"), [(1, 3, 100_000), (3, 2, 200_000)])
-def test_sample_frequencies_match_the_likelihood(channels: int, num_bits: int, n: int) -> None:
+def test_sample_frequencies_match_the_likelihood(
+    channels: int, num_bits: int, n: int, scale_fn: str
+) -> None:
     # RGB at 2 bits (64 joint values) exercises the autoregressive means on sampled values.
     rng = np.random.default_rng(30 + channels)
     m = 3
@@ -400,7 +421,7 @@ def test_sample_frequencies_match_the_likelihood(channels: int, num_bits: int, n
         rng.uniform(-3.0, 0.5, (m, channels)),
         rng.normal(0.0, 1.5, (m, k)),
     )
-    freqs, probs = empirical_vs_model(params, channels, m, num_bits, n, seed=4)
+    freqs, probs = empirical_vs_model(params, channels, m, num_bits, n, seed=4, scale_fn=scale_fn)
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
     assert np.abs(freqs - probs).max() < 0.01
     # Chi-square over cells expecting >= 5 counts, against ~5 sigma above its mean (df).
@@ -527,12 +548,16 @@ def extreme_case(channels: int = 3, mixtures: int = 4, num_bits: int = 8):
     return params, x
 
 
+@pytest.mark.parametrize("scale_fn", ["softplus", "exp"])
 @pytest.mark.parametrize(("channels", "num_bits"), [(3, 8), (1, 1), (1, 5)])
-def test_gradients_are_finite_at_edges_and_extreme_scales(channels: int, num_bits: int) -> None:
+def test_gradients_are_finite_at_edges_and_extreme_scales(
+    channels: int, num_bits: int, scale_fn: str
+) -> None:
     params, x = extreme_case(channels=channels, num_bits=num_bits)
+    kw = dict(num_mixtures=4, num_bits=num_bits, gradient_smoothing=BETA, scale_fn=scale_fn)
 
     def fn(p):
-        return dmol_log_prob(p, x, num_mixtures=4, num_bits=num_bits, gradient_smoothing=BETA)
+        return dmol_log_prob(p, x, **kw)
 
     value, grad = value_and_grad(fn, params)
     assert np.isfinite(value).all()

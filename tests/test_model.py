@@ -12,7 +12,12 @@ from keras import ops
 
 from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError
-from hvae_core.model.distributions import gaussian_kl, gaussian_log_prob, softplus_beta
+from hvae_core.model.distributions import (
+    gaussian_kl,
+    gaussian_log_prob,
+    gaussian_params,
+    softplus_beta,
+)
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.likelihood import dmol_log_prob
 from hvae_core.plugins import get_registry
@@ -64,6 +69,50 @@ def test_gaussian_log_prob_is_the_normal_density() -> None:
     z, m, s = 0.3, -0.2, 1.7
     expected = -0.5 * ((z - m) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
     assert float(np_(gaussian_log_prob(z, m, s))) == pytest.approx(expected, rel=1e-6)
+
+
+def vdvae_kl(mu1, mu2, logsigma1, logsigma2) -> np.ndarray:
+    """VDVAE's gaussian_analytical_kl, in float64."""
+    return (
+        -0.5
+        + logsigma2
+        - logsigma1
+        + 0.5 * (np.exp(logsigma1) ** 2 + (mu1 - mu2) ** 2) / np.exp(logsigma2) ** 2
+    )
+
+
+def test_exp_scales_give_vdvaes_kl_and_log_prob() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    raw = {k: rng.normal(0.0, 1.5, n) for k in ("mq", "mp")}
+    # Log-scales from very sharp to wide; the last ones near where exp(2 log s) leaves float32.
+    raw["lq"] = rng.uniform(-30.0, 5.0, n)
+    raw["lp"] = raw["lq"] + rng.uniform(-4.0, 4.0, n)
+    raw["lq"][-3:], raw["lp"][-3:] = [-60.0, -80.0, -40.0], [-59.0, -79.5, -41.0]
+    raw["mp"][-3:] = raw["mq"][-3:] + np.exp(raw["lp"][-3:]) * np.array([0.5, -2.0, 1.0])
+    f32 = {k: v.astype("float32") for k, v in raw.items()}
+    mq, sq, lq = gaussian_params(f32["mq"], f32["lq"], LN2, scale_fn="exp")
+    mp, sp, lp = gaussian_params(f32["mp"], f32["lp"], LN2, scale_fn="exp")
+    np.testing.assert_allclose(np_(sq), np.exp(f32["lq"].astype("float64")), rtol=1e-6)
+    np.testing.assert_array_equal(np_(lq), f32["lq"])  # the log-scale is the raw output
+    kl = np_(gaussian_kl(mq, sq, mp, sp, lq, lp))
+    expected = vdvae_kl(*(f32[k].astype("float64") for k in ("mq", "mp", "lq", "lp")))
+    assert np.isfinite(kl).all()
+    np.testing.assert_allclose(kl, expected, rtol=1e-4, atol=1e-5)
+    z = (raw["mq"] + np.exp(raw["lq"]) * rng.normal(size=n)).astype("float32")
+    log_prob = np_(gaussian_log_prob(z, mq, sq, lq))
+    m, ls, zz = (a.astype("float64") for a in (f32["mq"], f32["lq"], z))
+    expected = -0.5 * ((zz - m) / np.exp(ls)) ** 2 - ls - 0.5 * math.log(2 * math.pi)
+    assert np.isfinite(log_prob).all()
+    np.testing.assert_allclose(log_prob, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_softplus_scales_keep_their_form() -> None:
+    raw = np.linspace(-20.0, 6.0, 27).astype("float32")
+    _, scale, log_scale = gaussian_params(np.zeros_like(raw), raw, 0.8)
+    expected = np.logaddexp(0.0, 0.8 * raw.astype("float64")) / 0.8 + 1e-5
+    np.testing.assert_allclose(np_(scale), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(log_scale), np.log(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_softplus_beta_gives_unit_scale_at_zero() -> None:
@@ -181,6 +230,29 @@ def test_loss_parts_and_bits_per_dimension() -> None:
     np.testing.assert_allclose(
         np_(result["kl_layers_bpd"]).sum(), float(result["kl_bpd"]), rtol=1e-5
     )
+
+
+def test_scale_fn_reaches_the_latents_and_the_likelihood() -> None:
+    soft, exp = build(), build("model.scale_fn=exp")
+    exp.set_weights(soft.get_weights())
+    x = images(4)
+    out_soft, out_exp = soft.losses_for(x), exp.losses_for(x)
+    # The top block's posterior sees no latent yet: the same raw output r in both models.
+    r = np.log(np_(out_exp["outputs"]["stats"][0]["q_scale"]))  # exp: q_scale = e^r
+    np.testing.assert_allclose(
+        np_(out_soft["outputs"]["stats"][0]["q_scale"]),
+        np.logaddexp(0.0, LN2 * r) / LN2 + 1e-5,
+        rtol=1e-4,
+    )
+    params = out_exp["outputs"]["params"]
+    kw = dict(num_mixtures=2, num_bits=8, gradient_smoothing=LN2)
+    to_bpd = 1 / (8 * 8 * LN2)
+    recon = {
+        fn: -np_(dmol_log_prob(params, x, scale_fn=fn, **kw)).mean() * to_bpd
+        for fn in ("exp", "softplus")
+    }
+    assert float(out_exp["recon_bpd"]) == pytest.approx(recon["exp"], rel=1e-5)
+    assert abs(recon["exp"] - recon["softplus"]) > 1e-3  # the check can tell them apart
 
 
 def test_an_untrained_model_is_close_to_uniform_bits() -> None:
@@ -405,6 +477,27 @@ def test_presets_have_vdvae_parameter_counts(preset, size, expected) -> None:
     assert model.count_params() == expected
     published = {"cifar10": 39.1e6, "imagenet32": 119e6, "imagenet64": 125e6}[preset]
     assert abs(model.count_params() - published) / published < 0.01
+
+
+# VDVAE's hps (grad_clip, skip_threshold), on the gradient of its loss in nats per dimension.
+VDVAE_THRESHOLDS = {"cifar10": (200, 400), "imagenet32": (200, 300), "imagenet64": (220, 380)}
+
+
+@pytest.mark.parametrize(
+    ("preset", "size"), [("cifar10", 32), ("imagenet32", 32), ("imagenet64", 64)]
+)
+def test_vdvae_presets_use_vdvaes_scales_and_nats_thresholds(preset, size) -> None:
+    with with_dataset(preset, size):
+        cfg = resolve_config(preset)
+    assert cfg.model.scale_fn == "exp"
+    assert cfg.training.grad_norm_unit == "nats"
+    training = cfg.training
+    assert (training.gradient_clipnorm, training.gradient_skipnorm) == VDVAE_THRESHOLDS[preset]
+
+
+def test_other_configs_keep_softplus_scales_on_the_nats_scale() -> None:
+    for cfg in (resolve_config(), resolve_config("tiny")):
+        assert (cfg.model.scale_fn, cfg.training.grad_norm_unit) == ("softplus", "nats")
 
 
 def test_cifar10_aggregate_variant_changes_the_parameter_count() -> None:

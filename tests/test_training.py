@@ -24,7 +24,7 @@ from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
 from hvae_core.training import rundir
-from hvae_core.training.engine import make_engine
+from hvae_core.training.engine import clip_and_skip, make_engine
 from hvae_core.training.optim import make_optimizer
 from hvae_core.training.trainer import Trainer
 
@@ -81,7 +81,7 @@ from hvae_core.config import resolve_config
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.training.engine import clip_and_skip, make_engine
 from hvae_core.training.optim import make_optimizer
 
 decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
@@ -138,7 +138,7 @@ SKIPNORM_SCRIPT = """
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.training.engine import clip_and_skip, make_engine
 from hvae_core.training.optim import make_optimizer
 
 cfg = resolve_config("tiny", overrides=["training.batch_size=8", "training.gradient_skipnorm=1e-9"])
@@ -187,14 +187,19 @@ def test_a_nan_loss_is_skipped_and_never_reaches_the_weights() -> None:
     assert all(np.isfinite(w).all() for w in numpy_weights(engine.trainable))
 
 
-def test_clipping_and_ema_follow_their_formulas(no_noise) -> None:
+@pytest.mark.parametrize("unit", ["nats", "bits"])
+def test_clipping_and_ema_follow_their_formulas(no_noise, unit) -> None:
     engine = engine_for(
-        "training.gradient_clipnorm=1e-3", "training.ema_rate=0.9", "training.weight_decay=0"
+        "training.gradient_clipnorm=1e-3",
+        "training.ema_rate=0.9",
+        "training.weight_decay=0",
+        f"training.grad_norm_unit={unit}",
     )
     images = digits_images()[:64]
     before = numpy_weights(engine.trainable)
     result = engine.train_step(images, 1.0)
     assert result["skipped"] == 0.0 and result["grad_norm"] > 1e-3
+    engine.sync()  # JAX keeps the state apart from the Keras variables
     after = numpy_weights(engine.trainable)
     for w0, w1, e in zip(before, after, numpy_weights(engine.ema), strict=True):
         np.testing.assert_allclose(e, 0.9 * w0 + 0.1 * w1, rtol=1e-5, atol=1e-7)
@@ -206,7 +211,81 @@ def test_clipping_and_ema_follow_their_formulas(no_noise) -> None:
         if "momentum" in v.path
     ]
     norm = np.sqrt(sum(float(np.sum((x / 0.1) ** 2)) for x in m))
-    assert norm == pytest.approx(1e-3, rel=1e-3)
+    # The applied gradients are the bits loss's, clipped so that their norm on the unit's
+    # scale (ln 2 times larger in nats) is the clip norm.
+    assert norm == pytest.approx(1e-3 / (math.log(2.0) if unit == "nats" else 1.0), rel=1e-3)
+
+
+def vdvae_rule(grads_bits: list[np.ndarray], clip: float, skip: float) -> tuple[bool, float]:
+    """VDVAE's step, written from its train loop: ``clip_grad_norm_`` of the loss in nats per
+    dimension, and no update when that norm is not finite or reaches ``skip_threshold``.
+    float32, as VDVAE's torch computes it (the norms at a threshold are exact here)."""
+    sq = [np.sum(np.square(g.astype(np.float32)), dtype=np.float32) for g in grads_bits]
+    norm_nats = np.float32(np.log(2.0)) * np.sqrt(np.sum(sq, dtype=np.float32))
+    skipped = not np.isfinite(norm_nats) or norm_nats >= skip
+    return bool(skipped), min(1.0, clip / (float(norm_nats) + 1e-6))
+
+
+def gradient_with_bits_norm(norm: float, rng) -> list[np.ndarray]:
+    """Gradients shaped like a few weights, whose global norm is ``norm`` (bits scale)."""
+    if not np.isfinite(norm):
+        return [np.full((3, 3), norm, np.float32), np.zeros(5, np.float32)]
+    # One non-zero entry: its norm is exactly ``norm`` in float32, also at the thresholds.
+    one = np.zeros((3, 3), np.float32)
+    one[1, 2] = norm
+    return [one, np.zeros(5, np.float32), np.zeros((2, 4), np.float32)]
+
+
+def spread_gradient(norm: float, rng) -> list[np.ndarray]:
+    grads = [rng.normal(size=s).astype(np.float32) for s in ((3, 3), (5,), (2, 4))]
+    total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
+    return [(g * (norm / total)).astype(np.float32) for g in grads]
+
+
+def test_the_vdvae_presets_clip_and_skip_where_vdvae_does() -> None:
+    training = resolve_config("cifar10").training
+    clip, skip = training.gradient_clipnorm, training.gradient_skipnorm
+    assert (clip, skip, training.grad_norm_unit) == (200.0, 400.0, "nats")
+    ln2 = np.float32(np.log(2.0))
+    at_clip, at_skip = np.float32(clip / np.log(2.0)), np.float32(skip / np.log(2.0))
+    assert ln2 * at_skip == np.float32(skip)  # exactly at the threshold on the nats scale
+    below = [np.nextafter(t, np.float32(0)) for t in (at_clip, at_skip)]
+    above = [np.nextafter(t, np.float32(np.inf)) for t in (at_clip, at_skip)]
+    norms = [0.5, 150.0, 250.0, 300.0, 450.0, 560.0, 600.0, 1e4, *below, at_clip, at_skip]
+    norms += [*above, np.inf, np.nan]
+    rng = np.random.default_rng(0)
+    skips = []
+    for norm in norms:
+        makers = [gradient_with_bits_norm] + ([spread_gradient] if np.isfinite(norm) else [])
+        for make in makers:
+            grads = make(float(norm), rng)
+            want_skip, want_scale = vdvae_rule(grads, clip, skip)
+            got_norm, got_skip, got_scale = clip_and_skip(
+                [keras.ops.convert_to_tensor(g) for g in grads],
+                keras.ops.convert_to_tensor(np.float32(1.0)),
+                training,
+                skip,
+            )
+            assert bool(got_skip) == want_skip, (norm, make.__name__)
+            skips.append(want_skip)
+            if not want_skip:
+                assert float(got_scale) == pytest.approx(want_scale, rel=1e-6), norm
+                assert float(got_norm) == pytest.approx(float(ln2) * norm, rel=1e-6)
+    # 450 and 560 bits (312 and 388 nats): updates VDVAE makes and the old bits rule skipped.
+    assert any(skips) and not all(skips)
+
+
+def test_the_step_reports_and_skips_on_the_grad_norm_unit_scale(no_noise) -> None:
+    images = digits_images()[:64]
+    engines = {u: engine_for(f"training.grad_norm_unit={u}") for u in ("bits", "nats")}
+    engines["nats"].model.set_weights(engines["bits"].model.get_weights())
+    engines["nats"].after_external_change()
+    # A skipped step leaves the weights alone, so the next step sees the same gradient.
+    norms = {u: e.train_step(images, 1.0, 1e-9)["grad_norm"] for u, e in engines.items()}
+    assert norms["nats"] == pytest.approx(math.log(2.0) * norms["bits"], rel=1e-5)
+    between = 0.5 * (norms["nats"] + norms["bits"])
+    skipped = {u: e.train_step(images, 1.0, between)["skipped"] for u, e in engines.items()}
+    assert skipped == {"bits": 1.0, "nats": 0.0}
 
 
 def test_swapping_the_ema_twice_restores_the_weights() -> None:
@@ -357,6 +436,23 @@ def test_resume_refuses_another_model_config(trained) -> None:
     assert "was trained with another model or data config (differs in model.z_width)" in (
         result.stderr
     )
+
+
+def test_an_old_run_resumes_on_the_bits_scale_and_a_new_run_uses_nats(tmp_path) -> None:
+    trainer = train_run(tmp_path, "old", epochs=1)
+    trainer.fit()
+    assert rundir.read_metrics(trainer.run_dir)[0]["grad_norm_unit"] == "nats"
+    # What a run directory written before grad_norm_unit existed looks like.
+    path = trainer.run_dir / "config.yaml"
+    text = path.read_text()
+    assert "grad_norm_unit: nats\n" in text
+    path.write_text(text.replace("  grad_norm_unit: nats\n", ""))
+    result = run_cli("train", "--resume", str(trainer.run_dir), "--epochs", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = rundir.read_metrics(trainer.run_dir)
+    assert [r["grad_norm_unit"] for r in rows] == ["nats", "bits"]
+    assert "grad_norm_unit: bits\n" in path.read_text()  # recorded from now on
+    assert "max |g|" in result.stderr and "(bits)" in result.stderr
 
 
 def test_no_save_trains_and_reports_but_writes_nothing(tmp_path) -> None:

@@ -35,13 +35,14 @@ class TopDownBlock(keras.layers.Layer):
         make_block: Any,
         gradient_smoothing: float,
         flow: Any = None,
+        scale_fn: str = "softplus",
         attention: Any = None,
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.scale, self.index = scale, index
-        self.beta = gradient_smoothing
+        self.beta, self.scale_fn = gradient_smoothing, scale_fn
         self.flow, self.attention = flow, attention
         w, mid, zw = scale.width, scale.dec_middle_width, scale.z_width
         depth_scale = math.sqrt(1.0 / num_blocks)
@@ -101,7 +102,9 @@ class TopDownBlock(keras.layers.Layer):
     ) -> tuple[Any, Any, dict[str, Any]]:
         zw = self.scale.z_width
         feats = self.prior(self._read(state, memory, "prior"))
-        p_mean, p_scale = gaussian_params(feats[..., :zw], feats[..., zw : 2 * zw], self.beta)
+        p_mean, p_scale, p_log_scale = gaussian_params(
+            feats[..., :zw], feats[..., zw : 2 * zw], self.beta, self.scale_fn
+        )
         x = state + feats[..., 2 * zw :]
         if activation is None:  # sampling from the prior
             eps = self.noise(p_mean, noise_groups)
@@ -116,10 +119,14 @@ class TopDownBlock(keras.layers.Layer):
                 [self._read(state, memory, "posterior"), ops.cast(activation, state.dtype)], axis=-1
             )
             q = self.posterior(post_in)
-            q_mean, q_scale = gaussian_params(q[..., :zw], q[..., zw : 2 * zw], self.beta)
+            q_mean, q_scale, q_log_scale = gaussian_params(
+                q[..., :zw], q[..., zw : 2 * zw], self.beta, self.scale_fn
+            )
             z = q_mean + q_scale * self.noise(q_mean, noise_groups)
             if self.flow is None:
-                kl = sum_per_example(gaussian_kl(q_mean, q_scale, p_mean, p_scale))
+                kl = sum_per_example(
+                    gaussian_kl(q_mean, q_scale, p_mean, p_scale, q_log_scale, p_log_scale)
+                )
             else:
                 # One-sample estimate: log q(z_K|x) - log p(z_K), where
                 # log q(z_K|x) = log N(z_0; q) - sum log|det dz_k/dz_(k-1)|.
@@ -127,9 +134,9 @@ class TopDownBlock(keras.layers.Layer):
                 z, log_det = self.flow(z0, q[..., 2 * zw :], training=training)
                 z = ops.cast(z, "float32")
                 kl = (
-                    sum_per_example(gaussian_log_prob(z0, q_mean, q_scale))
+                    sum_per_example(gaussian_log_prob(z0, q_mean, q_scale, q_log_scale))
                     - ops.cast(log_det, "float32")
-                    - sum_per_example(gaussian_log_prob(z, p_mean, p_scale))
+                    - sum_per_example(gaussian_log_prob(z, p_mean, p_scale, p_log_scale))
                 )
             stats = {
                 "kl": kl,
@@ -196,6 +203,7 @@ class Decoder(keras.layers.Layer):
                     make_block,
                     model.gradient_smoothing,
                     flow=flow,
+                    scale_fn=model.scale_fn,
                     attention=attention,
                     seed=None if seed is None else seed + index,
                     dtype=self.dtype_policy,

@@ -18,23 +18,49 @@ def softplus_beta(x: Any, beta: float) -> Any:
     return ops.softplus(beta * x) / beta
 
 
-def gaussian_params(raw_mean: Any, raw_scale: Any, beta: float) -> tuple[Any, Any]:
-    """Mean and scale (float32) from a layer's two raw outputs."""
+def gaussian_params(
+    raw_mean: Any, raw_scale: Any, beta: float, scale_fn: str = "softplus"
+) -> tuple[Any, Any, Any]:
+    """Mean, scale and log-scale (float32) from a layer's two raw outputs.
+
+    ``softplus``: scale = softplus_beta(raw, beta) + MIN_SCALE (Efficient-VDVAE). ``exp``:
+    scale = exp(raw) and log-scale = raw (VDVAE); the KL takes the log-scale as it is, since
+    exp(raw) under- or overflows in float32 long before raw does.
+    """
     mean = ops.cast(raw_mean, "float32")
-    scale = softplus_beta(ops.cast(raw_scale, "float32"), beta) + MIN_SCALE
-    return mean, scale
+    raw = ops.cast(raw_scale, "float32")
+    if scale_fn == "exp":
+        return mean, ops.exp(raw), raw
+    if scale_fn != "softplus":
+        raise ValueError(f"unknown scale_fn {scale_fn!r}")
+    scale = softplus_beta(raw, beta) + MIN_SCALE
+    return mean, scale, ops.log(scale)
 
 
-def gaussian_kl(mean_q: Any, scale_q: Any, mean_p: Any, scale_p: Any) -> Any:
-    """Elementwise KL(N(mean_q, scale_q^2) || N(mean_p, scale_p^2)) in nats."""
-    ratio = ops.square(scale_q / scale_p)
-    diff = ops.square((mean_q - mean_p) / scale_p)
-    return 0.5 * (ratio + diff - 1.0) - 0.5 * ops.log(ratio)
+def gaussian_kl(
+    mean_q: Any,
+    scale_q: Any,
+    mean_p: Any,
+    scale_p: Any,
+    log_scale_q: Any = None,
+    log_scale_p: Any = None,
+) -> Any:
+    """Elementwise KL(N(mean_q, scale_q^2) || N(mean_p, scale_p^2)) in nats.
+
+    Computed from the log-scales (``log(scale)`` where not given), so that it stays finite
+    wherever they are, even when a scale itself underflows.
+    """
+    log_q = ops.log(scale_q) if log_scale_q is None else log_scale_q
+    log_p = ops.log(scale_p) if log_scale_p is None else log_scale_p
+    log_ratio = log_q - log_p
+    diff = (mean_q - mean_p) * ops.exp(-log_p)
+    return 0.5 * (ops.exp(2.0 * log_ratio) + ops.square(diff) - 1.0) - log_ratio
 
 
-def gaussian_log_prob(z: Any, mean: Any, scale: Any) -> Any:
-    """Elementwise log N(z; mean, scale^2) in nats."""
-    return -0.5 * (ops.square((z - mean) / scale) + LOG_2PI) - ops.log(scale)
+def gaussian_log_prob(z: Any, mean: Any, scale: Any, log_scale: Any = None) -> Any:
+    """Elementwise log N(z; mean, scale^2) in nats (``log_scale``: log(scale), if known)."""
+    log_scale = ops.log(scale) if log_scale is None else log_scale
+    return -0.5 * (ops.square((z - mean) * ops.exp(-log_scale)) + LOG_2PI) - log_scale
 
 
 def sum_per_example(x: Any) -> Any:

@@ -52,6 +52,7 @@ class HVAE(keras.Model):
         self.num_bits = num_bits
         self.num_mixtures = model.num_output_mixtures
         self.gradient_smoothing = model.gradient_smoothing
+        self.scale_fn = model.scale_fn
         self.num_dims = height * width * channels
         policy = self.dtype_policy
         layout = scales(model, config.resolutions)
@@ -166,6 +167,7 @@ class HVAE(keras.Model):
             num_mixtures=self.num_mixtures,
             num_bits=self.num_bits,
             gradient_smoothing=self.gradient_smoothing,
+            scale_fn=self.scale_fn,
         )
         kl_layers = ops.stack([s["kl"] for s in out["stats"]], axis=1)
         kl = ops.sum(kl_layers, axis=1)
@@ -232,6 +234,7 @@ class HVAE(keras.Model):
             num_mixtures=self.num_mixtures,
             num_bits=self.num_bits,
             gradient_smoothing=self.gradient_smoothing,
+            scale_fn=self.scale_fn,
             seed=self.sample_seed,
             temperature=temperature,
         )

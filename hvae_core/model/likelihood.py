@@ -112,11 +112,16 @@ class _Layout:
         return ops.tanh(self.params[..., start + index : start + self.m * self.k : self.k])
 
 
-def _log_scale(scale_logit: Any, gradient_smoothing: float) -> Any:
-    """log s with s = max(softplus(beta v) / beta, e^-7).
+def _log_scale(scale_logit: Any, gradient_smoothing: float, scale_fn: str = "softplus") -> Any:
+    """log s of a component.
 
-    Clamping s (not log s) keeps the gradient finite where softplus underflows to 0.
+    ``softplus``: s = max(softplus(beta v) / beta, e^-7); clamping s (not log s) keeps the
+    gradient finite where softplus underflows to 0. ``exp`` (VDVAE): log s = max(v, -7).
     """
+    if scale_fn == "exp":
+        return ops.maximum(scale_logit, MIN_LOG_SCALE)
+    if scale_fn != "softplus":
+        raise ValueError(f"unknown scale_fn {scale_fn!r}")
     beta = float(gradient_smoothing)
     if beta <= 0:
         raise ValueError(f"gradient_smoothing must be positive, got {gradient_smoothing}")
@@ -177,12 +182,13 @@ def dmol_log_prob(
     num_mixtures: int,
     num_bits: int,
     gradient_smoothing: float,
+    scale_fn: str = "softplus",
 ) -> Any:
     """Log-likelihood in nats per example, shape ``(B,)``, float32.
 
     ``params`` is ``(B, H, W, P)`` of any float dtype (computed in float32, so mixed bfloat16
     training keeps a float32 likelihood); ``x`` is ``(B, H, W, C)`` on the ``2**num_bits`` grid
-    of [-1, 1].
+    of [-1, 1]. ``scale_fn`` turns the scale logits into log-scales (see ``_log_scale``).
     """
     x = ops.cast(x, "float32")
     channels = x.shape[-1]
@@ -194,7 +200,7 @@ def dmol_log_prob(
         mean = layout.mean(c)
         for j in range(c):
             mean = mean + layout.coef(c, j) * x[..., j : j + 1]
-        log_scale = _log_scale(layout.scale_logit(c), gradient_smoothing)
+        log_scale = _log_scale(layout.scale_logit(c), gradient_smoothing, scale_fn)
         log_prob = log_prob + _discretized_logistic_log_prob(
             x[..., c : c + 1], mean, log_scale, num_bits
         )
@@ -208,6 +214,7 @@ def dmol_sample(
     num_mixtures: int,
     num_bits: int,
     gradient_smoothing: float,
+    scale_fn: str = "softplus",
     seed: Any = None,
     temperature: float = 1.0,
 ) -> Any:
@@ -244,7 +251,7 @@ def dmol_sample(
             mean = mean + select(layout.coef(c, j)) * sampled[j]
         value = mean
         if temperature > 0:
-            log_scale = select(_log_scale(layout.scale_logit(c), gradient_smoothing))
+            log_scale = select(_log_scale(layout.scale_logit(c), gradient_smoothing, scale_fn))
             u = noise[..., m + c]
             logistic = ops.log(u) - ops.log1p(-u)
             value = value + ops.exp(log_scale) * temperature * logistic

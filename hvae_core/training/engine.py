@@ -2,10 +2,11 @@
 
 One train step, compiled once per run on each backend:
   1. images (uint8) -> [-1, 1]; ``batch_size_div`` micro-batches, gradients averaged;
-  2. the global gradient norm; the update is skipped (weights, optimizer state and EMA
-     untouched) when it is not finite or exceeds ``gradient_skipnorm``;
-  3. otherwise gradients are clipped to ``gradient_clipnorm``, the optimizer applies them and
-     the EMA of the weights moves.
+  2. the global gradient norm, on the ``grad_norm_unit`` scale; the update is skipped
+     (weights, optimizer state and EMA untouched) when it is not finite or reaches
+     ``gradient_skipnorm``;
+  3. otherwise gradients are clipped by ``gradient_clipnorm / norm``, the optimizer applies them
+     and the EMA of the weights moves.
 The backend modules (``engine_jax``, ``engine_tensorflow``, ``engine_torch``) only say how to
 differentiate and compile this.
 """
@@ -51,15 +52,37 @@ def global_norm(grads: list[Any]) -> Any:
     return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads))
 
 
+def norm_scale(unit: str) -> float:
+    """What turns the norm of the loss's gradient (the loss is in bits per dimension) into a
+    norm on the ``unit`` scale: the nats loss is ln 2 times the bits loss, and so is its
+    gradient."""
+    if unit not in ("nats", "bits"):
+        raise ValueError(f"unknown gradient norm unit {unit!r}")
+    return math.log(2.0) if unit == "nats" else 1.0
+
+
 def skip_and_scale(norm: Any, loss: Any, clipnorm: float, skipnorm: Any) -> tuple[Any, Any]:
-    """Whether to skip this update, and the factor that clips the gradients. ``skipnorm`` may
-    be a traced scalar, so that turning skipping on mid-run does not recompile the step."""
+    """Whether to skip this update, and the factor that clips the gradients: VDVAE's rule on a
+    ``norm`` already on the thresholds' scale (skip when it is not finite or reaches
+    ``skipnorm``). ``skipnorm`` may be a traced scalar, so that turning skipping on mid-run
+    does not recompile the step."""
     finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
-    skip = ops.logical_or(ops.logical_not(finite), ops.logical_and(skipnorm > 0, norm > skipnorm))
+    skip = ops.logical_or(ops.logical_not(finite), ops.logical_and(skipnorm > 0, norm >= skipnorm))
     scale = ops.minimum(1.0, clipnorm / (norm + 1e-6)) if clipnorm > 0 else ops.ones(())
     # A non-finite norm would poison the clipped gradients even in the branch not taken.
     scale = ops.where(finite, scale, ops.zeros(()))
     return skip, scale
+
+
+def clip_and_skip(
+    grads: list[Any], loss: Any, training: Any, skipnorm: Any
+) -> tuple[Any, Any, Any]:
+    """The step's gradient rule, shared by every engine: the global norm of ``grads`` (the
+    gradients of the bits loss) on the ``training.grad_norm_unit`` scale, which is what is
+    reported as ``grad_norm``; whether to skip the update; the factor that clips ``grads``."""
+    norm = global_norm(grads) * norm_scale(training.grad_norm_unit)
+    skip, scale = skip_and_scale(norm, loss, training.gradient_clipnorm, skipnorm)
+    return norm, skip, scale
 
 
 class Engine:

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from hvae_core.errors import HvaeError
-from hvae_core.training.engine import Engine, global_norm, skip_and_scale
+from hvae_core.training.engine import Engine, clip_and_skip
 from hvae_core.training.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 
 
@@ -159,8 +159,7 @@ class JaxEngine(Engine):
     ) -> tuple[tuple, dict]:
         tv, ntv, ov, ema = state
         grads, terms, ntv = self._gradients(tv, ntv, images, beta)
-        norm = global_norm(grads)
-        skip, scale = skip_and_scale(norm, terms["loss"], self.training.gradient_clipnorm, skipnorm)
+        norm, skip, scale = clip_and_skip(grads, terms["loss"], self.training, skipnorm)
         new_tv, new_ov = self.optimizer.stateless_apply(
             ov, [g * scale.astype(g.dtype) for g in grads], tv
         )

@@ -11,10 +11,9 @@ import tensorflow as tf
 from hvae_core.errors import HvaeError
 from hvae_core.training.engine import (
     Engine,
-    global_norm,
+    clip_and_skip,
     noise_seed_variables,
     replica_seed_state,
-    skip_and_scale,
 )
 from hvae_core.training.parallel import (
     Launch,
@@ -149,8 +148,7 @@ class TensorFlowEngine(Engine):
 
     def _train_impl(self, images: Any, beta: Any, skipnorm: Any) -> dict[str, Any]:
         grads, terms = self._gradients(images, beta)
-        norm = global_norm(grads)
-        skip, scale = skip_and_scale(norm, terms["loss"], self.training.gradient_clipnorm, skipnorm)
+        norm, skip, scale = clip_and_skip(grads, terms["loss"], self.training, skipnorm)
 
         def apply() -> Any:
             self.optimizer.apply([g * tf.cast(scale, g.dtype) for g in grads], self.trainable)
@@ -195,10 +193,7 @@ class TensorFlowEngine(Engine):
             n = context.num_replicas_in_sync
             grads = context.all_reduce("SUM", [g / n for g in grads])
             terms = context.all_reduce("MEAN", terms)
-            norm = global_norm(grads)
-            skip, scale = skip_and_scale(
-                norm, terms["loss"], self.training.gradient_clipnorm, skipnorm
-            )
+            norm, skip, scale = clip_and_skip(grads, terms["loss"], self.training, skipnorm)
             self.optimizer.apply(
                 [tf.where(skip, tf.zeros_like(g), g * tf.cast(scale / n, g.dtype)) for g in grads],
                 self.trainable,

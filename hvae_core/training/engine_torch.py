@@ -20,10 +20,9 @@ from keras import ops
 from hvae_core.errors import HvaeError
 from hvae_core.training.engine import (
     Engine,
-    global_norm,
+    clip_and_skip,
     noise_seed_variables,
     replica_seed_state,
-    skip_and_scale,
 )
 from hvae_core.training.parallel import (
     Launch,
@@ -126,9 +125,8 @@ class TorchEngine(Engine):
             stacked = torch.stack([totals[k].float() for k in keys])
             dist.all_reduce(stacked)
             totals = {k: stacked[j] / replicas for j, k in enumerate(keys)}
-        norm = global_norm(grads)
-        skip, scale = skip_and_scale(
-            norm, totals["loss"], self.training.gradient_clipnorm, self.skipnorm(skipnorm)
+        norm, skip, scale = clip_and_skip(
+            grads, totals["loss"], self.training, self.skipnorm(skipnorm)
         )
         if not bool(skip):
             with torch.no_grad():

@@ -64,7 +64,8 @@ class Reporter:
             f"epoch {row['epoch']}: train {row['train_bpd']:.4f} bpd"
             + (f", val {val:.4f} bpd" if val is not None else "")
             + f" (kl {row['kl_bpd']:.4f}), lr {row['lr']:.2e}, beta {row['beta']:.3g}, "
-            f"max |g| {row['grad_norm_max']:.1f}, {row['skipped_updates']} skipped, "
+            f"max |g| {row['grad_norm_max']:.1f} ({row['grad_norm_unit']}), "
+            f"{row['skipped_updates']} skipped, "
             f"{row['seconds']:.1f} s"
         )
 

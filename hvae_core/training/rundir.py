@@ -172,9 +172,13 @@ def plot_metrics(run_dir: Path) -> None:
     if not rows:
         return
     epochs = [r["epoch"] for r in rows]
+    unit = rows[-1].get("grad_norm_unit")  # absent from rows written before it existed
     plots = {
         "loss.png": (("train_bpd", "val_bpd", "kl_bpd", "recon_bpd"), "bits per dimension"),
-        "grad_norm.png": (("grad_norm_max", "grad_norm_mean"), "gradient norm"),
+        "grad_norm.png": (
+            ("grad_norm_max", "grad_norm_mean"),
+            f"gradient norm ({unit})" if unit else "gradient norm",
+        ),
     }
     for name, (keys, label) in plots.items():
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -217,7 +217,8 @@ class Trainer:
                     raise HvaeError(
                         f"the last {pos.consecutive_skips} updates were all skipped (gradient "
                         f"norm {metrics['grad_norm']:.3g}, threshold "
-                        f"{training.gradient_skipnorm:g}): the model has stopped learning",
+                        f"{training.gradient_skipnorm:g}, in {training.grad_norm_unit}): the "
+                        "model has stopped learning",
                         hint="raise training.gradient_skipnorm (or set it to 0) and resume "
                         "with --resume --set training.gradient_skipnorm=...",
                     )
@@ -281,6 +282,7 @@ class Trainer:
             "beta": beta,
             "grad_norm_max": sums.get("grad_norm_max", math.nan),
             "grad_norm_mean": sums.get("grad_norm", math.nan) / max(sums.get("norm_count", 0), 1),
+            "grad_norm_unit": self.config.training.grad_norm_unit,
             "skipped_updates": int(sums.get("skipped", 0)),
             "seconds": seconds,
         }
