@@ -161,3 +161,27 @@ def test_replica_noise_offsets_apply_to_every_row_of_a_stacked_seed_state() -> N
     for row, got in zip(rows, stacked, strict=True):
         np.testing.assert_array_equal(got, replica_seed_state(row, 3))
     assert len({tuple(r) for r in stacked}) == 3 and stacked.dtype == rows.dtype
+
+
+TORCH_PARAMETERS_SCRIPT = """
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+
+for i, overrides in enumerate([[], ["model.dec_num_blocks=[3,2,1,2]"],
+                               ["model.attention=depthwise"]]):
+    model = HVAE(resolve_config("tiny", overrides=overrides), (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    registered = {id(p) for p in model.parameters()}
+    outputs[f"missing{i}"] = sum(id(v.value) not in registered for v in model.trainable_variables)
+    outputs[f"count{i}"] = len(model.trainable_variables)
+"""
+
+
+def test_every_weight_is_a_torch_parameter(tmp_path) -> None:
+    # DDP and torch optimizers see a module's registered parameters: all of them must be, with
+    # runs, single blocks, the head and attention built when the model is (a block built later
+    # was missed, and DDP left its gradients unreduced).
+    out = run_on_backend("torch", TORCH_PARAMETERS_SCRIPT, {}, tmp_path)
+    for i in range(3):
+        assert int(out[f"count{i}"]) > 20
+        assert int(out[f"missing{i}"]) == 0

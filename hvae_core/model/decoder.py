@@ -239,12 +239,18 @@ class Decoder(keras.layers.Layer):
             self.biases[r] = self.add_weight(
                 shape=(1, r, r, scale.width), initializer="zeros", name=f"bias_{r}"
             )
+        # Every block is built here, not on first use, so that all weights exist once the model
+        # is built (the torch backend registers the parameters it has then). Built for the
+        # posterior pass (the encoder's activation has the state's shape), which needs every
+        # weight; sampling uses a subset.
         for scale in self.order:
+            shape = (None, scale.resolution, scale.resolution, scale.width)
             if scale.resolution in self.runs:
-                # Built for the posterior pass (the encoder's activation has the state's
-                # shape), which needs every weight; sampling uses a subset.
-                shape = (None, scale.resolution, scale.resolution, scale.width)
                 self.runs[scale.resolution].build((shape, shape))
+                continue
+            for block in (b for b in self._blocks.layers if b.scale is scale):
+                if not block.built and self.attention is None:
+                    block(keras.KerasTensor(shape), keras.KerasTensor(shape))
 
     def num_blocks(self) -> int:
         return len(self.blocks)

@@ -142,6 +142,9 @@ class HVAE(keras.Model):
         # which needs their values (a symbolic build would not have them).
         self.encoder.build(tuple(input_shape))
         self.decoder.build()
+        # Then the rest (head, attention, single blocks) on a symbolic pass: every weight
+        # exists once the model is built, which the torch backend needs to register them all.
+        self.compute_output_spec(keras.KerasTensor((None, *tuple(input_shape)[1:])))
 
     def build_weights(self) -> None:
         """Create every weight (one forward pass on a zero image)."""
