@@ -67,32 +67,18 @@ def plain_stack(config: Any, image_shape: tuple[int, int, int]) -> Any:
             act = model_cfg.b_act
             self.stem = keras.layers.Conv2D(layout[0].width, 3, padding="same", dtype=policy)
             self.down, self.up = [], []
+
+            def block(s: Any, middle: int) -> Any:
+                return ResidualBlock(
+                    s.width, middle, s.width, s.kernel_size, activation=act, dtype=policy
+                )
+
             for s in layout:
                 self.down.append(("resize", s))
-                for _ in range(s.enc_blocks):
-                    self.down.append(
-                        ResidualBlock(
-                            s.width,
-                            s.enc_middle_width,
-                            s.width,
-                            s.kernel_size,
-                            activation=act,
-                            dtype=policy,
-                        )
-                    )
+                self.down += [block(s, s.enc_middle_width) for _ in range(s.enc_blocks)]
             for s in reversed(layout):
                 self.up.append(("unpool", s))
-                for _ in range(3 * s.dec_blocks):
-                    self.up.append(
-                        ResidualBlock(
-                            s.width,
-                            s.dec_middle_width,
-                            s.width,
-                            s.kernel_size,
-                            activation=act,
-                            dtype=policy,
-                        )
-                    )
+                self.up += [block(s, s.dec_middle_width) for _ in range(3 * s.dec_blocks)]
             # 1x1 convolutions where the width may change between scales
             self.resizes = [keras.layers.Conv2D(s.width, 1, dtype=policy) for s in layout]
             self.resizes_down = [keras.layers.Conv2D(s.width, 1, dtype=policy) for s in layout]
