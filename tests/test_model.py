@@ -500,6 +500,7 @@ def test_other_configs_keep_softplus_scales_on_the_nats_scale() -> None:
         assert (cfg.model.scale_fn, cfg.training.grad_norm_unit) == ("softplus", "nats")
 
 
+@pytest.mark.slow  # builds the whole cifar10 model a second time (30 s on a 2-core CPU)
 def test_cifar10_aggregate_variant_changes_the_parameter_count() -> None:
     with with_dataset("cifar10", 32):
         model = build("model.output_head=aggregate", preset="cifar10", channels=3)

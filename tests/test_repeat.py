@@ -185,3 +185,64 @@ def test_every_weight_is_a_torch_parameter(tmp_path) -> None:
     for i in range(3):
         assert int(out[f"count{i}"]) > 20
         assert int(out[f"missing{i}"]) == 0
+
+
+MIXED_SCRIPT = """
+import jax
+from hvae_core.backend import set_random_seed
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+
+cfg = resolve_config("tiny", overrides=[*inputs["overrides"]])
+set_random_seed(0)
+model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+model.build_weights()
+engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
+step = jax.make_jaxpr(engine._train_impl)(
+    engine.state_arrays, inputs["images"], np.float32(1.0), np.float32(0.0)
+)
+convs, loops = [], []
+
+def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            convs.append([str(v.aval.dtype) for v in eqn.invars])
+        if eqn.primitive.name == "scan":
+            loops.append(eqn.params["length"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+
+walk(step.jaxpr)
+outputs["convs"] = np.array(convs, dtype=str)
+outputs["loops"] = np.array(loops)
+state, terms = jax.eval_shape(
+    engine._train_impl, engine.state_arrays, inputs["images"], np.float32(1.0), np.float32(0.0)
+)
+outputs["state_dtypes"] = np.array(sorted({str(a.dtype) for a in jax.tree.leaves(state)}))
+outputs["terms_dtypes"] = np.array(sorted({str(a.dtype) for a in jax.tree.leaves(terms)}))
+"""
+
+
+def test_mixed_bfloat16_runs_every_convolution_of_the_compiled_loops_in_bfloat16(
+    tmp_path,
+) -> None:
+    # The JAX step as it is compiled (runs of blocks in lax.scan with recomputation, inside the
+    # micro-batch scan): the convolutions of the forward and backward passes take bfloat16
+    # operands; the weights, the optimizer state, the EMA and every reported term stay
+    # float32 (the loss, KL and DMoL are computed in float32).
+    overrides = [*DEEP, "model.precision=mixed_bfloat16", "training.batch_size_div=2"]
+    inputs = {"images": digits_images()[:8], "overrides": np.array(overrides, dtype=str)}
+    out = run_on_backend("jax", MIXED_SCRIPT, inputs, tmp_path)
+    assert len(out["convs"]) > 50  # forward and both gradients of every convolution
+    assert {tuple(c) for c in out["convs"]} == {("bfloat16", "bfloat16")}
+    # The micro-batch loop (2) and the runs of blocks (2 and 3 long) are compiled loops.
+    assert 2 in out["loops"] and 3 in out["loops"]
+    # int32: the optimizer's step count; uint32: the noise seeds.
+    assert list(out["state_dtypes"]) == ["float32", "int32", "uint32"]
+    assert list(out["terms_dtypes"]) == ["float32"]

@@ -125,12 +125,24 @@ class Engine:
 
     # -- compiled steps: provided by the backend ---------------------------------------------
 
+    def dispatch_step(
+        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+    ) -> dict[str, Any]:
+        """Start one update on the global batch ``images`` and return its metrics as device
+        values, without waiting for them: the host can prepare the next batch while the device
+        works (:meth:`fetch` reads them). ``skipnorm`` overrides
+        ``training.gradient_skipnorm`` for this step (0: no skipping on the norm)."""
+        raise NotImplementedError
+
     def train_step(
         self, images: np.ndarray, beta: float, skipnorm: float | None = None
     ) -> dict[str, float]:
-        """One update on the global batch ``images``; ``skipnorm`` overrides
-        ``training.gradient_skipnorm`` for this step (0: no skipping on the norm)."""
-        raise NotImplementedError
+        """One update, waited for: its metrics as floats."""
+        return self.fetch(self.dispatch_step(images, beta, skipnorm))
+
+    def fetch(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """A dispatched step's metrics as floats (waits for the step to finish)."""
+        return self.to_floats(metrics)
 
     def block_loop(self) -> Scan | None:
         """How runs of repeated blocks loop inside this engine's steps: a compiled loop where

@@ -185,16 +185,16 @@ class JaxEngine(Engine):
         _, (terms, ntv) = self._loss(tv, ntv, images, 1.0, False)
         return terms, ntv
 
-    def train_step(
+    def dispatch_step(
         self, images: np.ndarray, beta: float, skipnorm: float | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         self.state_arrays, terms = self._train(
             self.state_arrays,
             self._put(images),
             np.float32(beta),
             np.float32(self.skipnorm(skipnorm)),
         )
-        return self.to_floats(terms)
+        return terms
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         tv, ntv, ov, ema = self.state_arrays

@@ -117,7 +117,7 @@ class TensorFlowEngine(Engine):
         self.strategy = self.parallel.strategy
         self.cpu_compiled = self.jit and not tf.config.list_physical_devices("GPU")
         if self.strategy is None:
-            self._train = tf.function(self._train_impl, jit_compile=self.jit)
+            self._train = tf.function(self._train_impl, jit_compile=self.jit, autograph=False)
         else:
             # XLA compiles what each replica computes; the all-reduces and the update run
             # around it (XLA cannot span the strategy's devices).
@@ -244,9 +244,9 @@ class TensorFlowEngine(Engine):
     def _eval_impl(self, images: Any) -> dict[str, Any]:
         return self.loss_terms(images, 1.0, training=False)
 
-    def train_step(
+    def dispatch_step(
         self, images: np.ndarray, beta: float, skipnorm: float | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         if self.strategy is None:
             batch = tf.convert_to_tensor(images)
         else:
@@ -260,7 +260,7 @@ class TensorFlowEngine(Engine):
 
             batch = self.strategy.experimental_distribute_values_from_function(share)
         scalars = (tf.constant(beta, tf.float32), tf.constant(self.skipnorm(skipnorm), tf.float32))
-        return self.to_floats(self._train(batch, *scalars))
+        return self._train(batch, *scalars)
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         return self.to_floats(self._eval(tf.convert_to_tensor(images)))

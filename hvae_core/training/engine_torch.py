@@ -101,9 +101,9 @@ class TorchEngine(Engine):
         for v in noise_seed_variables(self.model):
             v.assign(replica_seed_state(ops.convert_to_numpy(v.value), rank))
 
-    def train_step(
+    def dispatch_step(
         self, images: np.ndarray, beta: float, skipnorm: float | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         replicas = self.parallel.replicas
         local = replica_slice(images, self.parallel.process_index, replicas, self.div, self.groups)
         chunks = torch.chunk(ops.convert_to_tensor(local), self.div)
@@ -137,7 +137,7 @@ class TorchEngine(Engine):
             p.grad = None
         totals["grad_norm"] = norm
         totals["skipped"] = skip.float()
-        return self.to_floats(totals)
+        return totals
 
     def eval_step(self, images: np.ndarray) -> dict[str, float]:
         # Every process scores the whole batch: evaluation is cheap next to training, and

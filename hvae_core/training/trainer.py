@@ -108,10 +108,14 @@ class Trainer:
             config.options("beta-schedule"), training, self.steps_per_epoch
         )
         self.position = Position()
+        self._pending: tuple[dict[str, Any], int] | None = None  # a dispatched step's metrics
+        self._last_finish = time.monotonic()
+        self._last_norm = math.nan
 
     # -- state ------------------------------------------------------------------------------
 
     def save(self) -> None:
+        self._record_pending()  # the position counts every dispatched step: so must the sums
         state = self.engine.state()  # every process: reading a distributed state may need all
         if not self.writes:
             return
@@ -192,6 +196,7 @@ class Trainer:
         epoch = pos.epoch + 1
         self.reporter.start_epoch(epoch, training.epochs, self.steps_per_epoch, pos.batch)
         started = time.monotonic() - pos.epoch_seconds
+        self._last_finish = time.monotonic()
         beta = float(self.beta_schedule(pos.step))
         batches = self.stream.epoch(pos.epoch, start_batch=pos.batch)
         try:
@@ -200,23 +205,20 @@ class Trainer:
                     rng = np.random.default_rng([training.seed, pos.epoch, pos.batch])
                     images = self.regularizer.transform_batch(images, rng)
                 beta = float(self.beta_schedule(pos.step))
-                t0 = time.monotonic()
-                metrics = self.engine.train_step(images, beta, self._skipnorm(pos.step))
-                step_seconds = time.monotonic() - t0
-                self._accumulate(metrics)
+                metrics = self.engine.dispatch_step(images, beta, self._skipnorm(pos.step))
                 pos.batch += 1
                 pos.step += 1
-                skipped = metrics["skipped"] > 0
-                pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
-                self.reporter.step(
-                    pos.batch, metrics, int(pos.sums.get("skipped", 0)), step_seconds
-                )
-                if 0 < training.max_consecutive_skips <= pos.consecutive_skips:
+                # The previous step's metrics are read only now that this step is queued: the
+                # device never waits for the host between steps.
+                self._record_pending()
+                self._pending = (metrics, pos.batch)
+                if self._stopped_learning():
+                    skips, norm = pos.consecutive_skips, self._last_norm
                     pos.epoch_seconds = time.monotonic() - started
-                    self.save()
+                    self.save()  # with the step still in flight: the position counts it
                     raise HvaeError(
-                        f"the last {pos.consecutive_skips} updates were all skipped (gradient "
-                        f"norm {metrics['grad_norm']:.3g}, threshold "
+                        f"{skips} updates in a row were skipped (gradient "
+                        f"norm {norm:.3g}, threshold "
                         f"{training.gradient_skipnorm:g}, in {training.grad_norm_unit}): the "
                         "model has stopped learning",
                         hint="raise training.gradient_skipnorm (or set it to 0) and resume "
@@ -226,6 +228,7 @@ class Trainer:
                 if minutes > 0 and time.monotonic() - self._last_save > minutes * 60:
                     pos.epoch_seconds = time.monotonic() - started
                     self.save()
+            self._record_pending()
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
@@ -249,6 +252,28 @@ class Trainer:
         training = self.config.training
         warm = step >= training.skipnorm_warmup_epochs * self.steps_per_epoch
         return training.gradient_skipnorm if warm else 0.0
+
+    def _record_pending(self) -> None:
+        """Fold the last dispatched step's metrics into the epoch's sums and the progress line
+        (waits for that step)."""
+        if self._pending is None:
+            return
+        pending, done = self._pending
+        metrics = self.engine.fetch(pending)
+        self._pending = None  # only now: an interrupt while waiting must not lose the step
+        now = time.monotonic()
+        # Steps overlap with the host's work: the time between two finished steps is a step.
+        step_seconds = now - self._last_finish
+        self._last_finish = now
+        self._accumulate(metrics)
+        pos = self.position
+        pos.consecutive_skips = pos.consecutive_skips + 1 if metrics["skipped"] > 0 else 0
+        self._last_norm = metrics["grad_norm"]
+        self.reporter.step(done, metrics, int(pos.sums.get("skipped", 0)), step_seconds)
+
+    def _stopped_learning(self) -> bool:
+        limit = self.config.training.max_consecutive_skips
+        return 0 < limit <= self.position.consecutive_skips
 
     def _accumulate(self, metrics: dict[str, float]) -> None:
         sums = self.position.sums
