@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import sys
 
 from hvae_core.errors import HvaeError
+from hvae_core.logs import native_log_filter
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 EXTRA = {"tensorflow": "hvae", "jax": "hvae[jax]", "torch": "hvae[torch]"}
+# Their native libraries log through absl, some of it while they load (hvae_core.logs).
+ABSL_LOGGING = ("tensorflow", "jax")
 
 
 def select_backend(name: str, gpus: str | None = None) -> None:
@@ -30,8 +35,16 @@ def select_backend(name: str, gpus: str | None = None) -> None:
     if importlib.util.find_spec(BACKEND_MODULES[name]) is None:
         raise HvaeError(f"the {name} backend is not installed", hint=f"pip install '{EXTRA[name]}'")
     os.environ["KERAS_BACKEND"] = name
-    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is not for our users.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def import_backend(quiet_logs: bool = True) -> None:
+    """Import Keras, and with it the backend ``select_backend`` chose. ``quiet_logs``: drop the
+    log lines the backend's native libraries print as they load (``hvae_core.logs``)."""
+    if "keras" in sys.modules:
+        return
+    filtered = quiet_logs and os.environ.get("KERAS_BACKEND", "tensorflow") in ABSL_LOGGING
+    with native_log_filter() if filtered else contextlib.nullcontext():
+        importlib.import_module("keras")
 
 
 def choose_gpus(gpus: str) -> None:

@@ -16,6 +16,7 @@ import click
 from hvae_core import __version__
 from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.hookspecs import KINDS
+from hvae_core.logs import LOG_LEVEL_ENV
 from hvae_core.training import parallel as parallel_env
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -60,6 +61,16 @@ def _console() -> Any:
     console = Console()
     # Piped output would wrap at 80 columns; keep one row per line for grep and friends.
     return console if console.is_terminal else Console(width=200)
+
+
+def verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--verbose, for the commands that start a backend."""
+    return click.option(
+        "--verbose",
+        is_flag=True,
+        help="show everything TensorFlow and JAX/XLA log (default: hide their native log "
+        f"lines; also ${LOG_LEVEL_ENV}=verbose)",
+    )(func)
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -218,6 +229,7 @@ def config_presets() -> None:
     help="continue the run in RUN_DIR where it stopped",
 )
 @click.option("--quiet", is_flag=True, help="log lines instead of progress bars")
+@verbose_option
 @click.option(
     "--devices",
     type=click.IntRange(min=0),
@@ -253,6 +265,7 @@ def train(
     overrides: tuple[str, ...],
     resume: str | None,
     quiet: bool,
+    verbose: bool,
     coordinator: str | None,
     num_processes: int | None,
     process_id: int | None,
@@ -280,7 +293,7 @@ def train(
     else:
         cfg = _resolve(config, overrides, **flags)
     try:
-        trainer = _trainer(cfg, quiet)
+        trainer = _trainer(cfg, quiet, verbose)
     except parallel_env.Relaunch as relaunch:
         sys.exit(_relaunch_with_torchrun(relaunch.processes))
     chief = trainer.parallel.is_chief  # only process 0 writes
@@ -324,10 +337,15 @@ def _relaunch_with_torchrun(processes: int) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def _trainer(cfg: Any, quiet: bool) -> Any:
-    from hvae_core.backend import select_backend
+def _trainer(cfg: Any, quiet: bool, verbose: bool) -> Any:
+    from hvae_core import logs
+    from hvae_core.backend import import_backend, select_backend
 
+    quiet_logs = logs.log_level(verbose) == logs.QUIET
+    if quiet_logs:
+        logs.quiet_native_logs()
     select_backend(cfg.run.backend, cfg.run.gpus)
+    import_backend(quiet_logs)
     from hvae_core.training.trainer import Trainer
 
     return Trainer(cfg, quiet=quiet)
@@ -360,7 +378,7 @@ def _resume_config(
     return updated
 
 
-def _restored(run_dir: str, checkpoint: str | None, flags: dict[str, Any]) -> Any:
+def _restored(run_dir: str, checkpoint: str | None, flags: dict[str, Any], verbose: bool) -> Any:
     """A trainer holding a finished run's weights (for evaluate and sample)."""
     from hvae_core.config import resolve_config
     from hvae_core.training import rundir
@@ -372,7 +390,7 @@ def _restored(run_dir: str, checkpoint: str | None, flags: dict[str, Any]) -> An
     given = {k: v for k, v in flags.items() if v is not None}
     if given:
         cfg = resolve_config(None, given, (), base=cfg.to_dict())
-    trainer = _trainer(cfg, quiet=True)
+    trainer = _trainer(cfg, quiet=True, verbose=verbose)
     trainer.run_dir = Path(run_dir)
     if checkpoint is not None:
         arrays, _ = rundir.load_checkpoint(path)
@@ -394,6 +412,7 @@ def _restored(run_dir: str, checkpoint: str | None, flags: dict[str, Any]) -> An
 @click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--quiet", is_flag=True, help="no progress output")
+@verbose_option
 def evaluate(
     run_dir: str,
     split: str,
@@ -403,9 +422,11 @@ def evaluate(
     backend: str | None,
     as_json: bool,
     quiet: bool,
+    verbose: bool,
 ) -> None:
     """Bits per dimension of a trained run on a split (EMA weights)."""
-    trainer = _restored(run_dir, checkpoint, {"data_dir": data_dir, "backend": backend})
+    flags = {"data_dir": data_dir, "backend": backend}
+    trainer = _restored(run_dir, checkpoint, flags, verbose)
     if split not in trainer.dataset.splits:
         raise HvaeError(
             f"dataset {trainer.config.data.dataset} has no split '{split}'",
@@ -464,6 +485,7 @@ def evaluate(
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--quiet", is_flag=True, help="no progress output")
+@verbose_option
 def sample(
     run_dir: str,
     num: int,
@@ -474,6 +496,7 @@ def sample(
     checkpoint: str | None,
     backend: str | None,
     quiet: bool,
+    verbose: bool,
 ) -> None:
     """Draw samples from a trained run (EMA weights)."""
     import numpy as np
@@ -489,7 +512,7 @@ def sample(
         ) from None
     if any(t < 0 for t in temps):
         raise HvaeError(f"--temperature {temperature!r}: temperatures must be >= 0")
-    trainer = _restored(run_dir, checkpoint, {"backend": backend})
+    trainer = _restored(run_dir, checkpoint, {"backend": backend}, verbose)
     levels = trainer.sample(num, temps[0] if len(temps) == 1 else temps, output_temperature)
     rundir.save_grid(to_uint8(levels, trainer.dataset.num_bits), Path(out))
     if npz is not None:
