@@ -223,6 +223,11 @@ class RunConfig:
         "instead of storing them for every block: far less memory, about a third more "
         "compute (on a CPU the step is still faster: stored activations cost more to move)",
     )
+    images_minutes: float = option(
+        5.0,
+        "write the sample and reconstruction grids and the metric plots at most every this "
+        "many minutes (always after the last epoch and on an interrupt; 0: every epoch)",
+    )
     save_dir: str = option("runs", "directory that run directories are created in")
     save: bool = option(
         True, "keep a run directory (config, metrics, checkpoints, images); false: print only"
@@ -243,6 +248,7 @@ class RunConfig:
 
     def validate(self, section: str) -> None:
         _non_negative(section, self, "devices")
+        _non_negative(section, self, "images_minutes")
         _positive(section, self, "connect_timeout")
         if isinstance(self.gpus, int) and not isinstance(self.gpus, bool):
             self.gpus = str(self.gpus)  # `--set run.gpus=1` reads as a YAML number

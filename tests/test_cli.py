@@ -139,6 +139,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
         "backend": "jax",
         "jit": True,
         "remat_blocks": True,
+        "images_minutes": 5.0,
         "save_dir": str(tmp_path / "runs"),
         "devices": 0,
         "connect_timeout": 120,

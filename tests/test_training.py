@@ -639,3 +639,67 @@ def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
     )
     with pytest.raises(ValueError, match="a bug"):  # other errors are not disguised
         trainer.fit()
+
+
+def test_between_epochs_only_what_is_due_is_written(tmp_path, monkeypatch) -> None:
+    # Images, plots and checkpoints on their minute cadences; after the last epoch, all.
+    trainer = train_run(
+        tmp_path,
+        "cadence",
+        "training.batch_size=512",
+        "run.images_minutes=60",
+        "training.checkpoint_minutes=60",
+        epochs=3,
+    )
+    calls = {"images": [], "checkpoints": []}
+    write_images, save_checkpoint = trainer.write_images, rundir.save_checkpoint
+
+    def counted_images() -> None:
+        calls["images"].append(trainer.position.epoch)
+        write_images()
+
+    def counted_checkpoint(path, state, meta) -> None:
+        calls["checkpoints"].append(meta["position"]["epoch"])
+        save_checkpoint(path, state, meta)
+
+    monkeypatch.setattr(trainer, "write_images", counted_images)
+    monkeypatch.setattr(rundir, "save_checkpoint", counted_checkpoint)
+    rows = trainer.fit()
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # metrics.jsonl has every epoch
+    assert calls == {"images": [3], "checkpoints": [3]}
+    assert {"samples.png", "reconstructions.png", "loss.png"} <= {
+        p.name for p in trainer.run_dir.iterdir()
+    }
+    # A cadence of 0 minutes: every epoch.
+    assert trainer._due(time.monotonic(), 0.0) and not trainer._due(time.monotonic(), 60.0)
+
+
+COMPILED_SAMPLING_SCRIPT = """
+import keras
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+
+engines = []
+for jit in (True, False):
+    cfg = resolve_config("tiny", overrides=[f"run.jit={str(jit).lower()}"])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    engines.append(make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg))
+engines[1].model.set_weights(engines[0].model.get_weights())
+for i, engine in enumerate(engines):
+    for call in range(2):  # the second call draws new noise: the seeds advanced
+        x = engine.run_compiled(("sample", 5), lambda e=engine: e.model.generate(5, 0.7))
+        outputs[f"sample{i}_{call}"] = keras.ops.convert_to_numpy(x)
+    outputs[f"compiled{i}"] = len(getattr(engine, "_compiled", {}))
+"""
+
+
+def test_compiled_sampling_on_jax_draws_what_eager_sampling_draws(tmp_path) -> None:
+    out = run_on_backend("jax", COMPILED_SAMPLING_SCRIPT, {}, tmp_path)
+    assert out["compiled0"] == 1 and out["compiled1"] == 0  # one jitted sampler, reused
+    for call in range(2):
+        np.testing.assert_allclose(out[f"sample0_{call}"], out[f"sample1_{call}"], atol=1e-5)
+    assert not np.allclose(out["sample0_0"], out["sample0_1"])

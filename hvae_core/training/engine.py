@@ -159,6 +159,14 @@ class Engine:
     def sync(self) -> None:
         """Write the engine's state back into the Keras variables (JAX keeps it apart)."""
 
+    def run_compiled(self, key: Any, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` (a computation of the model on its current variables: sampling,
+        reconstruction) as this engine runs it best; ``key`` names ``fn`` with everything it
+        closes over (an engine may compile ``fn`` once per key and reuse it). Here: eagerly,
+        with the engine's loop for repeated blocks."""
+        with loop_with(self.block_loop()):
+            return fn(*args)
+
     # -- shared ------------------------------------------------------------------------------
 
     def accumulate(self, chunks: Any, compute: Any) -> tuple[list[Any], dict[str, Any]]:

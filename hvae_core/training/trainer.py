@@ -6,8 +6,10 @@ Everything here is backend-neutral; the backend lives in the engine
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from hvae_core.training import rundir
 from hvae_core.training.progress import Reporter
 
 SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
+PHASES = ("set-up", "train steps", "evaluation", "images and plots", "checkpoints")
 NUM_SAMPLES = 64
 SAMPLE_TEMPERATURE = 0.8
 EVAL_SEED = 0
@@ -50,6 +53,7 @@ class Trainer:
         from hvae_core.training.optim import make_optimizer
         from hvae_core.training.parallel import batch_groups, check_batch, launch_from_env
 
+        setup_started = time.monotonic()
         self.config = config
         self.run_dir: Path = run_dir  # type: ignore[assignment]  # set before fit() or save()
         registry = registry or get_registry()
@@ -111,11 +115,19 @@ class Trainer:
         self._pending: tuple[dict[str, Any], int] | None = None  # a dispatched step's metrics
         self._last_finish = time.monotonic()
         self._last_norm = math.nan
+        self._last_images = time.monotonic()
+        # Where a run's wall time goes, printed when it ends.
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self.phase_seconds["set-up"] = time.monotonic() - setup_started
 
     # -- state ------------------------------------------------------------------------------
 
     def save(self) -> None:
         self._record_pending()  # the position counts every dispatched step: so must the sums
+        with self._timed("checkpoints"):
+            self._save()
+
+    def _save(self) -> None:
         state = self.engine.state()  # every process: reading a distributed state may need all
         if not self.writes:
             return
@@ -183,12 +195,14 @@ class Trainer:
             if not self.config.run.save:
                 raise Interrupted("interrupted; nothing was kept (run.save is false)") from None
             self.save()
+            self.write_outputs()  # what the run looks like where it stopped
             raise Interrupted(
                 "interrupted; the run was checkpointed",
                 hint=f"continue with: hvae train --resume {self.run_dir}",
             ) from None
         finally:
             self.reporter.close()
+        self.reporter.info(self.time_summary())
         return rundir.read_metrics(self.run_dir) if self.writes else self.rows
 
     def _epoch(self) -> dict[str, Any] | None:
@@ -199,6 +213,7 @@ class Trainer:
         self._last_finish = time.monotonic()
         beta = float(self.beta_schedule(pos.step))
         batches = self.stream.epoch(pos.epoch, start_batch=pos.batch)
+        loop_started, saving = time.monotonic(), self.phase_seconds["checkpoints"]
         try:
             for images in batches:
                 if self.regularizer is not None:
@@ -230,6 +245,10 @@ class Trainer:
                     self.save()
             self._record_pending()
         finally:
+            # The steps' time, without the checkpoints written between them.
+            self.phase_seconds["train steps"] += (
+                time.monotonic() - loop_started - (self.phase_seconds["checkpoints"] - saving)
+            )
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
@@ -241,7 +260,14 @@ class Trainer:
             else:
                 pos.bad_epochs += 1
                 stop = pos.bad_epochs >= training.early_stopping
-        self.save()
+        last = stop or pos.epoch >= training.epochs
+        # Between epochs only what is due: images and plots on their cadence, checkpoints on
+        # checkpoint_minutes (metrics.jsonl has every epoch; a resume truncates it to the
+        # checkpoint's epoch). After the last epoch, everything.
+        if last or self._due(self._last_images, self.config.run.images_minutes):
+            self.write_outputs()
+        if last or self._due(self._last_save, training.checkpoint_minutes):
+            self.save()
         if stop:
             self.reporter.info(f"early stopping: no val improvement in {pos.bad_epochs} epochs")
             return None
@@ -293,7 +319,8 @@ class Trainer:
     def _finish_epoch(self, epoch: int, seconds: float, beta: float) -> dict[str, Any]:
         pos, sums = self.position, self.position.sums
         count = max(sums.get("count", 0), 1)
-        val = self.evaluate(self.val)
+        with self._timed("evaluation"):
+            val = self.evaluate(self.val)
         row: dict[str, Any] = {
             "epoch": epoch,
             "step": pos.step,
@@ -320,13 +347,43 @@ class Trainer:
                 row[key] = sums[key] / count  # a regularizer's named terms
         pos.epoch, pos.batch, pos.sums, pos.epoch_seconds = epoch, 0, {}, 0.0
         self.rows.append(row)
+        if self.writes:
+            rundir.append_metrics(self.run_dir, row)
+        self.reporter.end_epoch(row)
+        return row
+
+    def _due(self, since: float, minutes: float) -> bool:
+        """Whether work on a ``minutes`` cadence is due. Every process of a multi-process run
+        takes part in it (sampling and reading a distributed state may be collective), so
+        there it is every epoch: the processes' clocks could disagree."""
+        if minutes <= 0 or self.parallel.num_processes > 1:
+            return True
+        return time.monotonic() - since >= minutes * 60
+
+    def write_outputs(self) -> None:
+        """The sample and reconstruction grids and the metric plots."""
+        with self._timed("images and plots"):
+            self._write_outputs()
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] += time.monotonic() - started
+
+    def time_summary(self) -> str:
+        """One line: where this session's wall time went."""
+        parts = ", ".join(f"{s:.1f} s {phase}" for phase, s in self.phase_seconds.items())
+        return f"time: {parts}"
+
+    def _write_outputs(self) -> None:
         if self.config.run.save:  # on every process: sampling may be collective
             self.write_images()
         if self.writes:
-            rundir.append_metrics(self.run_dir, row)
             rundir.plot_metrics(self.run_dir)
-        self.reporter.end_epoch(row)
-        return row
+        self._last_images = time.monotonic()
 
     # -- evaluation and images (EMA weights) --------------------------------------------------
 
@@ -374,11 +431,16 @@ class Trainer:
 
         from hvae_core.model.likelihood import to_levels
 
-        def run() -> np.ndarray:
+        def generate() -> Any:
             x = self.model.generate(
                 n, temperature=temperature, output_temperature=output_temperature
             )
-            return keras.ops.convert_to_numpy(to_levels(x, self.dataset.num_bits))
+            return to_levels(x, self.dataset.num_bits)
+
+        key = ("sample", n, repr(temperature), output_temperature)
+
+        def run() -> np.ndarray:
+            return keras.ops.convert_to_numpy(self.engine.run_compiled(key, generate))
 
         return self.with_ema(run).astype(np.uint8)
 
@@ -394,9 +456,12 @@ class Trainer:
         samples = self.sample(NUM_SAMPLES, SAMPLE_TEMPERATURE)
         originals = next(iter(self.eval_batches(self.val[:8])))
 
+        def reconstruct(images: Any) -> Any:
+            return to_levels(self.model.reconstruct(to_unit_range(images, bits)), bits)
+
         def run() -> np.ndarray:
-            recon = self.model.reconstruct(to_unit_range(originals, bits))
-            return keras.ops.convert_to_numpy(to_levels(recon, bits))
+            recon = self.engine.run_compiled("reconstruct", reconstruct, originals)
+            return keras.ops.convert_to_numpy(recon)
 
         recon = self.with_ema(run)
         if not self.writes:
