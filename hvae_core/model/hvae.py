@@ -147,8 +147,10 @@ class HVAE(keras.Model):
         self.compute_output_spec(keras.KerasTensor((None, *tuple(input_shape)[1:])))
 
     def build_weights(self) -> None:
-        """Create every weight (one forward pass on a zero image)."""
-        self(ops.zeros((1, *self.image_shape)))
+        """Create every weight. By shape only: an eager forward pass would cost seconds (on
+        JAX, every operation compiles on its first use) and advance the noise seeds."""
+        if not self.built:
+            self.build((1, *self.image_shape))
 
     def losses_for(
         self,
