@@ -214,7 +214,7 @@ class TrainingConfig:
 @dataclass
 class RunConfig:
     backend: Backend | None = option(
-        None, "Keras backend (default: $KERAS_BACKEND, else tensorflow)"
+        None, "Keras backend (default: $KERAS_BACKEND, else jax if installed, else tensorflow)"
     )
     jit: bool = option(True, "compile the train step (XLA on jax/tensorflow)")
     remat_blocks: bool = option(
@@ -504,7 +504,9 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
     training = build_section(TrainingConfig, raw.get("training"), "training", num_scales)
     run = build_section(RunConfig, raw.get("run"), "run", num_scales)
     if run.backend is None:
-        env = os.environ.get("KERAS_BACKEND", "tensorflow")
+        from hvae_core.backend import default_backend
+
+        env = os.environ.get("KERAS_BACKEND") or default_backend()
         run.backend = build_section(RunConfig, {"backend": env}, "KERAS_BACKEND", None).backend
     if model.depthwise:
         if model.block not in ("vdvae", "depthwise"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -10,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hvae_core import plugins
+# The in-process tests run on TensorFlow (a process has one Keras backend), and so do the
+# subprocesses that do not choose one: explicit, since a run without it would choose JAX.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from hvae_core import plugins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hvae-example-plugins"

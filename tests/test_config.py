@@ -217,7 +217,16 @@ def test_depthwise_selects_the_depthwise_block() -> None:
 
 def test_backend_defaults_to_keras_backend_env(monkeypatch) -> None:
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert resolve_config().run.backend == "jax"  # installed here; else tensorflow
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a)
+    )
     assert resolve_config().run.backend == "tensorflow"
+    monkeypatch.undo()
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     assert resolve_config().run.backend == "jax"
     assert resolve_config(flags={"backend": "torch"}).run.backend == "torch"
