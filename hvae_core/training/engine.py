@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -201,6 +202,26 @@ class Engine:
                 noise_groups=groups,
             )
         return {k: v for k, v in result.items() if k not in ("outputs", "kl_layers_bpd")}
+
+    @contextlib.contextmanager
+    def noise_kept(self) -> Iterator[None]:
+        """What runs in the block (samples for the run's figures) leaves the training's noise
+        streams where they were: otherwise when figures are written, which may depend on the
+        clock, would change the noise every later step draws."""
+        self.sync()
+        seeds = noise_seed_variables(self.model)
+        saved = [np.array(keras.ops.convert_to_numpy(v.value), copy=True) for v in seeds]
+        try:
+            yield
+        finally:
+            self.sync()
+            self.restore_noise(seeds, saved)
+            self.after_external_change()
+
+    def restore_noise(self, seeds: list[Any], saved: list[np.ndarray]) -> None:
+        """Give the noise seed variables ``seeds`` the values ``saved`` read from them."""
+        for v, value in zip(seeds, saved, strict=True):
+            v.assign(value)
 
     def swap_ema(self) -> None:
         """Exchange the model's weights and their EMA (call again to swap back)."""

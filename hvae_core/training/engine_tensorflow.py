@@ -141,6 +141,13 @@ class TensorFlowEngine(Engine):
         # (140 s against 71 s; the plain stack's 261 s).
         return _scan if self.jit and not self.cpu_compiled else None
 
+    def restore_noise(self, seeds: list[Any], saved: list[np.ndarray]) -> None:
+        # A mirrored variable reads as replica 0's copy and assigns to every copy: the other
+        # replicas' streams are then re-derived from it.
+        super().restore_noise(seeds, saved)
+        if self.parallel.replicas > 1:
+            self.decorrelate_noise()
+
     def decorrelate_noise(self) -> None:
         # A mirrored variable keeps one copy per local replica; each replica reads and advances
         # its own copy, so copies set apart stay apart.

@@ -380,7 +380,8 @@ class Trainer:
 
     def _write_outputs(self) -> None:
         if self.config.run.save:  # on every process: sampling may be collective
-            self.write_images()
+            with self.engine.noise_kept():
+                self.write_images()
         if self.writes:
             rundir.plot_metrics(self.run_dir)
         self._last_images = time.monotonic()
