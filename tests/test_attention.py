@@ -372,6 +372,7 @@ def train_cli(tmp_path, backend: str, *flags: str) -> tuple[list[dict], dict]:
     return rundir.read_metrics(run_dir), config
 
 
+@pytest.mark.slow  # 50 s on 2 cores; the unit tests above cover the reads and their gradients
 def test_cli_trains_with_attention_and_the_loss_falls(tmp_path) -> None:
     rows, _ = train_cli(tmp_path, "tensorflow", "--set", "run.jit=false")
     assert rows[1]["train_bpd"] < rows[0]["train_bpd"]

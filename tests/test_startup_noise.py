@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -47,6 +48,9 @@ def test_the_default_job_prints_nothing_but_hvae(tmp_path) -> None:
     code, output = hvae("train", "--epochs", "2", "--save-dir", str(tmp_path))
     assert code == 0, output[-3000:]
     assert "done: " in output and "hvae: backend jax" in output
+    [run_dir] = list(tmp_path.iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_bpd"] < rows[0]["train_bpd"]  # and it learns
     assert NOISE.findall(output) == [], output
 
 
