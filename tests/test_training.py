@@ -306,6 +306,46 @@ def test_swapping_the_ema_twice_restores_the_weights() -> None:
         np.testing.assert_array_equal(e0, e1)
 
 
+EMA_SWAP_SCRIPT = """
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+
+cfg = resolve_config("tiny", overrides=["run.jit=true", "training.batch_size=8"])
+model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+model.build_weights()
+engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
+for _ in range(2):  # the first step's learning rate is 0 (warm-up)
+    engine.train_step(inputs["images"], 1.0)
+ids = {id(v) for v in engine.trainable}
+keys = [f"model/{i:05d}" for i, v in enumerate(model.variables) if id(v) in ids]
+for name in ("before", "swapped", "back"):
+    if name != "before":
+        engine.swap_ema()
+    state = engine.state()
+    for j, key in enumerate(keys):
+        outputs[f"{name}_w{j}"] = state[key]
+        outputs[f"{name}_e{j}"] = state[f"ema/{j:05d}"]
+    outputs[f"{name}_loss"] = engine.eval_step(inputs["images"])["loss"]
+"""
+
+
+def test_swapping_the_ema_on_jax_exchanges_the_state_arrays(tmp_path) -> None:
+    # JAX swaps by exchanging the state's lists; what the variables then hold, and what
+    # evaluation scores, must be the other set of weights.
+    out = run_on_backend("jax", EMA_SWAP_SCRIPT, {"images": digits_images()[:8]}, tmp_path)
+    n = sum(1 for k in out if k.startswith("before_w"))
+    assert any(not np.array_equal(out[f"before_w{j}"], out[f"before_e{j}"]) for j in range(n))
+    for j in range(n):
+        np.testing.assert_array_equal(out[f"swapped_w{j}"], out[f"before_e{j}"])
+        np.testing.assert_array_equal(out[f"swapped_e{j}"], out[f"before_w{j}"])
+        np.testing.assert_array_equal(out[f"back_w{j}"], out[f"before_w{j}"])
+        np.testing.assert_array_equal(out[f"back_e{j}"], out[f"before_e{j}"])
+    assert out["swapped_loss"] != out["before_loss"]
+
+
 # --- runs ---------------------------------------------------------------------------------
 
 

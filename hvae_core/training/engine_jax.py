@@ -125,6 +125,14 @@ class JaxEngine(Engine):
     def after_external_change(self) -> None:
         self._read_state()
 
+    def swap_ema(self) -> None:
+        # The state's weights and EMA are lists of arrays in the same order: exchanging the
+        # lists is the swap, without a round trip through the Keras variables (which cost a
+        # third of the default job's evaluation time).
+        tv, ntv, ov, ema = self.state_arrays
+        if ema:
+            self.state_arrays = (ema, ntv, ov, tv)
+
     def _loss(self, tv: list, ntv: list, images: Any, beta: Any, training: bool) -> Any:
         mapping = list(zip(self.trainable, tv, strict=True))
         mapping += list(zip(self.non_trainable, ntv, strict=True))
