@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -121,18 +122,6 @@ def _resolve(config: str | None, overrides: tuple[str, ...], **flags: Any) -> An
     from hvae_core.config import resolve_config
 
     return resolve_config(config, flags, overrides)
-
-
-def _run_dir_config(run_dir: str) -> Any:
-    from hvae_core.config import load_run_config
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise HvaeError(
-            f"{run_dir} is not a run directory (no config.yaml)",
-            hint="give a directory that 'hvae train' created",
-        )
-    return load_run_config(path)
 
 
 @click.group(cls=HvaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -272,7 +261,7 @@ def train(
     **flags: Any,
 ) -> None:
     """Train an HVAE; writes a run directory under run.save_dir."""
-    from hvae_core.training import rundir
+    from hvae_core.run import RunDirectory
 
     launch = {
         parallel_env.COORDINATOR_ENV: coordinator,
@@ -283,8 +272,8 @@ def train(
         if value is not None:  # the flags win over the environment
             os.environ[name] = str(value)
     if resume is not None:
-        run_dir = Path(resume)
-        cfg = _resume_config(run_dir, config, overrides, flags)
+        run = RunDirectory.open(resume)
+        cfg = run.resume_config(config, overrides, flags)
         if not cfg.run.save:
             raise ConfigError(
                 "run.save is false, but --resume continues a run directory by writing to it",
@@ -298,13 +287,12 @@ def train(
         sys.exit(_relaunch_with_torchrun(relaunch.processes))
     chief = trainer.parallel.is_chief  # only process 0 writes
     if resume is not None:
-        trainer.run_dir = run_dir
+        trainer.run_dir = run.path
         trainer.restore()
         if chief:
-            rundir.write_config(run_dir, cfg)
+            run.write_config(cfg)
     elif chief and cfg.run.save:
-        trainer.run_dir = rundir.create_run_dir(cfg.run.save_dir, cfg.data.dataset)
-        rundir.write_config(trainer.run_dir, cfg)
+        trainer.run_dir = RunDirectory.create(cfg.run.save_dir, cfg).path
     try:
         rows = trainer.fit()
     finally:
@@ -351,63 +339,81 @@ def _trainer(cfg: Any, quiet: bool, verbose: bool) -> Any:
     return Trainer(cfg, quiet=quiet)
 
 
-def _resume_config(
-    run_dir: Path, config: str | None, overrides: tuple[str, ...], flags: dict[str, Any]
-) -> Any:
-    """The run's own config; options given with --resume may change training, not the model."""
-    from hvae_core.config import changed_keys, load_config_source, merge, resolve_config
+def _load(run_dir: str, checkpoint: str | None, backend: str | None, verbose: bool) -> Any:
+    """A run's trained model for a command (prints what loading it warns about)."""
+    import warnings
 
-    stored = _run_dir_config(str(run_dir))
-    if config is None and not overrides and not any(v is not None for v in flags.values()):
-        return stored
-    raw = stored.to_dict()
-    if config is not None:
-        merge(raw, load_config_source(config))
-    updated = resolve_config(None, flags, overrides, base=raw)
-    changed = [
-        k
-        for k in changed_keys(stored.to_dict(), updated.to_dict())
-        if not k.startswith(("training.", "run.", "lr_schedule.", "beta_schedule.", "regularizer."))
-    ]
-    if changed:
-        raise HvaeError(
-            f"{run_dir} was trained with another model or data config "
-            f"(differs in {', '.join(changed[:5])})",
-            hint="resume without those options, or start a new run",
-        )
-    return updated
+    from hvae_core.errors import RunWarning
+    from hvae_core.trained import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunWarning)
+        model = load(run_dir, checkpoint, backend, verbose=verbose)
+    for warning in caught:
+        if issubclass(warning.category, RunWarning):
+            click.echo(f"warning: {warning.message}", err=True)
+        else:  # what the backends warn about keeps its usual path
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return model
 
 
-def _restored(run_dir: str, checkpoint: str | None, flags: dict[str, Any], verbose: bool) -> Any:
-    """A trainer holding a finished run's weights (for evaluate and sample)."""
-    from hvae_core.config import resolve_config
-    from hvae_core.training import rundir
+def _output_path(path: str, force: bool) -> Path:
+    """Where a command may write ``path``: never over a run directory's files, over another
+    existing file only with ``--force``; missing folders are created."""
+    from hvae_core.run import is_run_file
 
-    cfg = _run_dir_config(run_dir)
-    path = Path(checkpoint) if checkpoint is not None else Path(run_dir) / rundir.CHECKPOINT
-    if not path.is_file():  # before building anything: that takes a while
-        raise HvaeError(f"no checkpoint at {path}", hint="has the run finished an epoch?")
-    given = {k: v for k, v in flags.items() if v is not None}
-    if given:
-        cfg = resolve_config(None, given, (), base=cfg.to_dict())
-    trainer = _trainer(cfg, quiet=True, verbose=verbose)
-    trainer.run_dir = Path(run_dir)
-    if checkpoint is not None:
-        arrays, _ = rundir.load_checkpoint(path)
-        try:
-            trainer.engine.load_state(arrays)
-        except ValueError as exc:
-            raise HvaeError(f"checkpoint {checkpoint} does not fit this run: {exc}") from None
-    else:
-        trainer.restore()
-    return trainer
+    out = Path(path)
+    if out.is_dir():
+        raise HvaeError(f"{out} is a directory", hint="give a file name")
+    if out.exists():
+        if is_run_file(out):
+            raise HvaeError(
+                f"{out} belongs to a run directory; hvae never overwrites a run's files",
+                hint="write to a new file name",
+            )
+        if not force:
+            raise HvaeError(f"{out} exists", hint="add --force to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HvaeError(f"cannot create the folder {out.parent}: {exc.strerror}") from None
+    return out
+
+
+def _progress(quiet: bool, what: str) -> Any:
+    """A transient progress bar on stderr (stdout stays for results), or nothing."""
+    if quiet:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        f"{what}",
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, help="dataset split to evaluate")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
-@click.option("--batch-size", type=click.IntRange(min=1), help="evaluation batch size")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="images (or importance samples) per forward pass (default: the run's batch size)",
+)
+@click.option(
+    "--iw-samples",
+    type=click.IntRange(min=1),
+    help="also the importance-weighted bound on -log p(x) with K posterior draws per image "
+    "(costs K forward passes per image)",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -418,35 +424,75 @@ def evaluate(
     split: str,
     checkpoint: str | None,
     batch_size: int | None,
+    iw_samples: int | None,
     data_dir: str | None,
     backend: str | None,
     as_json: bool,
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Bits per dimension of a trained run on a split (EMA weights)."""
-    flags = {"data_dir": data_dir, "backend": backend}
-    trainer = _restored(run_dir, checkpoint, flags, verbose)
-    if split not in trainer.dataset.splits:
+    """Bits per dimension of a trained run on a split (EMA weights): the ELBO, and with
+    --iw-samples the importance-weighted bound."""
+    import time
+
+    import numpy as np
+
+    from hvae_core.config import resolve_config
+    from hvae_core.data import evaluation_batches, open_dataset
+
+    model = _load(run_dir, checkpoint, backend, verbose)
+    config = model.config
+    if data_dir is not None:
+        config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
+    dataset = open_dataset(config)
+    if split not in dataset.splits:
         raise HvaeError(
-            f"dataset {trainer.config.data.dataset} has no split '{split}'",
-            hint=f"splits: {', '.join(trainer.dataset.splits)}",
+            f"dataset {config.data.dataset} has no split '{split}'",
+            hint=f"splits: {', '.join(dataset.splits)}",
         )
-    images = trainer.dataset.load(split)
-    result = trainer.evaluate(images, batch_size)
-    row = {
+    images = dataset.load(split)
+    size = batch_size or model.batch_size
+    started = time.monotonic()
+    totals: dict[str, Any] = {}
+    iw_bpd: list[np.ndarray] = []
+    progress = _progress(quiet, f"{split}")
+    with progress or contextlib.nullcontext():
+        task = progress.add_task(split, total=len(images)) if progress else None
+        done = 0
+        for batch in evaluation_batches(images, size, dataset):
+            terms = model.elbo(batch, batch_size=size)
+            for key in ("bpd", "recon_bpd", "kl_bpd", "kl_layers_bpd"):
+                totals[key] = totals.get(key, 0.0) + np.asarray(terms[key]) * len(batch)
+            if iw_samples is not None:
+                iw_bpd.append(
+                    model.log_likelihood(batch, iw_samples, batch_size=size)["per_image_bpd"]
+                )
+            done += len(batch)
+            if progress:
+                progress.update(task, completed=done)
+    count = len(images)
+    row: dict[str, Any] = {
         "split": split,
-        "images": len(images),
-        "bpd": result["elbo_bpd"],
-        "recon_bpd": result["recon_bpd"],
-        "kl_bpd": result["kl_bpd"],
+        "images": count,
+        "bpd": float(totals["bpd"] / count),
+        "recon_bpd": float(totals["recon_bpd"] / count),
+        "kl_bpd": float(totals["kl_bpd"] / count),
+        "kl_layers_bpd": [float(v) for v in totals["kl_layers_bpd"] / count],
     }
+    if iw_samples is not None:
+        row["iw_samples"] = iw_samples
+        row["iw_bpd"] = float(np.mean(np.concatenate(iw_bpd)))
+    row["seconds"] = round(time.monotonic() - started, 2)
     if as_json:
         click.echo(json.dumps(row))
-    else:
+        return
+    click.echo(
+        f"{split}: {row['bpd']:.4f} bits/dim (ELBO: recon {row['recon_bpd']:.4f}, "
+        f"kl {row['kl_bpd']:.4f}) on {count:,} images"
+    )
+    if iw_samples is not None:
         click.echo(
-            f"{split}: {row['bpd']:.4f} bits/dim (recon {row['recon_bpd']:.4f}, "
-            f"kl {row['kl_bpd']:.4f}) on {len(images):,} images"
+            f"{split}: {row['iw_bpd']:.4f} bits/dim (importance-weighted bound, K = {iw_samples})"
         )
 
 
@@ -482,6 +528,8 @@ def evaluate(
     help="PNG grid to write",
 )
 @click.option("--npz", type=click.Path(dir_okay=False), help="also write the raw samples")
+@click.option("--seed", type=int, help="make the draw repeatable")
+@click.option("--force", is_flag=True, help="overwrite --out / --npz if they exist")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--quiet", is_flag=True, help="no progress output")
@@ -493,12 +541,14 @@ def sample(
     output_temperature: float,
     out: str,
     npz: str | None,
+    seed: int | None,
+    force: bool,
     checkpoint: str | None,
     backend: str | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Draw samples from a trained run (EMA weights)."""
+    """Draw samples from a trained run (EMA weights); needs no dataset."""
     import numpy as np
 
     from hvae_core.training import rundir
@@ -512,13 +562,19 @@ def sample(
         ) from None
     if any(t < 0 for t in temps):
         raise HvaeError(f"--temperature {temperature!r}: temperatures must be >= 0")
-    trainer = _restored(run_dir, checkpoint, {"backend": backend}, verbose)
-    levels = trainer.sample(num, temps[0] if len(temps) == 1 else temps, output_temperature)
-    rundir.save_grid(to_uint8(levels, trainer.dataset.num_bits), Path(out))
-    if npz is not None:
+    out_path = _output_path(out, force)
+    npz_path = _output_path(npz, force) if npz is not None else None
+    if npz_path is not None and npz_path.resolve() == out_path.resolve():
+        raise HvaeError("--out and --npz name the same file", hint="give them different names")
+    model = _load(run_dir, checkpoint, backend, verbose)
+    levels = model.sample(
+        num, temps[0] if len(temps) == 1 else temps, output_temperature, seed=seed
+    )
+    rundir.save_grid(to_uint8(levels, model.num_bits), out_path)
+    if npz_path is not None:
         buffer = io.BytesIO()
-        np.savez(buffer, samples=levels, num_bits=np.array(trainer.dataset.num_bits))
-        rundir.atomic_write_bytes(Path(npz), buffer.getvalue())
+        np.savez(buffer, samples=levels, num_bits=np.array(model.num_bits))
+        rundir.atomic_write_bytes(npz_path, buffer.getvalue())
     click.echo(f"wrote {num} samples to {out}" + (f" and {npz}" if npz else ""))
 
 

@@ -277,6 +277,22 @@ def batch_transform(dataset: Any) -> BatchTransform | None:
     return transform if callable(transform) else None
 
 
+EVAL_SEED = 0  # of the dataset's batch transform (e.g. binarisation) where images are scored
+
+
+def evaluation_batches(images: Any, batch_size: int, dataset: Any) -> Iterator[np.ndarray]:
+    """``images`` in order, in batches, through the dataset's transform with a fixed seed:
+    every evaluation of a split scores the same data."""
+    return BatchStream(
+        images,
+        batch_size,
+        shuffle=False,
+        seed=EVAL_SEED,
+        drop_remainder=False,
+        transform=batch_transform(dataset),
+    ).epoch(0)
+
+
 def open_dataset(config: Config, registry: PluginRegistry | None = None) -> Dataset:
     """The configured dataset: its plugin's factory called with its options and ``config.data``.
 

@@ -39,3 +39,12 @@ class Interrupted(HvaeError):
     """Ctrl-C (SIGINT) during a run; the shell's convention for it is exit status 130."""
 
     exit_code = 130
+
+
+class InputError(HvaeError, ValueError):
+    """Arrays handed to a trained model that it cannot take (wrong shape, type or values)."""
+
+
+class RunWarning(UserWarning):
+    """Something about a run that a user should know but that does not stop it (a plugin now
+    installed at another version than the run used)."""

@@ -425,12 +425,15 @@ def run_cli(*args: str):
 
 
 def test_evaluate_and_sample_a_finished_run(trained, tmp_path) -> None:
-    result = run_cli("evaluate", str(trained), "--split", "test", "--json")
+    result = run_cli("evaluate", str(trained), "--split", "test", "--json", "--iw-samples", "4")
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["split"] == "test" and row["images"] == 150
     assert row["bpd"] == pytest.approx(row["recon_bpd"] + row["kl_bpd"], rel=1e-5)
+    assert sum(row["kl_layers_bpd"]) == pytest.approx(row["kl_bpd"], rel=1e-5)
     assert 0 < row["bpd"] < 4  # 4-bit digits
+    # The importance-weighted bound with K = 4 is at least as tight as the ELBO (on average).
+    assert row["iw_samples"] == 4 and 0 < row["iw_bpd"] <= row["bpd"] + 0.01
     out, raw = tmp_path / "grid.png", tmp_path / "raw.npz"
     result = run_cli(
         "sample",
@@ -451,6 +454,83 @@ def test_evaluate_and_sample_a_finished_run(trained, tmp_path) -> None:
     assert out.stat().st_size > 0
     bad = run_cli("sample", str(trained), "--temperature", "0.5,0.5")
     assert bad.exit_code != 0 and "one per latent layer" in bad.stderr
+
+
+def test_a_loaded_run_holds_the_ema_weights_and_records_its_plugins(trained) -> None:
+    import hvae_core
+
+    model = hvae_core.load(trained)
+    arrays, meta = rundir.load_checkpoint(trained / rundir.CHECKPOINT)
+    variables = model.model.trainable_variables
+    for i, v in enumerate(variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v.value), arrays[f"ema/{i:05d}"])
+    assert {"kind": "dataset", "name": "digits", "package": "hvae", "version": "0.1.0"} in (
+        meta["plugins"]
+    )
+    assert model.epoch == 2 and model.image_shape == (8, 8, 1) and model.num_bits == 4
+    images = digits_images()[:32]
+    scores = model.elbo(images)
+    assert sum(scores["kl_layers_bpd"]) == pytest.approx(scores["kl_bpd"], rel=1e-5)
+    assert scores["bpd"] == pytest.approx(scores["recon_bpd"] + scores["kl_bpd"], rel=1e-6)
+    latents = model.encode(images[:3])
+    assert [z["sample"].shape for z in latents] == [(3, r, r, 2) for r in (1, 2, 4, 8)]
+    assert model.reconstruct(images[:5]).shape == (5, 8, 8, 1)
+    with pytest.raises(ValueError, match="levels must lie in 0..15"):
+        model.elbo(images + 16)
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 8, 8, 1\)"):
+        model.elbo(images[:, :4])
+    with pytest.raises(ValueError, match="one per latent layer"):
+        model.sample(2, temperature=[1.0, 1.0])
+
+
+def test_a_run_samples_without_its_dataset(trained, tmp_path) -> None:
+    import yaml
+
+    import hvae_core
+
+    # A run whose dataset's files have gone (or moved): its config names a folder that does
+    # not exist. Sampling and loading never open the data.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    config["data"]["dataset"] = "image-folder"
+    config["dataset"] = {"path": str(tmp_path / "gone"), "image_size": 8}
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    (moved / rundir.CHECKPOINT).write_bytes((trained / rundir.CHECKPOINT).read_bytes())
+    out, raw = tmp_path / "s.png", tmp_path / "s.npz"
+    args = ("sample", str(moved), "--n", "4", "--seed", "3", "--out", str(out), "--npz", str(raw))
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    with np.load(raw) as data:
+        from_cli = data["samples"]
+    from_python = hvae_core.load(moved).sample(4, seed=3)
+    assert from_python.shape == (4, 8, 8, 1) and from_python.dtype == np.uint8
+    np.testing.assert_array_equal(from_cli, from_python)  # seeded: the same draw
+
+
+def test_sample_never_overwrites_a_run_file_and_other_files_only_with_force(
+    trained, tmp_path
+) -> None:
+    checkpoint, config = trained / rundir.CHECKPOINT, trained / "config.yaml"
+    kept = {p: p.read_bytes() for p in (checkpoint, config)}
+    base = ("sample", str(trained), "--n", "2")
+    for force in ([], ["--force"]):
+        result = run_cli(*base, "--out", str(checkpoint), *force)
+        assert result.exit_code == 1 and "never overwrites a run's files" in result.stderr
+        result = run_cli(*base, "--out", str(tmp_path / "x.png"), "--npz", str(config), *force)
+        assert result.exit_code == 1 and "never overwrites a run's files" in result.stderr
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep me")
+    result = run_cli(*base, "--out", str(existing))
+    assert result.exit_code == 1 and "exists (hint: add --force" in result.stderr
+    assert existing.read_bytes() == b"keep me"
+    out, raw = tmp_path / "new" / "dir" / "s.png", tmp_path / "other" / "s.npz"
+    result = run_cli(*base, "--out", str(existing), "--force")
+    assert result.exit_code == 0 and existing.read_bytes().startswith(b"\x89PNG")
+    result = run_cli(*base, "--out", str(out), "--npz", str(raw))  # folders are created
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(b"\x89PNG") and raw.stat().st_size > 0
 
 
 def test_a_corrupt_checkpoint_is_one_clear_line(trained, tmp_path) -> None:

@@ -12,6 +12,7 @@ from keras import ops
 
 from hvae_core.errors import ConfigError
 from hvae_core.model.decoder import Decoder
+from hvae_core.model.distributions import gaussian_log_prob, sum_per_example
 from hvae_core.model.encoder import Encoder
 from hvae_core.model.heads import DecoderHead, LatentAggregationHead
 from hvae_core.model.layout import scales
@@ -232,6 +233,40 @@ class HVAE(keras.Model):
     def latents(self, x: Any) -> list[Any]:
         """Every layer's posterior sample z for ``x``, top (1x1) first."""
         return self(x)["latents"]
+
+    def encode(self, x: Any) -> list[dict[str, Any]]:
+        """Every layer's posterior for ``x``, top (1x1) first: ``mean`` (of the Gaussian the
+        layer's posterior draws from; with a flow, the flow's input) and ``sample`` (z, after
+        the flow where there is one)."""
+        out = self(x)
+        return [
+            {"mean": stats["q_mean"], "sample": ops.cast(z, "float32")}
+            for stats, z in zip(out["stats"], out["latents"], strict=True)
+        ]
+
+    def log_importance_weights(self, x: Any) -> Any:
+        """log p(x, z) - log q(z|x) in nats, shape (B,), for one posterior draw z of every
+        image: the terms of the importance-weighted bound (Burda et al. 2016), whose mean is
+        the ELBO. Where a layer has a flow, log q(z_K|x) = log N(z_0; q) - log|det dz_K/dz_0|,
+        the single-draw KL the layer already reports."""
+        out = self(x)
+        log_w = dmol_log_prob(
+            out["params"],
+            x,
+            num_mixtures=self.num_mixtures,
+            num_bits=self.num_bits,
+            gradient_smoothing=self.gradient_smoothing,
+            scale_fn=self.scale_fn,
+        )
+        for block, stats, z in zip(self.decoder.blocks, out["stats"], out["latents"], strict=True):
+            if block.flow is not None:
+                log_w = log_w - stats["kl"]
+                continue
+            z = ops.cast(z, "float32")
+            log_q = gaussian_log_prob(z, stats["q_mean"], stats["q_scale"])
+            log_p = gaussian_log_prob(z, stats["p_mean"], stats["p_scale"])
+            log_w = log_w - sum_per_example(log_q - log_p)
+        return log_w
 
     def _sample_pixels(self, params: Any, temperature: float) -> Any:
         return dmol_sample(

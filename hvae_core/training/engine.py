@@ -298,6 +298,32 @@ class Engine:
         return {k: float(keras.ops.convert_to_numpy(v)) for k, v in metrics.items()}
 
 
+class Runner:
+    """Computations of a model on its own variables (sampling, scoring), run as the backend
+    runs them best: what a loaded, trained model uses. No optimizer, no EMA, one device; the
+    noise seeds advance as they would eagerly. The backend modules compile; this base runs
+    eagerly (a backend without an engine module, such as OpenVINO, uses it as it is)."""
+
+    def __init__(self, model: Any, jit: bool = True) -> None:
+        self.model, self.jit = model, jit
+
+    def block_loop(self) -> Scan | None:
+        return None
+
+    def run(self, key: Any, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``; ``key`` names ``fn`` with everything it closes over (a backend
+        compiles ``fn`` once per key and input shapes)."""
+        with loop_with(self.block_loop()):
+            return fn(*args)
+
+
+def make_runner(model: Any, jit: bool = True) -> Runner:
+    """The :class:`Runner` of the active Keras backend."""
+    if keras.backend.backend() not in ("jax", "tensorflow", "torch"):
+        return Runner(model, jit)
+    return backend_module().RUNNER(model, jit)
+
+
 def make_engine(
     model: Any,
     optimizer: Any,

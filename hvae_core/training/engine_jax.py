@@ -7,6 +7,7 @@ only when something outside the step needs them (:meth:`sync`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import keras
 import numpy as np
 
 from hvae_core.errors import HvaeError
-from hvae_core.training.engine import Engine, clip_and_skip
+from hvae_core.training.engine import Engine, Runner, clip_and_skip
 from hvae_core.training.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 
 
@@ -77,6 +78,21 @@ def _scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
 def _scan_remat(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
     # Only the carry is kept per block; the backward pass recomputes the rest.
     return jax.lax.scan(jax.checkpoint(step), init, xs, length=length)
+
+
+def stateless_jit(trainable: list, non_trainable: list, fn: Any) -> Any:
+    """``fn(*args)``, a computation of a model on its variables, as one jitted function of
+    the variables' values: ``(tv, ntv, *args) -> (out, new ntv)`` (the noise seeds are
+    non-trainable and advance)."""
+
+    def impl(tv: list, ntv: list, *args: Any) -> tuple[Any, list]:
+        mapping = list(zip(trainable, tv, strict=True))
+        mapping += list(zip(non_trainable, ntv, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            out = fn(*args)
+        return out, [scope.get_current_value(v) for v in non_trainable]
+
+    return jax.jit(impl)
 
 
 class JaxEngine(Engine):
@@ -201,15 +217,8 @@ class JaxEngine(Engine):
             return super().run_compiled(key, fn, *args)
         jitted = self._compiled.get(key)
         if jitted is None:
-
-            def impl(tv: list, ntv: list, *args: Any) -> tuple[Any, list]:
-                mapping = list(zip(self.trainable, tv, strict=True))
-                mapping += list(zip(self.non_trainable, ntv, strict=True))
-                with keras.StatelessScope(state_mapping=mapping) as scope:
-                    out = super(JaxEngine, self).run_compiled(key, fn, *args)
-                return out, [scope.get_current_value(v) for v in self.non_trainable]
-
-            jitted = self._compiled[key] = jax.jit(impl)
+            run = functools.partial(super().run_compiled, key, fn)
+            jitted = self._compiled[key] = stateless_jit(self.trainable, self.non_trainable, run)
         tv, ntv, ov, ema = self.state_arrays
         out, ntv = jitted(tv, ntv, *args)  # the noise seeds advance, as they would eagerly
         self.state_arrays = (tv, ntv, ov, ema)
@@ -233,4 +242,31 @@ class JaxEngine(Engine):
         return self.to_floats(terms)
 
 
+class JaxRunner(Runner):
+    """Jitted on the Keras variables' current values: one compile per key and input shapes
+    (eager JAX would compile every operation on its own)."""
+
+    def __init__(self, model: Any, jit: bool = True) -> None:
+        super().__init__(model, jit)
+        self._compiled: dict[Any, Any] = {}
+
+    def block_loop(self) -> Any:
+        return _scan if self.jit else None
+
+    def run(self, key: Any, fn: Any, *args: Any) -> Any:
+        if not self.jit:
+            return super().run(key, fn, *args)
+        trainable = list(self.model.trainable_variables)
+        non_trainable = list(self.model.non_trainable_variables)
+        jitted = self._compiled.get(key)
+        if jitted is None:
+            run = functools.partial(super().run, key, fn)
+            jitted = self._compiled[key] = stateless_jit(trainable, non_trainable, run)
+        out, ntv = jitted([v.value for v in trainable], [v.value for v in non_trainable], *args)
+        for v, value in zip(non_trainable, ntv, strict=True):
+            v.assign(value)
+        return out
+
+
 ENGINE = JaxEngine
+RUNNER = JaxRunner

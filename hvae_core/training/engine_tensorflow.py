@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -11,6 +12,7 @@ import tensorflow as tf
 from hvae_core.errors import HvaeError
 from hvae_core.training.engine import (
     Engine,
+    Runner,
     clip_and_skip,
     noise_seed_variables,
     replica_seed_state,
@@ -278,4 +280,26 @@ class TensorFlowEngine(Engine):
         return self.to_floats(self._eval(tf.convert_to_tensor(images)))
 
 
+class TensorFlowRunner(Runner):
+    """One ``tf.function`` per key (XLA when ``jit``), traced again for new input shapes."""
+
+    def __init__(self, model: Any, jit: bool = True) -> None:
+        super().__init__(model, jit)
+        self._compiled: dict[Any, Any] = {}
+        self.on_gpu = bool(tf.config.list_physical_devices("GPU"))
+
+    def block_loop(self) -> Any:
+        # As in the train step: loops on a GPU, unrolled where XLA compiles for a CPU.
+        return _scan if self.jit and self.on_gpu else None
+
+    def run(self, key: Any, fn: Any, *args: Any) -> Any:
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            run = functools.partial(super().run, key, fn)
+            compiled = tf.function(run, jit_compile=self.jit, autograph=False)
+            self._compiled[key] = compiled
+        return compiled(*(tf.convert_to_tensor(a) for a in args))
+
+
 ENGINE = TensorFlowEngine
+RUNNER = TensorFlowRunner

@@ -20,6 +20,7 @@ from keras import ops
 from hvae_core.errors import HvaeError
 from hvae_core.training.engine import (
     Engine,
+    Runner,
     clip_and_skip,
     noise_seed_variables,
     replica_seed_state,
@@ -146,4 +147,13 @@ class TorchEngine(Engine):
             return self.to_floats(self.loss_terms(ops.convert_to_tensor(images), 1.0, False))
 
 
+class TorchRunner(Runner):
+    """Eager, without autograd's bookkeeping."""
+
+    def run(self, key: Any, fn: Any, *args: Any) -> Any:
+        with torch.no_grad():
+            return super().run(key, fn, *args)
+
+
 ENGINE = TorchEngine
+RUNNER = TorchRunner

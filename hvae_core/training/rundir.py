@@ -131,6 +131,24 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone (its arrays are not read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise HvaeError(
+            f"no checkpoint at {path}", hint="has the run finished an epoch or been interrupted?"
+        )
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(json.loads((f.metadata() or {})["hvae"]))
+    except Exception as exc:
+        raise HvaeError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})",
+            hint="use an intact copy",
+        ) from None
+
+
 def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> None:
     """uint8 NHWC images as one PNG grid (grayscale stays grayscale), written atomically."""
     import io

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from hvae_core import __version__
 from hvae_core.backend import set_random_seed
 from hvae_core.errors import HvaeError, Interrupted
+from hvae_core.run import plugins_used
 from hvae_core.training import rundir
 from hvae_core.training.progress import Reporter
 
@@ -25,7 +27,6 @@ SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
 PHASES = ("set-up", "train steps", "evaluation", "images and plots", "checkpoints")
 NUM_SAMPLES = 64
 SAMPLE_TEMPERATURE = 0.8
-EVAL_SEED = 0
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Trainer:
         self.config = config
         self.run_dir: Path = run_dir  # type: ignore[assignment]  # set before fit() or save()
         registry = registry or get_registry()
+        self.plugins = plugins_used(config, registry)
         training = config.training
         # First: the distributed engine must be up before any weight exists.
         self.parallel = setup_parallel(
@@ -138,6 +140,8 @@ class Trainer:
                 "position": asdict(self.position),
                 "num_bits": self.dataset.num_bits,
                 "image_shape": list(self.dataset.image_shape),
+                "hvae_version": __version__,
+                "plugins": [asdict(use) for use in self.plugins],
             },
         )
         self._last_save = time.monotonic()
@@ -399,18 +403,11 @@ class Trainer:
                 self.engine.swap_ema()
 
     def eval_batches(self, images: Any, batch_size: int | None = None) -> Any:
-        """``images`` in order, through the dataset's transform (e.g. binarisation) with a
-        fixed seed, so that every evaluation scores the same data."""
-        from hvae_core.data import BatchStream, batch_transform
+        from hvae_core.data import evaluation_batches
 
-        return BatchStream(
-            images,
-            batch_size or self.config.training.batch_size,
-            shuffle=False,
-            seed=EVAL_SEED,
-            drop_remainder=False,
-            transform=batch_transform(self.dataset),
-        ).epoch(0)
+        return evaluation_batches(
+            images, batch_size or self.config.training.batch_size, self.dataset
+        )
 
     def evaluate(self, images: Any, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss parts over ``images`` (uint8 NHWC), EMA weights."""

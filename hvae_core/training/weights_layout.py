@@ -66,8 +66,8 @@ def from_unstacked(
     arrays: dict[str, np.ndarray], model: Any, optimizer: Any, ema: bool
 ) -> dict[str, np.ndarray]:
     """``arrays`` of a checkpoint in the unstacked layout, rewritten for ``model``'s (stacked)
-    variables, its EMA (when ``ema``) and ``optimizer``'s variables. A ValueError says what
-    does not fit."""
+    variables, its EMA (when ``ema``) and ``optimizer``'s variables (none when ``optimizer`` is
+    None: a model loaded for inference). A ValueError says what does not fit."""
     from hvae_core.model.hvae import HVAE
 
     legacy = HVAE(
@@ -94,6 +94,8 @@ def from_unstacked(
             parts, stacked = sources[id(v)]
             out[f"ema/{i:05d}"] = _assemble([ema_value[id(p)] for p in parts], stacked)
 
+    if optimizer is None:
+        return {k: np.asarray(keras.ops.convert_to_numpy(a)) for k, a in out.items()}
     # Keras names an optimizer's slot "<path of its weight, '/' as '_'>_<slot>"; an optimizer
     # like the run's, built on the unstacked weights, gives the checkpoint's order of them.
     twin = type(optimizer).from_config(optimizer.get_config())

@@ -1,0 +1,167 @@
+"""A run directory's life: created once and never reused, resumed under fixed rules, opened
+again to load the trained model.
+
+The files and their formats are :mod:`hvae_core.training.rundir`'s; this module says what may
+happen to them. Nothing here imports a Keras backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvae_core.errors import HvaeError, PluginError
+
+# Config sections a resumed run may change: how it trains and runs, never the model or data.
+RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer")
+
+
+@dataclass(frozen=True)
+class PluginUse:
+    """One plugin a run used, as its checkpoint records it."""
+
+    kind: str
+    name: str
+    package: str
+    version: str
+
+
+def plugins_used(config: Any, registry: Any = None) -> list[PluginUse]:
+    """The plugins ``config`` selects (one per kind at most), with the installed package and
+    version of each: what a run records so that whoever loads it knows what to install."""
+    from hvae_core.config import SELECTOR
+    from hvae_core.plugins import get_registry
+
+    registry = registry or get_registry()
+    used = []
+    for kind in SELECTOR:
+        name = config.selected(kind)
+        if name is not None:
+            spec = registry.get(kind, name)
+            used.append(PluginUse(kind, name, spec.package, spec.version))
+    return used
+
+
+def check_plugins(recorded: Sequence[Mapping[str, str]], registry: Any = None) -> list[str]:
+    """Raise a :class:`PluginError` naming the package to install when a plugin the run used
+    is not installed; return one warning per plugin now installed at another version."""
+    from hvae_core.plugins import get_registry
+
+    registry = registry or get_registry()
+    warnings = []
+    for row in recorded:
+        use = PluginUse(**{k: str(row[k]) for k in ("kind", "name", "package", "version")})
+        if use.name not in registry.names(use.kind):
+            raise PluginError(
+                f"this run used the {use.kind} plugin '{use.name}' from the package "
+                f"{use.package} {use.version}, which is not installed",
+                hint=f"pip install '{use.package}=={use.version}'",
+            )
+        spec = registry.get(use.kind, use.name)
+        if spec.package != use.package or spec.version != use.version:
+            warnings.append(
+                f"the run used {use.kind} '{use.name}' from {use.package} {use.version}; "
+                f"installed is {spec.package} {spec.version}"
+            )
+    return warnings
+
+
+class RunDirectory:
+    """One run's directory (see :mod:`hvae_core.training.rundir` for its files)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, save_dir: str | os.PathLike[str], config: Any) -> RunDirectory:
+        """A new directory under ``save_dir`` named after the dataset and the time (an
+        existing directory is never reused), holding ``config``."""
+        from hvae_core.training import rundir
+
+        run = cls(rundir.create_run_dir(save_dir, config.data.dataset))
+        run.write_config(config)
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> RunDirectory:
+        """An existing run directory; one line of error when ``path`` is not one."""
+        from hvae_core.training import rundir
+
+        run = cls(path)
+        if not run.path.is_dir():
+            raise HvaeError(
+                f"{run.path} is not a run directory (it does not exist)",
+                hint="give a directory that 'hvae train' created",
+            )
+        if not (run.path / rundir.CONFIG).is_file():
+            raise HvaeError(
+                f"{run.path} is not a run directory (no {rundir.CONFIG})",
+                hint="give a directory that 'hvae train' created",
+            )
+        return run
+
+    @property
+    def checkpoint_path(self) -> Path:
+        from hvae_core.training import rundir
+
+        return self.path / rundir.CHECKPOINT
+
+    def config(self, registry: Any = None) -> Any:
+        """The run's resolved config, as it trained (see ``load_run_config``)."""
+        from hvae_core.config import load_run_config
+        from hvae_core.training import rundir
+
+        return load_run_config(self.path / rundir.CONFIG, registry)
+
+    def write_config(self, config: Any) -> None:
+        from hvae_core.training import rundir
+
+        rundir.write_config(self.path, config)
+
+    def resume_config(
+        self,
+        config: str | None,
+        overrides: Sequence[str],
+        flags: Mapping[str, Any],
+    ) -> Any:
+        """The config a resume continues with: the run's own, where ``config`` (a preset or
+        file), ``flags`` and ``overrides`` may change the sections in
+        :data:`RESUMABLE_SECTIONS` but not the model or the data."""
+        from hvae_core.config import changed_keys, load_config_source, merge, resolve_config
+
+        stored = self.config()
+        if config is None and not overrides and not any(v is not None for v in flags.values()):
+            return stored
+        raw = stored.to_dict()
+        if config is not None:
+            merge(raw, load_config_source(config))
+        updated = resolve_config(None, flags, overrides, base=raw)
+        prefixes = tuple(f"{section}." for section in RESUMABLE_SECTIONS)
+        changed = changed_keys(stored.to_dict(), updated.to_dict())
+        changed = [k for k in changed if not k.startswith(prefixes)]
+        if changed:
+            raise HvaeError(
+                f"{self.path} was trained with another model or data config "
+                f"(differs in {', '.join(changed[:5])})",
+                hint="resume without those options, or start a new run",
+            )
+        return updated
+
+    def checkpoint_meta(self, checkpoint: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """The metadata of the run's checkpoint (or of ``checkpoint``), without its arrays."""
+        from hvae_core.training import rundir
+
+        path = Path(checkpoint) if checkpoint is not None else self.checkpoint_path
+        return rundir.read_checkpoint_meta(path)
+
+
+def is_run_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies in a run directory (a folder holding a run's config): such files
+    belong to the run and are never overwritten by other commands."""
+    from hvae_core.training import rundir
+
+    folder = Path(path).resolve().parent
+    return (folder / rundir.CONFIG).is_file() or (folder / rundir.CHECKPOINT).is_file()

@@ -1,0 +1,390 @@
+"""A trained run as a model you can use: ``hvae_core.load(run_dir)``, then sample, reconstruct,
+encode and score images with the EMA weights, on one device, without the training data.
+
+Images go in and come out as the datasets give them: uint8 (N, H, W, C) levels of the run's bit
+depth (0 .. 2**num_bits - 1). Every computation is a method of the model
+(:class:`~hvae_core.model.hvae.HVAE`) that the backend's runner compiles once per shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvae_core.errors import HvaeError, InputError, RunWarning
+from hvae_core.run import RunDirectory, check_plugins
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``, called as long work advances."""
+
+
+class TrainedModel:
+    """A run's model with its trained (EMA) weights. Build one with :func:`load`."""
+
+    def __init__(
+        self, model: Any, config: Any, run: RunDirectory, meta: dict[str, Any], runner: Any
+    ) -> None:
+        self.model, self.config, self.run = model, config, run
+        self.meta, self.runner = meta, runner
+
+    # -- what it is ---------------------------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.model.image_shape
+
+    @property
+    def num_bits(self) -> int:
+        return int(self.model.num_bits)
+
+    @property
+    def num_latent_layers(self) -> int:
+        return int(self.model.num_latent_layers)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs the checkpoint had completed."""
+        return int(self.meta.get("position", {}).get("epoch", 0))
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass unless a method is told otherwise: the run's batch size."""
+        return int(self.config.training.batch_size)
+
+    def __repr__(self) -> str:
+        h, w, c = self.image_shape
+        return (
+            f"TrainedModel({str(self.run.path)!r}, epoch {self.epoch}, {h}x{w}x{c} images, "
+            f"{self.num_bits} bits, {self.num_latent_layers} latent layers, "
+            f"{self.model.count_params():,} parameters)"
+        )
+
+    # -- what it does -------------------------------------------------------------------------
+
+    def sample(
+        self,
+        n: int,
+        temperature: float | Sequence[float] = 1.0,
+        output_temperature: float = 1.0,
+        *,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """``n`` images from the prior, uint8 levels (n, H, W, C). ``temperature`` scales the
+        prior's noise: one value, or one per latent layer (top first); ``output_temperature``
+        the pixel likelihood's (0: the mode of each pixel's chosen component). ``seed`` makes
+        the draw repeatable (None: the model's noise streams continue)."""
+        from hvae_core.model.likelihood import to_levels
+
+        n = _count(n, "n")
+        temps = self._temperatures(temperature)
+        output_temperature = _non_negative(output_temperature, "output_temperature")
+        if seed is not None:
+            self.reseed(seed)
+        size = self._batch(batch_size)
+        parts = []
+        for start in range(0, n, size):
+            rows = min(size, n - start)
+
+            def generate(rows: int = rows) -> Any:
+                x = self.model.generate(
+                    rows, temperature=temps, output_temperature=output_temperature
+                )
+                return to_levels(x, self.num_bits)
+
+            key = ("sample", rows, tuple(temps), output_temperature)
+            parts.append(self._numpy(self.runner.run(key, generate)))
+        return np.concatenate(parts).astype(np.uint8)
+
+    def reconstruct(
+        self, images: Any, output_temperature: float = 0.0, *, batch_size: int | None = None
+    ) -> np.ndarray:
+        """``images`` decoded from latents drawn from their posterior, uint8 levels."""
+        from hvae_core.model.likelihood import to_levels
+
+        output_temperature = _non_negative(output_temperature, "output_temperature")
+
+        def reconstruct(batch: Any) -> Any:
+            x = self.model.reconstruct(self._unit(batch), output_temperature=output_temperature)
+            return to_levels(x, self.num_bits)
+
+        key = ("reconstruct", output_temperature)
+        parts = [
+            self._numpy(self.runner.run(key, reconstruct, batch))
+            for batch in self._batches(images, batch_size)
+        ]
+        return np.concatenate(parts).astype(np.uint8)
+
+    def encode(self, images: Any, *, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+        """Every latent layer's posterior for ``images``, top (1x1) first: ``{"mean", "sample"}``
+        arrays (N, R, R, z_width) (with a flow, ``mean`` is that of the flow's input and
+        ``sample`` is after the flow)."""
+        parts = [
+            self.runner.run("encode", lambda b: self.model.encode(self._unit(b)), batch)
+            for batch in self._batches(images, batch_size)
+        ]
+        return [
+            {k: np.concatenate([self._numpy(p[i][k]) for p in parts]) for k in ("mean", "sample")}
+            for i in range(self.num_latent_layers)
+        ]
+
+    def elbo(self, images: Any, *, batch_size: int | None = None) -> dict[str, Any]:
+        """The negative ELBO of ``images`` in bits per dimension, averaged over them: ``bpd``,
+        its ``recon_bpd`` and ``kl_bpd`` parts and ``kl_layers_bpd`` (every layer's KL, top
+        first; they sum to ``kl_bpd``)."""
+
+        def terms(batch: Any) -> dict[str, Any]:
+            result = self.model.losses_for(self._unit(batch), beta=1.0, training=False)
+            return {
+                "bpd": result["elbo_bpd"],
+                "recon_bpd": result["recon_bpd"],
+                "kl_bpd": result["kl_bpd"],
+                "kl_layers_bpd": result["kl_layers_bpd"],
+            }
+
+        totals: dict[str, Any] = {}
+        count = 0
+        for batch in self._batches(images, batch_size):
+            for key, value in self.runner.run("elbo", terms, batch).items():
+                totals[key] = totals.get(key, 0.0) + self._numpy(value).astype(np.float64) * len(
+                    batch
+                )
+            count += len(batch)
+        out: dict[str, Any] = {k: v / count for k, v in totals.items()}
+        for key in ("bpd", "recon_bpd", "kl_bpd"):
+            out[key] = float(out[key])
+        out["images"] = count
+        return out
+
+    def log_likelihood(
+        self,
+        images: Any,
+        num_samples: int = 100,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """The importance-weighted bound on -log p(x) (Burda et al. 2016) with ``num_samples``
+        = K posterior draws per image, in bits per dimension:
+
+            -log p(x) <= -log (1/K) sum_k p(x, z_k) / q(z_k | x)
+
+        It tightens as K grows and equals the ELBO in expectation at K = 1. The K draws of
+        all images run ``batch_size`` at a time (default: the run's batch size): memory stays
+        that of one forward pass, time is K forward passes per image. Returns ``bpd`` (the
+        mean over images), ``per_image_bpd``, ``num_samples`` and ``images``."""
+        k = _count(num_samples, "num_samples")
+        images = self._check(images)
+        n, rows = len(images), self._batch(batch_size)
+        total = n * k
+        # Running log-sum-exp per image, in float64: the draws of an image may span calls.
+        log_sum = np.full(n, -np.inf)
+        key = ("log_importance_weights",)
+        for start in range(0, total, rows):
+            draw = np.arange(start, start + rows)
+            owner = np.minimum(draw, total - 1) // k  # the last call is padded: one shape
+            weights = self._numpy(
+                self.runner.run(
+                    key,
+                    lambda b: self.model.log_importance_weights(self._unit(b)),
+                    self._levels(images[owner]),
+                )
+            ).astype(np.float64)
+            valid = draw < total
+            np.logaddexp.at(log_sum, owner[valid], weights[valid])
+            if progress is not None:
+                progress(min(start + rows, total), total)
+        log_px = log_sum - math.log(k)
+        per_image = -log_px / (math.prod(self.image_shape) * math.log(2.0))
+        return {
+            "bpd": float(np.mean(per_image)),
+            "per_image_bpd": per_image,
+            "num_samples": k,
+            "images": n,
+        }
+
+    def reseed(self, seed: int) -> None:
+        """Set every noise stream of the model (latent layers, pixel sampling) from ``seed``."""
+        from hvae_core.training.engine import noise_seed_variables
+
+        rng = np.random.default_rng(int(seed))
+        for v in noise_seed_variables(self.model):
+            state = np.zeros(tuple(v.shape), dtype=np.dtype(v.dtype))
+            state[..., 0] = rng.integers(1, 2**30, size=state.shape[:-1])
+            v.assign(state)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _temperatures(self, temperature: float | Sequence[float]) -> list[float]:
+        values = [temperature] if isinstance(temperature, int | float) else list(temperature)
+        temps = [_non_negative(t, "temperature") for t in values]
+        if len(temps) == 1:
+            return temps * self.num_latent_layers
+        if len(temps) != self.num_latent_layers:
+            raise InputError(
+                f"expected one temperature or {self.num_latent_layers} (one per latent layer), "
+                f"got {len(temps)}"
+            )
+        return temps
+
+    def _batch(self, batch_size: int | None) -> int:
+        return self.batch_size if batch_size is None else _count(batch_size, "batch_size")
+
+    def _check(self, images: Any) -> Any:
+        """``images`` as the model takes them, or an :class:`InputError` saying why not."""
+        shape = tuple(getattr(images, "shape", ()))
+        if not hasattr(images, "dtype"):
+            images = np.asarray(images)
+            shape = images.shape
+        if len(shape) != 4 or tuple(shape[1:]) != tuple(self.image_shape) or shape[0] == 0:
+            raise InputError(
+                f"expected images of shape (N, {', '.join(map(str, self.image_shape))}) with "
+                f"N >= 1, got {shape}"
+            )
+        if not np.issubdtype(np.dtype(images.dtype), np.integer):
+            raise InputError(
+                f"expected integer pixel levels (uint8), got {np.dtype(images.dtype)}",
+                hint=f"levels run from 0 to {2**self.num_bits - 1} ({self.num_bits} bits)",
+            )
+        return images
+
+    def _batches(self, images: Any, batch_size: int | None) -> Any:
+        images = self._check(images)
+        size = self._batch(batch_size)
+        for start in range(0, len(images), size):
+            yield self._levels(images[start : start + size])
+
+    def _levels(self, batch: Any) -> np.ndarray:
+        batch = np.asarray(batch)
+        top = 2**self.num_bits - 1
+        if batch.min() < 0 or batch.max() > top:
+            raise InputError(
+                f"pixel levels must lie in 0..{top} ({self.num_bits} bits), found "
+                f"{batch.min()}..{batch.max()}"
+            )
+        return batch.astype(np.uint8)
+
+    def _unit(self, batch: Any) -> Any:
+        from hvae_core.training.engine import to_unit_range
+
+        return to_unit_range(batch, self.num_bits)
+
+    @staticmethod
+    def _numpy(value: Any) -> np.ndarray:
+        import keras
+
+        return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def load(
+    run_dir: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
+    *,
+    jit: bool | None = None,
+    verbose: bool = False,
+    registry: Any = None,
+) -> TrainedModel:
+    """The trained model of ``run_dir`` with its EMA weights, on one device: no optimizer, no
+    distributed set-up, no dataset. ``checkpoint``: another checkpoint of the run (default:
+    the run's own). ``backend``: the Keras backend (default: the one already imported, else
+    $KERAS_BACKEND, else the run's); Keras cannot switch backends within a process.
+    ``jit``: compile the computations (default: the run's ``run.jit``). ``verbose``: let the
+    backend's native libraries log as they start (default: as $HVAE_LOG_LEVEL says)."""
+    from hvae_core import logs
+    from hvae_core.backend import import_backend, select_backend
+    from hvae_core.training import rundir
+
+    run = RunDirectory.open(run_dir)
+    path = Path(checkpoint) if checkpoint is not None else run.checkpoint_path
+    meta = run.checkpoint_meta(path)
+    for message in check_plugins(meta.get("plugins", []), registry):
+        warnings.warn(message, RunWarning, stacklevel=2)
+    config = run.config(registry)
+    if "image_shape" not in meta or "num_bits" not in meta:
+        raise HvaeError(
+            f"checkpoint {path} records no image shape or bit depth",
+            hint="it predates hvae's run format; resume the run for an epoch to rewrite it",
+        )
+    if "keras" in sys.modules:
+        select_backend(backend or sys.modules["keras"].backend.backend())
+    else:
+        select_backend(backend or os.environ.get("KERAS_BACKEND") or config.run.backend)
+    quiet = logs.log_level(verbose) == logs.QUIET
+    if quiet:
+        logs.quiet_native_logs()
+    import_backend(quiet)
+    arrays, _ = rundir.load_checkpoint(path)
+    model = _build(config, meta, arrays, registry)
+    from hvae_core.training.engine import make_runner
+
+    runner = make_runner(model, config.run.jit if jit is None else bool(jit))
+    return TrainedModel(model, config, run, meta, runner)
+
+
+def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], registry: Any) -> Any:
+    """The run's model holding the checkpoint's weights, the EMA in place of the trained ones
+    where the run kept one."""
+    from hvae_core.model.hvae import HVAE
+
+    model = HVAE(
+        config,
+        meta["image_shape"],
+        int(meta["num_bits"]),
+        registry=registry,
+        seed=config.training.seed,
+    )
+    model.build_weights()
+    trainable = list(model.trainable_variables)
+    has_ema = any(k.startswith("ema/") for k in arrays)
+    saved = sum(1 for k in arrays if k.startswith("model/"))
+    if saved != len(model.variables):
+        from hvae_core.training.weights_layout import from_unstacked
+
+        try:
+            arrays = from_unstacked(arrays, model, None, has_ema)
+        except ValueError as exc:
+            raise HvaeError(f"the checkpoint does not fit the run's model: {exc}") from None
+    groups = [("model", list(model.variables))]
+    if has_ema:
+        groups.append(("ema", trainable))  # the EMA is what a finished run is scored with
+    for prefix, variables in groups:
+        names = sorted(k for k in arrays if k.startswith(prefix + "/"))
+        if len(names) != len(variables):
+            raise HvaeError(
+                f"the checkpoint holds {len(names)} {prefix} arrays, the run's model "
+                f"{len(variables)}",
+                hint="was config.yaml edited after the run started?",
+            )
+        for name, v in zip(names, variables, strict=True):
+            if tuple(arrays[name].shape) != tuple(v.shape):
+                raise HvaeError(
+                    f"{name}: shape {arrays[name].shape} in the checkpoint, {tuple(v.shape)} "
+                    "in the run's model",
+                    hint="was config.yaml edited after the run started?",
+                )
+            v.assign(arrays[name])
+    return model
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _non_negative(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise InputError(f"{what} must be a finite number >= 0, got {value!r}")
+    return number

@@ -1,0 +1,109 @@
+"""A trained model in use: the importance-weighted bound against a brute-force log p(x)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from hvae_plugins.datasets.digits import digits_images
+
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.model.likelihood import dmol_log_prob
+from hvae_core.run import RunDirectory
+from hvae_core.trained import TrainedModel
+from hvae_core.training.engine import make_runner, to_unit_range
+
+# One latent layer of one dimension (1x1x1, at the top): log p(x) = log of a 1-d integral over
+# the prior's noise, which a fine grid computes to far better than the tolerances below.
+ONE_LATENT = ["model.dec_num_blocks=[0,0,0,1]", "model.z_width=[1]"]
+GRID = np.linspace(-12.0, 12.0, 4001)
+
+
+def one_latent_model(*overrides: str, z_scale: float = 20.0) -> TrainedModel:
+    keras.utils.set_random_seed(0)
+    cfg = resolve_config("tiny", overrides=[*ONE_LATENT, *overrides])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    # A latent that matters: scaled up, z moves the pixels' likelihood a lot, so that the
+    # untrained posterior is a poor proposal and the bound's gap is wide at K = 1.
+    (block,) = model.decoder.blocks
+    kernel = block.z_proj.kernel
+    kernel.assign(kernel.value * z_scale)
+    if block.flow is not None:  # away from its initial near-identity: a log-det that matters
+        rng = np.random.default_rng(0)
+        for w in block.flow.weights:
+            w.assign(w.value + rng.normal(0.0, 0.5, w.shape).astype(np.float32))
+    return TrainedModel(model, cfg, RunDirectory("."), {}, make_runner(model, jit=False))
+
+
+def brute_force_log_px(trained: TrainedModel, images: np.ndarray) -> np.ndarray:
+    """log p(x) in nats per image: the decoder run from the prior with the noise set to every
+    grid point (z = prior mean + prior scale * eps), p(x) = integral of N(eps) p(x | z(eps))."""
+    model = trained.model
+    (block,) = model.decoder.blocks
+    eps = keras.ops.convert_to_tensor(GRID.reshape(-1, 1, 1, 1).astype(np.float32))
+    block.noise = lambda like, groups: eps  # the grid in place of the random draw
+    try:
+        state, zs, _ = model.decoder(activations=None, batch_size=len(GRID))
+        params = model.head(state, zs)
+    finally:
+        del block.noise
+    x = to_unit_range(images, trained.num_bits)
+    log_prior = -0.5 * GRID**2 - 0.5 * math.log(2 * math.pi)
+    step = GRID[1] - GRID[0]
+    out = []
+    for image in keras.ops.convert_to_numpy(x):
+        tiled = np.repeat(image[None], len(GRID), axis=0)
+        log_px_z = keras.ops.convert_to_numpy(
+            dmol_log_prob(
+                params,
+                tiled,
+                num_mixtures=model.num_mixtures,
+                num_bits=model.num_bits,
+                gradient_smoothing=model.gradient_smoothing,
+                scale_fn=model.scale_fn,
+            )
+        ).astype(np.float64)
+        terms = log_prior + log_px_z
+        top = terms.max()
+        out.append(top + math.log(np.exp(terms - top).sum() * step))
+    return np.array(out)
+
+
+def nats(trained: TrainedModel, bpd: np.ndarray) -> np.ndarray:
+    return -np.asarray(bpd) * 64 * math.log(2.0)
+
+
+@pytest.mark.parametrize("flow", [None, "orthogonal-sylvester"])
+def test_the_importance_weighted_bound_approaches_log_px_from_below(flow) -> None:
+    trained = one_latent_model(*([f"model.flow={flow}"] if flow else []))
+    images = digits_images()[:3]
+    truth = brute_force_log_px(trained, images)
+    bounds, spreads = {}, {}
+    for k, repeats in ((1, 1000), (10, 200), (100, 40)):
+        stacked = np.repeat(images, repeats, axis=0)  # independent draws of each image
+        result = trained.log_likelihood(stacked, num_samples=k, batch_size=1000)
+        per_image = nats(trained, result["per_image_bpd"]).reshape(len(images), repeats)
+        bounds[k] = per_image.mean(axis=1)
+        spreads[k] = per_image.std(axis=1) / math.sqrt(repeats)
+        # A lower bound in expectation: the mean of the draws stays below log p(x).
+        assert np.all(bounds[k] <= truth + 3 * spreads[k] + 1e-3), (k, bounds[k], truth)
+    assert np.all(truth - bounds[1] > 0.15), truth - bounds[1]  # the ELBO is loose here
+    # It rises with K (K = 100 may only match K = 10 within the draws' spread).
+    assert np.all(bounds[10] - bounds[1] > 3 * (spreads[1] + spreads[10]))
+    assert np.all(bounds[100] - bounds[10] > -3 * (spreads[10] + spreads[100]))
+    large = trained.log_likelihood(images, num_samples=5000, batch_size=1000)
+    np.testing.assert_allclose(nats(trained, large["per_image_bpd"]), truth, atol=0.05)
+    assert large["bpd"] == pytest.approx(float(np.mean(large["per_image_bpd"])))
+
+
+def test_with_one_sample_the_bound_is_the_elbo_on_average() -> None:
+    trained = one_latent_model()
+    images = np.repeat(digits_images()[:2], 2000, axis=0)
+    one = trained.log_likelihood(images, num_samples=1, batch_size=1000)["per_image_bpd"]
+    elbo = trained.elbo(images, batch_size=1000)["bpd"]
+    # The bound draws its KL, the ELBO computes it in closed form: equal means.
+    assert float(np.mean(one)) == pytest.approx(elbo, abs=4 * np.std(one) / math.sqrt(len(one)))
