@@ -284,6 +284,21 @@ def test_devices_flag_trains_data_parallel_and_one_device_resumes(backend, how, 
     log = finish(hvae(*args, backend=backend))
     assert f"2 devices ({how})" in log
     run_dir = assert_one_complete_run_dir(tmp_path)
+    # A run trained on two devices is evaluated and sampled on one (torch's used to relaunch
+    # under torchrun and fail).
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    for command in (
+        ["evaluate", str(run_dir), "--quiet"],
+        ["sample", str(run_dir), "--n", "4", "--out", str(tmp_path / "s.png")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "hvae_core", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
     resume_on_one_device(run_dir, backend)
 
 

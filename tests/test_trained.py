@@ -107,3 +107,20 @@ def test_with_one_sample_the_bound_is_the_elbo_on_average() -> None:
     elbo = trained.elbo(images, batch_size=1000)["bpd"]
     # The bound draws its KL, the ELBO computes it in closed form: equal means.
     assert float(np.mean(one)) == pytest.approx(elbo, abs=4 * np.std(one) / math.sqrt(len(one)))
+
+
+def test_a_plugin_the_run_used_must_be_installed() -> None:
+    from hvae_core.errors import PluginError
+    from hvae_core.run import check_plugins
+
+    gone = [{"kind": "flow", "name": "fancy", "package": "hvae-fancy", "version": "1.2"}]
+    with pytest.raises(PluginError) as error:
+        check_plugins(gone)
+    assert error.value.one_line() == (
+        "this run used the flow plugin 'fancy' from the package hvae-fancy 1.2, which is not "
+        "installed (hint: pip install 'hvae-fancy==1.2')"
+    )
+    older = [{"kind": "dataset", "name": "digits", "package": "hvae", "version": "0.0.9"}]
+    assert check_plugins(older) == [
+        "the run used dataset 'digits' from hvae 0.0.9; installed is hvae 0.1.0"
+    ]
