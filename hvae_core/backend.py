@@ -19,7 +19,7 @@ ABSL_LOGGING = ("tensorflow", "jax")
 
 def default_backend() -> str:
     """The backend of a run that names none (and no $KERAS_BACKEND): JAX when it is installed.
-    On a CPU its compiled step is the fastest of the three (the default job: 110 s on JAX,
+    On a CPU its compiled step is the fastest of the three (the default job: 103 s on JAX,
     173 s on TensorFlow, 405 s on PyTorch, 2 cores), and its compile the shortest."""
     return "jax" if importlib.util.find_spec("jax") is not None else "tensorflow"
 
