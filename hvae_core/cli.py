@@ -21,6 +21,8 @@ from hvae_core.logs import LOG_LEVEL_ENV
 from hvae_core.training import parallel as parallel_env
 
 BACKENDS = ("tensorflow", "jax", "torch")
+EXPORT_FORMATS = ("keras", "savedmodel", "onnx")
+EXPORTED = ("sampler", "encoder")  # the models an export writes, by file stem
 
 
 def _fail(message: str, code: int) -> None:
@@ -439,6 +441,7 @@ def evaluate(
 
     from hvae_core.config import resolve_config
     from hvae_core.data import evaluation_batches, open_dataset
+    from hvae_core.model.evaluation import usage_line
 
     model = _load(run_dir, checkpoint, backend, verbose)
     config = model.config
@@ -453,42 +456,45 @@ def evaluate(
     images = dataset.load(split)
     size = batch_size or model.batch_size
     started = time.monotonic()
-    totals: dict[str, Any] = {}
-    iw_bpd: list[np.ndarray] = []
-    progress = _progress(quiet, f"{split}")
+    passes = 1 if iw_samples is None else 2
+    progress = _progress(quiet, split)
     with progress or contextlib.nullcontext():
-        task = progress.add_task(split, total=len(images)) if progress else None
-        done = 0
-        for batch in evaluation_batches(images, size, dataset):
-            terms = model.elbo(batch, batch_size=size)
-            for key in ("bpd", "recon_bpd", "kl_bpd", "kl_layers_bpd"):
-                totals[key] = totals.get(key, 0.0) + np.asarray(terms[key]) * len(batch)
-            if iw_samples is not None:
-                iw_bpd.append(
-                    model.log_likelihood(batch, iw_samples, batch_size=size)["per_image_bpd"]
-                )
-            done += len(batch)
-            if progress:
-                progress.update(task, completed=done)
-    count = len(images)
+        task = progress.add_task(split, total=passes * len(images)) if progress else None
+
+        def batches() -> Any:
+            for batch in evaluation_batches(images, size, dataset):
+                yield batch
+                if progress:
+                    progress.advance(task, len(batch))
+
+        summary = model.elbo(batches(), batch_size=size)
+        if iw_samples is not None:
+            per_image = [
+                model.log_likelihood(batch, iw_samples, batch_size=size)["per_image_bpd"]
+                for batch in batches()
+            ]
     row: dict[str, Any] = {
         "split": split,
-        "images": count,
-        "bpd": float(totals["bpd"] / count),
-        "recon_bpd": float(totals["recon_bpd"] / count),
-        "kl_bpd": float(totals["kl_bpd"] / count),
-        "kl_layers_bpd": [float(v) for v in totals["kl_layers_bpd"] / count],
+        "images": summary["images"],
+        "bpd": summary["elbo_bpd"],
+        "recon_bpd": summary["recon_bpd"],
+        "kl_bpd": summary["kl_bpd"],
+        "kl_layers_bpd": summary["kl_layers_bpd"],
+        "active_units": summary["active_units"],
+        "active_units_total": summary["active_units_total"],
+        "latent_dims_total": summary["latent_dims_total"],
+        "active_layers": summary["active_layers"],
     }
     if iw_samples is not None:
         row["iw_samples"] = iw_samples
-        row["iw_bpd"] = float(np.mean(np.concatenate(iw_bpd)))
+        row["iw_bpd"] = float(np.mean(np.concatenate(per_image)))
     row["seconds"] = round(time.monotonic() - started, 2)
     if as_json:
         click.echo(json.dumps(row))
         return
     click.echo(
         f"{split}: {row['bpd']:.4f} bits/dim (ELBO: recon {row['recon_bpd']:.4f}, "
-        f"kl {row['kl_bpd']:.4f}) on {count:,} images"
+        f"kl {row['kl_bpd']:.4f}) on {row['images']:,} images; {usage_line(summary)}"
     )
     if iw_samples is not None:
         click.echo(
@@ -576,6 +582,73 @@ def sample(
         np.savez(buffer, samples=levels, num_bits=np.array(model.num_bits))
         rundir.atomic_write_bytes(npz_path, buffer.getvalue())
     click.echo(f"wrote {num} samples to {out}" + (f" and {npz}" if npz else ""))
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(EXPORT_FORMATS),
+    default="keras",
+    show_default=True,
+    help="keras: .keras files (keras.saving.load_model after 'import hvae_core.export'); "
+    "savedmodel: TensorFlow SavedModels; onnx: ONNX files",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="folder to write the sampler and the encoder into",
+)
+@click.option(
+    "--output-temperature",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="the sampler's pixel likelihood temperature (0: its mode)",
+)
+@click.option(
+    "--seed",
+    type=int,
+    help="start the sampler's noise from this seed (its first draw then equals "
+    "'hvae sample --seed' on the same backend)",
+)
+@click.option("--force", is_flag=True, help="replace an earlier export in --out")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
+@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
+@verbose_option
+def export(
+    run_dir: str,
+    fmt: str,
+    out: str,
+    output_temperature: float,
+    seed: int | None,
+    force: bool,
+    checkpoint: str | None,
+    backend: str | None,
+    verbose: bool,
+) -> None:
+    """Export a trained run as a sampler (temperature per image -> pixels) and an encoder
+    (pixels -> every layer's posterior), EMA weights."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
+    earlier = sorted(
+        p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in EXPORTED
+    )
+    if earlier and not force:
+        raise HvaeError(
+            f"{folder} already holds an export ({', '.join(earlier)})",
+            hint="add --force to replace it, or choose another --out",
+        )
+    model = _load(run_dir, checkpoint, backend, verbose)
+    from hvae_core.export import export_model
+
+    written = export_model(
+        model, fmt, folder, output_temperature=output_temperature, seed=seed, replace=force
+    )
+    click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def main(argv: list[str] | None = None) -> None:

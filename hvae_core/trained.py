@@ -136,31 +136,28 @@ class TrainedModel:
         ]
 
     def elbo(self, images: Any, *, batch_size: int | None = None) -> dict[str, Any]:
-        """The negative ELBO of ``images`` in bits per dimension, averaged over them: ``bpd``,
-        its ``recon_bpd`` and ``kl_bpd`` parts and ``kl_layers_bpd`` (every layer's KL, top
-        first; they sum to ``kl_bpd``)."""
+        """The negative ELBO of ``images`` in bits per dimension, averaged over them, and how
+        the latent layers are used. ``images``: an image array, or an iterable of batches (a
+        split streamed through its dataset's transform, say). Keys: ``bpd`` (= ``elbo_bpd``),
+        ``recon_bpd``, ``kl_bpd``, ``kl_layers_bpd`` (every layer's KL, top first; they sum to
+        ``kl_bpd``), ``kl_scales_bpd``, ``active_units`` and ``latent_dims`` per layer and
+        their totals, ``active_layers``, ``images`` (see
+        :func:`hvae_core.model.evaluation.summarise`)."""
+        import keras
+
+        from hvae_core.model.evaluation import add_terms, summarise
 
         def terms(batch: Any) -> dict[str, Any]:
-            result = self.model.losses_for(self._unit(batch), beta=1.0, training=False)
-            return {
-                "bpd": result["elbo_bpd"],
-                "recon_bpd": result["recon_bpd"],
-                "kl_bpd": result["kl_bpd"],
-                "kl_layers_bpd": result["kl_layers_bpd"],
-            }
+            return self.model.evaluation_terms(self._unit(batch))
 
         totals: dict[str, Any] = {}
-        count = 0
         for batch in self._batches(images, batch_size):
-            for key, value in self.runner.run("elbo", terms, batch).items():
-                totals[key] = totals.get(key, 0.0) + self._numpy(value).astype(np.float64) * len(
-                    batch
-                )
-            count += len(batch)
-        out: dict[str, Any] = {k: v / count for k, v in totals.items()}
-        for key in ("bpd", "recon_bpd", "kl_bpd"):
-            out[key] = float(out[key])
-        out["images"] = count
+            values = self.runner.run("evaluation_terms", terms, batch)
+            add_terms(totals, keras.tree.map_structure(self._numpy, values))
+        if not totals:
+            raise InputError("no images to evaluate")
+        out = summarise(totals, [b.scale.resolution for b in self.model.decoder.blocks])
+        out["bpd"] = out["elbo_bpd"]
         return out
 
     def log_likelihood(
@@ -212,13 +209,7 @@ class TrainedModel:
 
     def reseed(self, seed: int) -> None:
         """Set every noise stream of the model (latent layers, pixel sampling) from ``seed``."""
-        from hvae_core.training.engine import noise_seed_variables
-
-        rng = np.random.default_rng(int(seed))
-        for v in noise_seed_variables(self.model):
-            state = np.zeros(tuple(v.shape), dtype=np.dtype(v.dtype))
-            state[..., 0] = rng.integers(1, 2**30, size=state.shape[:-1])
-            v.assign(state)
+        self.model.reseed(seed)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -256,6 +247,10 @@ class TrainedModel:
         return images
 
     def _batches(self, images: Any, batch_size: int | None) -> Any:
+        if not hasattr(images, "shape") and not isinstance(images, list | tuple):
+            for part in images:  # an iterable of batches
+                yield from self._batches(part, batch_size)
+            return
         images = self._check(images)
         size = self._batch(batch_size)
         for start in range(0, len(images), size):

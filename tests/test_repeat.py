@@ -131,7 +131,7 @@ for stack in (True, False):
         terms = engine.train_step(inputs["images"], 1.0)
         outputs[f"loss{int(stack)}_{step}"] = terms["loss"]
         outputs[f"norm{int(stack)}_{step}"] = terms["grad_norm"]
-    outputs[f"eval{int(stack)}"] = engine.eval_step(inputs["images"])["loss"]
+    outputs[f"eval{int(stack)}"] = engine.eval_step(inputs["images"])["elbo_bpd"]
 """
 
 

@@ -328,7 +328,7 @@ for name in ("before", "swapped", "back"):
     for j, key in enumerate(keys):
         outputs[f"{name}_w{j}"] = state[key]
         outputs[f"{name}_e{j}"] = state[f"ema/{j:05d}"]
-    outputs[f"{name}_loss"] = engine.eval_step(inputs["images"])["loss"]
+    outputs[f"{name}_loss"] = engine.eval_step(inputs["images"])["elbo_bpd"]
 """
 
 
@@ -395,6 +395,14 @@ def test_run_directory_contract(trained) -> None:
     assert all(required <= set(r) for r in rows)
     assert rows[1]["step"] == 2 * (1497 // 64)
     assert rows[1]["train_bpd"] < rows[0]["train_bpd"]  # it learns
+    for row in rows:  # how the latent layers are used, on the validation set
+        assert len(row["val_kl_layers_bpd"]) == 4 and len(row["active_units"]) == 4
+        assert sum(row["val_kl_layers_bpd"]) == pytest.approx(row["val_kl_bpd"], rel=1e-5)
+        assert sum(row["val_kl_scales_bpd"].values()) == pytest.approx(row["val_kl_bpd"], rel=1e-5)
+        assert set(row["val_kl_scales_bpd"]) == {"1", "2", "4", "8"}  # JSON keys
+        assert row["active_units_total"] == sum(row["active_units"])
+        assert row["latent_dims_total"] == 2 * (1 + 4 + 16 + 64)
+        assert row["active_layers"] == sum(1 for a in row["active_units"] if a > 0)
     assert (
         resolve_config(trained / "config.yaml").to_dict()
         == resolve_config("tiny", {"epochs": 2}, FAST).to_dict()

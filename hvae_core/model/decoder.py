@@ -178,14 +178,15 @@ class Decoder(keras.layers.Layer):
         # Tracked in the order the weights always had (a checkpoint lists them in that order):
         # a scale's unpooling, then its blocks (or the run of them).
         self.block_list: list[Any] = []
-        self.unpools: dict[int, Any] = {}
-        self.runs: dict[int, RepeatedLayers] = {}
+        # Keyed by str(resolution): TensorFlow's SavedModel tracking takes string keys only.
+        self.unpools: dict[str, Any] = {}
+        self.runs: dict[str, RepeatedLayers] = {}
         blocks: list[TopDownBlock] = []
         previous = None
         for scale in self.order:
             if previous is not None:
                 width = scale.width if scale.width != previous.width else None
-                self.unpools[scale.resolution] = Resample(
+                self.unpools[str(scale.resolution)] = Resample(
                     "up",
                     width,
                     model.p_act,
@@ -215,7 +216,7 @@ class Decoder(keras.layers.Layer):
                 run = RepeatedLayers(
                     members, dtype=self.dtype_policy, name=f"run_{scale.resolution}"
                 )
-                self.runs[scale.resolution] = run
+                self.runs[str(scale.resolution)] = run
                 self.block_list.append(run)
             else:
                 self.block_list.extend(members)
@@ -236,7 +237,7 @@ class Decoder(keras.layers.Layer):
             if scale.dec_blocks == 0 or (scale.resolution == 1 and self.init_zeros):
                 continue
             r = scale.resolution
-            self.biases[r] = self.add_weight(
+            self.biases[str(r)] = self.add_weight(
                 shape=(1, r, r, scale.width), initializer="zeros", name=f"bias_{r}"
             )
         # Every block is built here, not on first use, so that all weights exist once the model
@@ -245,8 +246,8 @@ class Decoder(keras.layers.Layer):
         # weight; sampling uses a subset.
         for scale in self.order:
             shape = (None, scale.resolution, scale.resolution, scale.width)
-            if scale.resolution in self.runs:
-                self.runs[scale.resolution].build((shape, shape))
+            if str(scale.resolution) in self.runs:
+                self.runs[str(scale.resolution)].build((shape, shape))
                 continue
             for block in (b for b in self._blocks.layers if b.scale is scale):
                 if not block.built and self.attention is None:
@@ -270,13 +271,14 @@ class Decoder(keras.layers.Layer):
         zs, stats = [], []
         for scale in self.order:
             r = scale.resolution
-            if r in self.unpools:
-                state = self.unpools[r](state)
-            if r in self.biases:
-                state = state + ops.cast(self.biases[r], state.dtype)
+            key = str(r)
+            if key in self.unpools:
+                state = self.unpools[key](state)
+            if key in self.biases:
+                state = state + ops.cast(self.biases[key], state.dtype)
             activation = activations[r] if activations is not None else None
-            if r in self.runs:
-                run = self.runs[r]
+            if key in self.runs:
+                run = self.runs[key]
                 first = run.members[0].index
                 temps = [
                     1.0 if temperatures is None else temperatures[first + i]
@@ -285,7 +287,8 @@ class Decoder(keras.layers.Layer):
                 inputs = (state,) if activation is None else (state, activation)
                 state, (run_zs, run_stats) = run(
                     inputs,
-                    per_layer={"temperature": ops.convert_to_tensor(temps, dtype="float32")},
+                    # Stacked, not converted: a temperature may be a tensor (one per image).
+                    per_layer={"temperature": ops.stack([ops.cast(t, "float32") for t in temps])},
                     noise_groups=noise_groups,
                     training=training,
                 )

@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from hvae_core.errors import ConfigError
 from hvae_core.model.decoder import Decoder
 from hvae_core.model.distributions import gaussian_log_prob, sum_per_example
 from hvae_core.model.encoder import Encoder
+from hvae_core.model.evaluation import MEAN_SUM, SQUARE_SUM
 from hvae_core.model.heads import DecoderHead, LatentAggregationHead
 from hvae_core.model.layout import scales
 from hvae_core.model.likelihood import dmol_log_prob, dmol_num_params, dmol_sample
@@ -112,12 +114,27 @@ class HVAE(keras.Model):
     def num_latent_layers(self) -> int:
         return len(self.decoder.blocks)
 
+    @property
+    def num_latent_dims(self) -> int:
+        """Dimensions of all latent layers together (a layer at resolution R: R * R * z_width)."""
+        return sum(b.scale.resolution**2 * b.scale.z_width for b in self.decoder.blocks)
+
     def count_params(self) -> int:
         """Weights of the model, not counting the latent noise's seed states (stacked runs keep
         theirs as weights; a single block keeps its own in a seed generator)."""
         return int(
             sum(math.prod(w.shape) for w in self.weights if "seed_generator_state" not in w.path)
         )
+
+    def reseed(self, seed: int) -> None:
+        """Set every noise stream (each latent layer's, the pixel sampler's) from ``seed``:
+        the same seed, the same draws."""
+        rng = np.random.default_rng(int(seed))
+        for v in self.non_trainable_variables:
+            if "seed_generator_state" in v.path:
+                state = np.zeros(tuple(v.shape), dtype=np.dtype(v.dtype))
+                state[..., 0] = rng.integers(1, 2**30, size=state.shape[:-1])
+                v.assign(state)
 
     def num_flow_params(self) -> int:
         """Parameters of the posterior flows (0 without flows); the model must be built."""
@@ -201,9 +218,30 @@ class HVAE(keras.Model):
         result["loss"] = loss
         return result
 
-    def _temperatures(self, temperature: float | Sequence[float]) -> list[float]:
+    def evaluation_terms(self, x: Any) -> dict[str, Any]:
+        """One batch's evaluation, as sums over its images (they add up over batches; see
+        :mod:`hvae_core.model.evaluation`): the negative ELBO's parts in bits per dimension
+        (``elbo_bpd``, ``recon_bpd``, ``kl_bpd``, ``kl_layers_bpd``, ``kl_flow_bpd`` with
+        flows), ``count``, and per latent layer the sums of the posterior means and of their
+        squares (for the variance over images that defines active units)."""
+        result = self.losses_for(x)
+        n = ops.cast(ops.shape(x)[0], "float32")
+        terms = {
+            key: result[key] * n
+            for key in ("elbo_bpd", "recon_bpd", "kl_bpd", "kl_flow_bpd", "kl_layers_bpd")
+            if key in result
+        }
+        means = [ops.cast(s["q_mean"], "float32") for s in result["outputs"]["stats"]]
+        terms[MEAN_SUM] = [ops.sum(m, axis=0) for m in means]
+        terms[SQUARE_SUM] = [ops.sum(ops.square(m), axis=0) for m in means]
+        terms["count"] = n
+        return terms
+
+    def _temperatures(self, temperature: Any) -> list[Any]:
         if isinstance(temperature, int | float):
             return [float(temperature)] * self.num_latent_layers
+        if not isinstance(temperature, Sequence):  # a tensor, e.g. one value per image
+            return [temperature] * self.num_latent_layers
         temps = [float(t) for t in temperature]
         if len(temps) != self.num_latent_layers:
             raise ConfigError(
@@ -214,13 +252,14 @@ class HVAE(keras.Model):
 
     def generate(
         self,
-        n: int,
-        temperature: float | Sequence[float] = 1.0,
+        n: Any,
+        temperature: Any = 1.0,
         output_temperature: float = 1.0,
     ) -> Any:
         """``n`` images from the prior, in [-1, 1] on the pixel grid. ``temperature`` scales
-        the prior's noise (one value or one per latent layer); ``output_temperature`` the
-        likelihood's (0: the mode of the chosen mixture component)."""
+        the prior's noise: one value, one per latent layer, or a tensor that broadcasts
+        against a layer's latents (e.g. (n, 1, 1, 1): one per image); ``output_temperature``
+        the likelihood's (0: the mode of the chosen mixture component)."""
         state, zs, _ = self.decoder(
             activations=None, batch_size=n, temperatures=self._temperatures(temperature)
         )

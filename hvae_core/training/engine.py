@@ -153,9 +153,18 @@ class Engine:
     def skipnorm(self, override: float | None) -> float:
         return self.training.gradient_skipnorm if override is None else float(override)
 
-    def eval_step(self, images: np.ndarray) -> dict[str, float]:
-        """Loss parts with the current model variables (swap in the EMA first if wanted)."""
+    def eval_step(self, images: np.ndarray) -> dict[str, Any]:
+        """The model's :meth:`evaluation_terms` of ``images`` with the current variables (swap
+        in the EMA first if wanted), as numpy values: sums over the batch."""
         raise NotImplementedError
+
+    def evaluation_terms(self, images: Any) -> dict[str, Any]:
+        """What the compiled evaluation step computes: the model's own evaluation method, so
+        that a new statistic changes the model, not the three engines."""
+        x = to_unit_range(images, self.num_bits)
+        layout = canonical_conv_gradients() if self.cpu_compiled else contextlib.nullcontext()
+        with loop_with(self.block_loop()), layout:
+            return self.model.evaluation_terms(x)
 
     def sync(self) -> None:
         """Write the engine's state back into the Keras variables (JAX keeps it apart)."""
@@ -296,6 +305,10 @@ class Engine:
     @staticmethod
     def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
         return {k: float(keras.ops.convert_to_numpy(v)) for k, v in metrics.items()}
+
+    @staticmethod
+    def to_numpy(values: Any) -> Any:
+        return keras.tree.map_structure(lambda v: np.asarray(keras.ops.convert_to_numpy(v)), values)
 
 
 class Runner:

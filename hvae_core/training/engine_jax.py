@@ -207,8 +207,11 @@ class JaxEngine(Engine):
         return state, terms
 
     def _eval_impl(self, tv: list, ntv: list, images: Any) -> tuple[dict, list]:
-        _, (terms, ntv) = self._loss(tv, ntv, images, 1.0, False)
-        return terms, ntv
+        mapping = list(zip(self.trainable, tv, strict=True))
+        mapping += list(zip(self.non_trainable, ntv, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            terms = self.evaluation_terms(images)
+        return terms, [scope.get_current_value(v) for v in self.non_trainable]
 
     def run_compiled(self, key: Any, fn: Any, *args: Any) -> Any:
         # Eager JAX compiles every new operation shape on its own: a jitted sampler compiles
@@ -235,11 +238,11 @@ class JaxEngine(Engine):
         )
         return terms
 
-    def eval_step(self, images: np.ndarray) -> dict[str, float]:
+    def eval_step(self, images: np.ndarray) -> dict[str, Any]:
         tv, ntv, ov, ema = self.state_arrays
         terms, ntv = self._eval(tv, ntv, self._put(images))
         self.state_arrays = (tv, ntv, ov, ema)
-        return self.to_floats(terms)
+        return self.to_numpy(terms)
 
 
 class JaxRunner(Runner):

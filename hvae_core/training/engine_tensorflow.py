@@ -256,7 +256,7 @@ class TensorFlowEngine(Engine):
         return [g / self.div for g in grads], {k: v / self.div for k, v in terms.items()}
 
     def _eval_impl(self, images: Any) -> dict[str, Any]:
-        return self.loss_terms(images, 1.0, training=False)
+        return self.evaluation_terms(images)
 
     def dispatch_step(
         self, images: np.ndarray, beta: float, skipnorm: float | None = None
@@ -276,8 +276,8 @@ class TensorFlowEngine(Engine):
         scalars = (tf.constant(beta, tf.float32), tf.constant(self.skipnorm(skipnorm), tf.float32))
         return self._train(batch, *scalars)
 
-    def eval_step(self, images: np.ndarray) -> dict[str, float]:
-        return self.to_floats(self._eval(tf.convert_to_tensor(images)))
+    def eval_step(self, images: np.ndarray) -> dict[str, Any]:
+        return self.to_numpy(self._eval(tf.convert_to_tensor(images)))
 
 
 class TensorFlowRunner(Runner):

@@ -140,11 +140,11 @@ class TorchEngine(Engine):
         totals["skipped"] = skip.float()
         return totals
 
-    def eval_step(self, images: np.ndarray) -> dict[str, float]:
+    def eval_step(self, images: np.ndarray) -> dict[str, Any]:
         # Every process scores the whole batch: evaluation is cheap next to training, and
         # every process then reports the same figures.
         with torch.no_grad():
-            return self.to_floats(self.loss_terms(ops.convert_to_tensor(images), 1.0, False))
+            return self.to_numpy(self.evaluation_terms(ops.convert_to_tensor(images)))
 
 
 class TorchRunner(Runner):

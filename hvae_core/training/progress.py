@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from hvae_core.model.evaluation import usage_line
+
 SEPARATOR = "  "  # between a step's figures
 
 
@@ -83,6 +85,7 @@ class Reporter:
             f"max |g| {row['grad_norm_max']:.1f} ({row['grad_norm_unit']}), "
             f"{row['skipped_updates']} skipped, "
             f"{row['seconds']:.1f} s"
+            + (f"; {usage_line(row)}" if row.get("active_units") is not None else "")
         )
 
     def close(self) -> None:

@@ -169,7 +169,8 @@ class Trainer:
         return (
             f"hvae: backend {backend} on {device}, {self.parallel.describe()}; "
             f"{self.model.count_params():,} parameters{_flows_note(self.model)}, "
-            f"{self.model.num_latent_layers} latent layers; dataset "
+            f"{self.model.num_latent_layers} latent layers ({self.model.num_latent_dims:,} "
+            "dims); dataset "
             f"{self.config.data.dataset} ({len(self.stream) * self.stream.batch_size:,} "
             f"train images/epoch, {self.dataset.num_bits} bits); "
             + (f"run dir {self.run_dir}" if self.config.run.save else "nothing saved (run.save)")
@@ -334,6 +335,12 @@ class Trainer:
             "recon_bpd": sums.get("recon_bpd", math.nan) / count,
             "val_kl_bpd": val.get("kl_bpd"),
             "val_recon_bpd": val.get("recon_bpd"),
+            "val_kl_layers_bpd": val.get("kl_layers_bpd"),
+            "val_kl_scales_bpd": val.get("kl_scales_bpd"),
+            "active_units": val.get("active_units"),
+            "active_units_total": val.get("active_units_total"),
+            "latent_dims_total": val.get("latent_dims_total"),
+            "active_layers": val.get("active_layers"),
             "lr": self.engine.learning_rate,
             "beta": beta,
             "grad_norm_max": sums.get("grad_norm_max", math.nan),
@@ -409,17 +416,20 @@ class Trainer:
             images, batch_size or self.config.training.batch_size, self.dataset
         )
 
-    def evaluate(self, images: Any, batch_size: int | None = None) -> dict[str, float]:
-        """Mean loss parts over ``images`` (uint8 NHWC), EMA weights."""
+    def evaluate(self, images: Any, batch_size: int | None = None) -> dict[str, Any]:
+        """``images`` (uint8 NHWC) scored with the EMA weights: the negative ELBO's parts, the
+        KL of every layer and scale and the active units (see
+        :func:`hvae_core.model.evaluation.summarise`)."""
+        from hvae_core.model.evaluation import add_terms, summarise
+
         if len(images) == 0:
             return {}
 
-        def run() -> dict[str, float]:
-            totals: dict[str, float] = {}
+        def run() -> dict[str, Any]:
+            totals: dict[str, Any] = {}
             for batch in self.eval_batches(images, batch_size):
-                for key, value in self.engine.eval_step(batch).items():
-                    totals[key] = totals.get(key, 0.0) + value * len(batch)
-            return {k: v / len(images) for k, v in totals.items()}
+                add_terms(totals, self.engine.eval_step(batch))
+            return summarise(totals, [b.scale.resolution for b in self.model.decoder.blocks])
 
         return self.with_ema(run)
 

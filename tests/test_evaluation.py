@@ -1,0 +1,75 @@
+"""Evaluation statistics: per-layer KL and active units against numpy oracles."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from hvae_plugins.datasets.digits import digits_images
+
+from hvae_core.config import resolve_config
+from hvae_core.model import decoder
+from hvae_core.model.evaluation import MEAN_SUM, SQUARE_SUM, add_terms, summarise, usage_line
+from hvae_core.model.hvae import HVAE
+from hvae_core.training.engine import to_unit_range
+
+
+def test_active_units_are_the_dimensions_whose_posterior_mean_varies_over_images() -> None:
+    rng = np.random.default_rng(0)
+    n = 3000
+    # Layer 0 (1x1x2): one dimension varies (variance 0.04), one barely (0.0025). Layer 1
+    # (2x2x1): a constant offset, no variance at all, whatever its size.
+    top = np.stack([rng.normal(1.0, 0.2, n), rng.normal(-3.0, 0.05, n)], axis=-1)
+    top = top.reshape(n, 1, 1, 2)
+    second = np.full((n, 2, 2, 1), 5.0) + rng.normal(0.0, 1.0, (n, 2, 2, 1)) * [
+        [[1.0], [0.0]],
+        [[0.3], [0.01]],
+    ]
+    kl = rng.uniform(0.0, 1.0, (n, 2))
+    totals: dict = {}
+    for part in np.array_split(np.arange(n), 7):  # uneven batches add up
+        add_terms(
+            totals,
+            {
+                "elbo_bpd": np.sum(kl[part].sum(1) + 1.0),
+                "recon_bpd": np.float32(len(part)),
+                "kl_bpd": np.sum(kl[part]),
+                "kl_layers_bpd": kl[part].sum(0),
+                MEAN_SUM: [top[part].sum(0), second[part].sum(0)],
+                SQUARE_SUM: [(top[part] ** 2).sum(0), (second[part] ** 2).sum(0)],
+                "count": np.float32(len(part)),
+            },
+        )
+    summary = summarise(totals, [1, 2])
+    oracle = [int(np.count_nonzero(np.var(m.reshape(n, -1), axis=0) > 0.01)) for m in (top, second)]
+    assert summary["active_units"] == oracle == [1, 2]
+    assert summary["latent_dims"] == [2, 4] and summary["active_units_total"] == 3
+    assert summary["active_layers"] == 2 and summary["images"] == n
+    np.testing.assert_allclose(summary["kl_layers_bpd"], kl.mean(0))
+    assert summary["kl_scales_bpd"] == pytest.approx({1: kl[:, 0].mean(), 2: kl[:, 1].mean()})
+    assert summary["kl_bpd"] == pytest.approx(sum(summary["kl_layers_bpd"]))
+    assert usage_line(summary) == "active 3/6 dims in 2/2 layers"
+
+
+def test_the_evaluation_pass_sums_what_the_loss_and_the_posterior_give(monkeypatch) -> None:
+    # Without latent noise every pass sees the same posterior: the sums can be checked.
+    monkeypatch.setattr(
+        decoder.TopDownBlock, "noise", lambda self, like, groups: keras.ops.zeros_like(like)
+    )
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    x = to_unit_range(digits_images()[:6], 4)
+    terms = keras.tree.map_structure(keras.ops.convert_to_numpy, model.evaluation_terms(x))
+    losses = model.losses_for(x)
+    assert float(terms["count"]) == 6
+    for key in ("elbo_bpd", "recon_bpd", "kl_bpd"):
+        assert float(terms[key]) == pytest.approx(6 * float(losses[key]), rel=1e-5)
+    np.testing.assert_allclose(
+        terms["kl_layers_bpd"], 6 * np.asarray(losses["kl_layers_bpd"]), rtol=1e-5
+    )
+    means = [np.asarray(keras.ops.convert_to_numpy(layer["mean"])) for layer in model.encode(x)]
+    for got, want in zip(terms[MEAN_SUM], means, strict=True):
+        np.testing.assert_allclose(got, want.sum(0), rtol=1e-5, atol=1e-6)
+    for got, want in zip(terms[SQUARE_SUM], means, strict=True):
+        np.testing.assert_allclose(got, (want**2).sum(0), rtol=1e-5, atol=1e-6)
