@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from hvae_core import __version__
-from hvae_core.errors import ConfigError, HvaeError
+from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.hookspecs import KINDS
 from hvae_core.logs import LOG_LEVEL_ENV
 from hvae_core.training import parallel as parallel_env
@@ -29,13 +30,19 @@ def _fail(message: str, code: int) -> None:
 
 
 class HvaeGroup(click.Group):
-    """A click group that reports every user error as one line instead of a traceback."""
+    """A click group that reports every user error as one line instead of a traceback
+    (``--debug`` or ``HVAE_DEBUG=1``: the traceback too, for plugin authors)."""
+
+    debug = False  # set by --debug, for one invocation
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
+        self.debug = False
         try:
             result = super().main(args, prog_name, standalone_mode=False, **extra)
         except HvaeError as exc:
+            if self.debug or debug_requested():
+                traceback.print_exception(exc)
             _fail(exc.one_line(), exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "hvae"
@@ -126,8 +133,16 @@ def _resolve(config: str | None, overrides: tuple[str, ...], **flags: Any) -> An
 
 @click.group(cls=HvaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="hvae")
-def cli() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=f"on an error, print the full traceback too (for plugin authors; also ${DEBUG_ENV}=1)",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """hvae: train, evaluate and sample hierarchical VAEs on images (Keras 3)."""
+    if debug:
+        ctx.command.debug = True  # type: ignore[attr-defined]  # read by HvaeGroup.main
 
 
 @cli.group()

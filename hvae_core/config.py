@@ -496,7 +496,8 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
 
     data = build_section(DataConfig, raw.get("data"), "data", None)
     dataset_spec = registry.get("dataset", data.dataset)
-    dataset_options = build_section(dataset_spec.options, raw.get("dataset"), "dataset", None)
+    with dataset_spec.reported("options"):
+        dataset_options = build_section(dataset_spec.options, raw.get("dataset"), "dataset", None)
     image_size = _image_size(dataset_spec, dataset_options)
     num_scales = int(math.log2(image_size)) + 1
 
@@ -539,9 +540,10 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
                 )
             continue
         spec = registry.get(kind, name)
-        plugin_options[kind] = build_section(
-            spec.options, raw.get(plugin_section), plugin_section, num_scales
-        )
+        with spec.reported("options"):
+            plugin_options[kind] = build_section(
+                spec.options, raw.get(plugin_section), plugin_section, num_scales
+            )
     return Config(
         model=model,
         data=data,

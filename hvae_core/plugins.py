@@ -21,7 +21,7 @@ from typing import Any
 import pluggy
 
 from hvae_core import hookspecs
-from hvae_core.errors import PluginError
+from hvae_core.errors import DEBUG_ENV, HvaeError, PluginError
 from hvae_core.options import NoOptions, check_options_class
 
 ENTRY_POINT_GROUP = "hvae"
@@ -43,6 +43,10 @@ class PluginSpec:
     version: str
     info: Mapping[str, Any] = field(default_factory=dict)
 
+    def label(self) -> str:
+        """How errors name this plugin: kind, name and the package that provides it."""
+        return f"{self.kind} '{self.name}' from package {self.package}"
+
     def load(self) -> Any:
         """The implementation object, importing its module now if it was named by reference."""
         if not isinstance(self.target, str):
@@ -54,11 +58,35 @@ class PluginSpec:
                 obj = getattr(obj, part)
         except Exception as exc:
             raise PluginError(
-                f"{self.kind} '{self.name}' from package {self.package} failed to load "
-                f"{self.target}: {type(exc).__name__}: {exc}",
+                f"{self.label()} failed to load {self.target}: {type(exc).__name__}: {exc}",
                 hint=f"reinstall or fix the package {self.package}",
             ) from exc
         return obj
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the implementation (a factory, see :mod:`hvae_core.interfaces`) with ``args``;
+        what it raises is reported as :meth:`reported` says."""
+        factory = self.load()
+        with self.reported():
+            return factory(*args, **kwargs)
+
+    @contextmanager
+    def reported(self, what: str = "") -> Iterator[None]:
+        """Run this plugin's code (its factory; with ``what``, e.g. "options", that part of
+        it): whatever it raises becomes one :class:`PluginError` naming the plugin and its
+        package, with the original exception as its ``__cause__`` (``hvae --debug`` prints
+        it). An :class:`HvaeError` the plugin raises on purpose keeps its own message."""
+        try:
+            yield
+        except HvaeError:
+            raise
+        except Exception as exc:
+            part = f" ({what})" if what else ""
+            raise PluginError(
+                f"{self.label()}{part} failed: {type(exc).__name__}: {exc}",
+                hint=f"a problem in the package {self.package} or in the options given to it; "
+                f"'hvae --debug ...' (or {DEBUG_ENV}=1) shows the traceback",
+            ) from exc
 
     def as_row(self) -> dict[str, str]:
         return {
