@@ -59,8 +59,8 @@ class HvaeGroup(click.Group):
 def _warn_failures() -> None:
     from hvae_core.plugins import get_registry
 
-    for failure in get_registry().failures:
-        click.echo(f"warning: {failure.one_line()}", err=True)
+    for problem in get_registry().problems():
+        click.echo(f"warning: {problem}", err=True)
 
 
 def _console() -> Any:
@@ -157,16 +157,19 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
     """Every installed plugin: kind, name, package, version, summary."""
     from hvae_core.plugins import get_registry
 
-    specs = get_registry().all(kind)
+    rows = get_registry().rows(kind)
     _warn_failures()
     if as_json:
-        click.echo(json.dumps([s.as_row() for s in specs], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("kind", "name", "package", "version", "summary", box=None, pad_edge=False)
-    for spec in specs:
-        table.add_row(spec.kind, spec.name, spec.package, spec.version, spec.summary)
+    for row in rows:
+        summary = f"error: {row['error']}" if "error" in row else row["summary"]
+        cells = (row["kind"] or "?", row["name"] or "?", row["package"], row["version"], summary)
+        table.add_row(*(escape(c) for c in cells))
     _console().print(table)
 
 

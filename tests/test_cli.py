@@ -87,6 +87,43 @@ def test_plugins_list_reports_a_broken_package(install_distribution) -> None:
     assert ("block", "vdvae") in {(r["kind"], r["name"]) for r in json.loads(result.stdout)}
 
 
+CLASHING_FLOW = """
+import hvae_core as hvae
+
+@hvae.hookimpl
+def register_flows(register):
+    register("same", "{module}:Flow", summary="a flow from {module}")
+"""
+
+
+def test_plugins_list_shows_clashes_and_failures_and_using_a_clash_is_the_error(
+    install_distribution,
+) -> None:
+    for package, module in [("first-pkg", "first_mod"), ("second-pkg", "second_mod")]:
+        source = CLASHING_FLOW.format(module=module)
+        install_distribution(package, "1.0", {module: module}, {module: source})
+    install_distribution("broken-pkg", "0.1", {"broken": "broken_mod"}, {"broken_mod": "1/0\n"})
+    result = run("plugins", "list", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    clash = "flow 'same' is registered by 2 packages: first-pkg 1.0 and second-pkg 1.0"
+    same = [r for r in rows if r["name"] == "same"]
+    assert [(r["package"], r["error"]) for r in same] == [
+        ("first-pkg", clash),
+        ("second-pkg", clash),
+    ]
+    [failed] = [r for r in rows if r["package"] == "broken-pkg"]
+    assert failed["error"] == "ZeroDivisionError: division by zero"
+    assert (failed["kind"], failed["name"], failed["entry_point"]) == (None, None, "broken")
+    assert all("error" not in r for r in rows if r["package"] == "hvae")
+    assert f"warning: {clash}" in result.stderr
+    assert "warning: plugin package broken-pkg (entry point broken) failed" in result.stderr
+    table = run("plugins", "list", "--kind", "flow")
+    assert table.exit_code == 0
+    assert table.stdout.count(f"error: {clash}") == 2 and "conv-sylvester" in table.stdout
+    assert_one_line_error(run("config", "show", "--flow", "same"), clash, 2)
+
+
 def test_plugins_show_lists_options() -> None:
     result = run("plugins", "show", "lr-schedule", "cosd")
     assert result.exit_code == 0

@@ -113,7 +113,9 @@ class HVAE(keras.Model):
         name = config.training.regularizer
         self.regularizer_label = (
             registry.get("regularizer", name).label()
-            if name is not None and registry.has("regularizer", name)
+            if name is not None
+            and registry.has("regularizer", name)
+            and not registry.clash("regularizer", name)
             else None
         )
 
