@@ -81,6 +81,14 @@ def verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def _check_use(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    from hvae_core.config import parse_use
+
+    for item in values:
+        parse_use(item)  # a mistake is a one-line ConfigError listing the kinds
+    return values or None  # None: not given (a resume without flags keeps its config)
+
+
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that feed the config, shared by the commands that build one."""
     decorators = [
@@ -114,6 +122,14 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", type=click.IntRange(min=1), help="training.batch_size"),
         click.option("--seed", type=int, help="training.seed"),
         click.option("--save-dir", type=click.Path(file_okay=False), help="run.save_dir"),
+        click.option(
+            "--use",
+            multiple=True,
+            metavar="KIND=NAME",
+            callback=_check_use,
+            help=f"choose the plugin of a kind (repeatable; kinds: {', '.join(KINDS)}), e.g. "
+            "--use block=depthwise --use lr-schedule=constant",
+        ),
         click.option(
             "--set",
             "overrides",

@@ -122,6 +122,7 @@ def test_plugins_list_shows_clashes_and_failures_and_using_a_clash_is_the_error(
     assert table.exit_code == 0
     assert table.stdout.count(f"error: {clash}") == 2 and "conv-sylvester" in table.stdout
     assert_one_line_error(run("config", "show", "--flow", "same"), clash, 2)
+    assert_one_line_error(run("config", "show", "--use", "flow=same"), clash, 2)
 
 
 def test_plugins_show_lists_options() -> None:
@@ -288,3 +289,62 @@ def test_gpus_are_chosen_before_the_backend_starts_and_not_after() -> None:
     )
     assert "visible 1,0 False" in done.stdout
     assert "refused: cannot choose GPUs 2: jax has already started" in done.stdout
+
+
+# --- choosing plugins: --use KIND=NAME --------------------------------------------------------
+
+
+def test_use_chooses_a_plugin_of_every_kind_as_the_old_spellings_do() -> None:
+    new = run(
+        *("config", "show", "--use", "block=depthwise", "--use", "flow=conv-sylvester"),
+        *("--use", "attention=depthwise", "--use", "regularizer=cr-vae"),
+        *("--use", "dataset=digits", "--use", "lr-schedule=constant"),
+        *("--use", "beta-schedule=cyclic"),
+    )
+    old = run(
+        *("config", "show", "--set", "model.block=depthwise", "--flow", "conv-sylvester"),
+        *("--attention", "depthwise", "--regularizer", "cr-vae", "--dataset", "digits"),
+        *("--set", "training.scheduler=constant", "--set", "training.beta_schedule=cyclic"),
+    )
+    assert new.exit_code == 0, new.output
+    assert new.stdout == old.stdout
+    chosen = yaml.safe_load(new.stdout)
+    assert chosen["model"]["block"] == "depthwise"
+    assert chosen["training"]["scheduler"] == "constant"
+    assert chosen["training"]["beta_schedule"] == "cyclic"
+    sections = {"block", "flow", "attention", "regularizer", "lr_schedule", "beta_schedule"}
+    assert sections <= set(chosen)
+
+
+def test_use_none_drops_an_optional_plugin_and_set_still_wins() -> None:
+    cfg = resolve_config("tiny", {"use": ["flow=conv-sylvester", "flow=conv-sylvester"]})
+    assert cfg.model.flow == "conv-sylvester"
+    assert resolve_config(None, {"use": ["flow=none"]}).model.flow is None
+    overridden = resolve_config(None, {"use": ["block=vdvae"]}, ["model.block=depthwise"])
+    assert overridden.model.block == "depthwise"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["--use", "flows=planar"],
+            "--use flows=planar: unknown plugin kind 'flows' (hint: did you mean 'flow'? kinds: "
+            "block, flow, attention, regularizer, dataset, lr-schedule, beta-schedule",
+        ),
+        (["--use", "lr_schedule=cosd"], "(hint: did you mean 'lr-schedule'?"),
+        (
+            ["--use", "flow"],
+            "--use flow: expected KIND=NAME (hint: e.g. --use flow=conv-sylvester; kinds: ",
+        ),
+        (["--use", "=cosd"], "expected KIND=NAME"),
+        (["--use", "flow=frobnicate"], "unknown flow 'frobnicate'"),
+        (
+            ["--flow", "conv-sylvester", "--use", "flow=none"],
+            "--use flow=none and --flow conv-sylvester choose two plugins for model.flow",
+        ),
+    ],
+)
+def test_use_mistakes_are_one_line_naming_the_kinds(args, fragment) -> None:
+    assert_one_line_error(run("config", "show", *args), fragment, 2)
+    assert_one_line_error(run("train", *args), fragment, 2)
