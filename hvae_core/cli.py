@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from hvae_core import __version__
-from hvae_core.errors import ConfigError, HvaeError
+from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.hookspecs import KINDS
 from hvae_core.logs import LOG_LEVEL_ENV
 from hvae_core.training import parallel as parallel_env
@@ -31,13 +32,19 @@ def _fail(message: str, code: int) -> None:
 
 
 class HvaeGroup(click.Group):
-    """A click group that reports every user error as one line instead of a traceback."""
+    """A click group that reports every user error as one line instead of a traceback
+    (``--debug`` or ``HVAE_DEBUG=1``: the traceback too, for plugin authors)."""
+
+    debug = False  # set by --debug, for one invocation
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
+        self.debug = False
         try:
             result = super().main(args, prog_name, standalone_mode=False, **extra)
         except HvaeError as exc:
+            if self.debug or debug_requested():
+                traceback.print_exception(exc)
             _fail(exc.one_line(), exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "hvae"
@@ -54,8 +61,8 @@ class HvaeGroup(click.Group):
 def _warn_failures() -> None:
     from hvae_core.plugins import get_registry
 
-    for failure in get_registry().failures:
-        click.echo(f"warning: {failure.one_line()}", err=True)
+    for problem in get_registry().problems():
+        click.echo(f"warning: {problem}", err=True)
 
 
 def _console() -> Any:
@@ -74,6 +81,14 @@ def verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
         help="show everything TensorFlow and JAX/XLA log (default: hide their native log "
         f"lines; also ${LOG_LEVEL_ENV}=verbose)",
     )(func)
+
+
+def _check_use(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    from hvae_core.config import parse_use
+
+    for item in values:
+        parse_use(item)  # a mistake is a one-line ConfigError listing the kinds
+    return values or None  # None: not given (a resume without flags keeps its config)
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,6 +125,14 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, help="training.seed"),
         click.option("--save-dir", type=click.Path(file_okay=False), help="run.save_dir"),
         click.option(
+            "--use",
+            multiple=True,
+            metavar="KIND=NAME",
+            callback=_check_use,
+            help=f"choose the plugin of a kind (repeatable; kinds: {', '.join(KINDS)}), e.g. "
+            "--use block=depthwise --use lr-schedule=constant",
+        ),
+        click.option(
             "--set",
             "overrides",
             multiple=True,
@@ -128,8 +151,16 @@ def _resolve(config: str | None, overrides: tuple[str, ...], **flags: Any) -> An
 
 @click.group(cls=HvaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="hvae")
-def cli() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=f"on an error, print the full traceback too (for plugin authors; also ${DEBUG_ENV}=1)",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """hvae: train, evaluate and sample hierarchical VAEs on images (Keras 3)."""
+    if debug:
+        ctx.command.debug = True  # type: ignore[attr-defined]  # read by HvaeGroup.main
 
 
 @cli.group()
@@ -144,16 +175,19 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
     """Every installed plugin: kind, name, package, version, summary."""
     from hvae_core.plugins import get_registry
 
-    specs = get_registry().all(kind)
+    rows = get_registry().rows(kind)
     _warn_failures()
     if as_json:
-        click.echo(json.dumps([s.as_row() for s in specs], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("kind", "name", "package", "version", "summary", box=None, pad_edge=False)
-    for spec in specs:
-        table.add_row(spec.kind, spec.name, spec.package, spec.version, spec.summary)
+    for row in rows:
+        summary = f"error: {row['error']}" if "error" in row else row["summary"]
+        cells = (row["kind"] or "?", row["name"] or "?", row["package"], row["version"], summary)
+        table.add_row(*(escape(c) for c in cells))
     _console().print(table)
 
 

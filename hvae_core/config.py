@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from hvae_core.errors import ConfigError
+from hvae_core.hookspecs import KINDS
 from hvae_core.options import build_section, option, per_scale, section_to_dict
 from hvae_core.plugins import PluginRegistry, get_registry
 
@@ -277,6 +278,9 @@ SELECTOR: dict[str, tuple[str, str]] = {
 }
 PLUGIN_SECTION: dict[str, str] = {kind: kind.replace("-", "_") for kind in SELECTOR}
 
+# The flag holding ``KIND=NAME`` choices (``--use``), one per kind; see :func:`parse_use`.
+USE_FLAG = "use"
+
 # CLI flag -> dotted config key.
 FLAG_KEYS: dict[str, str] = {
     "dataset": "data.dataset",
@@ -400,6 +404,26 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def parse_use(item: str) -> tuple[str, str]:
+    """``KIND=NAME`` (the CLI's ``--use``): the dotted key that chooses a plugin of that kind
+    (see :data:`SELECTOR`) and the name."""
+    kind, sep, name = (part.strip() for part in item.partition("="))
+    kinds = ", ".join(k for k in KINDS if k in SELECTOR)
+    if not sep or not kind or not name:
+        raise ConfigError(
+            f"--use {item}: expected KIND=NAME",
+            hint=f"e.g. --use flow=conv-sylvester; kinds: {kinds}",
+        )
+    if kind not in SELECTOR:
+        close = difflib.get_close_matches(kind, list(SELECTOR), n=1)
+        raise ConfigError(
+            f"--use {item}: unknown plugin kind '{kind}'",
+            hint=(f"did you mean '{close[0]}'? " if close else "") + f"kinds: {kinds}",
+        )
+    section, key = SELECTOR[kind]
+    return f"{section}.{key}", name
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     target = raw.setdefault(section, {})
@@ -428,14 +452,28 @@ def resolve_config(
     """Merge the sources in order of precedence and validate the result.
 
     ``flags`` maps CLI flag names (see ``FLAG_KEYS``) or dotted keys to values; None means unset.
+    Its ``use`` entry is a sequence of ``KIND=NAME`` plugin choices (see :func:`parse_use`).
     ``base`` (a raw mapping, e.g. a run's stored config) replaces the defaults as the lowest layer.
     """
     raw: dict[str, Any] = merge({}, base or {})
     if config is not None:
         merge(raw, load_config_source(config))
+    given: dict[str, str] = {}  # dotted key -> the flag that set it
     for name, value in (flags or {}).items():
-        if value is not None:
-            set_dotted(raw, FLAG_KEYS.get(name, name), value)
+        if value is not None and name != USE_FLAG:
+            key = FLAG_KEYS.get(name, name)
+            set_dotted(raw, key, value)
+            given[key] = f"--{name.replace('_', '-')} {value}"
+    for item in (flags or {}).get(USE_FLAG) or ():
+        key, plugin = parse_use(item)
+        section, _, option_name = key.partition(".")
+        if key in given and raw[section][option_name] != plugin:
+            raise ConfigError(
+                f"--use {item} and {given[key]} choose two plugins for {key}",
+                hint="choose each kind once",
+            )
+        set_dotted(raw, key, plugin)
+        given[key] = f"--use {item}"
     for item in overrides:
         set_dotted(raw, *parse_override(item))
     return build_config(raw, registry)
@@ -496,7 +534,8 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
 
     data = build_section(DataConfig, raw.get("data"), "data", None)
     dataset_spec = registry.get("dataset", data.dataset)
-    dataset_options = build_section(dataset_spec.options, raw.get("dataset"), "dataset", None)
+    with dataset_spec.reported("options"):
+        dataset_options = build_section(dataset_spec.options, raw.get("dataset"), "dataset", None)
     image_size = _image_size(dataset_spec, dataset_options)
     num_scales = int(math.log2(image_size)) + 1
 
@@ -539,9 +578,10 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
                 )
             continue
         spec = registry.get(kind, name)
-        plugin_options[kind] = build_section(
-            spec.options, raw.get(plugin_section), plugin_section, num_scales
-        )
+        with spec.reported("options"):
+            plugin_options[kind] = build_section(
+                spec.options, raw.get(plugin_section), plugin_section, num_scales
+            )
     return Config(
         model=model,
         data=data,

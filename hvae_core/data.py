@@ -304,8 +304,7 @@ def open_dataset(config: Config, registry: PluginRegistry | None = None) -> Data
     registry = registry or get_registry()
     name = config.data.dataset
     spec = registry.get("dataset", name)
-    factory = spec.load()
-    dataset = factory(config.options("dataset"), config.data)
+    dataset = spec.create(config.options("dataset"), config.data)
     _check_dataset(dataset, f"dataset '{name}' from package {spec.package}", config.image_size)
     wanted = config.data.num_bits
     if wanted is None or wanted == dataset.num_bits:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+DEBUG_ENV = "HVAE_DEBUG"
+
+
+def debug_requested() -> bool:
+    """Whether ``HVAE_DEBUG`` asks for full tracebacks instead of one-line errors."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
 
 class HvaeError(Exception):
     """A problem the user can fix (bad config, unknown plugin, missing file, ...).
@@ -10,6 +19,9 @@ class HvaeError(Exception):
     """
 
     exit_code = 1
+    # TensorFlow's autograph would re-raise an exception from traced code as a StagingError
+    # holding a multi-line trace; this marker lets it keep its type, message and hint.
+    ag_pass_through = True
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

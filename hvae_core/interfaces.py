@@ -6,7 +6,10 @@ are the chosen Keras backend's tensors; images are NHWC.
 
 Every kind's registered target is a *factory*, called with the plugin's options instance (the
 dataclass it registered, filled from the config section named after its kind) and the parts of
-the resolved config it needs, and returning the object described here.
+the resolved config it needs, and returning the object described here. The core passes every
+argument a factory's contract lists, by the names it lists (keyword-only ones as keywords), so a
+factory needs no defaults and no ``**kwargs``. Plugins import these names from
+:mod:`hvae_core.api`.
 """
 
 from __future__ import annotations
@@ -130,8 +133,44 @@ class Regularizer(Protocol):
         ...
 
     def loss_terms(self, outputs: Any, images: Tensor) -> Mapping[str, Tensor]:
-        """Named scalar terms (nats per image) added to the loss and logged by name."""
+        """Named scalar terms (nats per image) added to the loss and logged by name; no name
+        may be one of :data:`CORE_METRICS`."""
         ...
+
+
+CORE_METRICS: frozenset[str] = frozenset(
+    {
+        # the model's loss and its parts (HVAE.losses_for)
+        "loss",
+        "elbo_bpd",
+        "recon_bpd",
+        "kl_bpd",
+        "kl_layers_bpd",
+        "kl_flow_bpd",
+        "outputs",
+        # what the engines add to a train step's metrics
+        "grad_norm",
+        "skipped",
+        # the trainer's running sums and the rows of metrics.jsonl
+        "count",
+        "norm_count",
+        "epoch",
+        "step",
+        "train_bpd",
+        "val_bpd",
+        "val_kl_bpd",
+        "val_recon_bpd",
+        "lr",
+        "beta",
+        "grad_norm_max",
+        "grad_norm_mean",
+        "grad_norm_unit",
+        "skipped_updates",
+        "seconds",
+    }
+)
+"""The names the model, the engines and the trainer report. A regularizer's loss term of one of
+these names would overwrite a core metric in the logs, so it is an error."""
 
 
 LrScheduleFactory = Callable[..., Any]

@@ -21,7 +21,7 @@ from typing import Any
 import pluggy
 
 from hvae_core import hookspecs
-from hvae_core.errors import PluginError
+from hvae_core.errors import DEBUG_ENV, HvaeError, PluginError
 from hvae_core.options import NoOptions, check_options_class
 
 ENTRY_POINT_GROUP = "hvae"
@@ -43,6 +43,10 @@ class PluginSpec:
     version: str
     info: Mapping[str, Any] = field(default_factory=dict)
 
+    def label(self) -> str:
+        """How errors name this plugin: kind, name and the package that provides it."""
+        return f"{self.kind} '{self.name}' from package {self.package}"
+
     def load(self) -> Any:
         """The implementation object, importing its module now if it was named by reference."""
         if not isinstance(self.target, str):
@@ -54,11 +58,35 @@ class PluginSpec:
                 obj = getattr(obj, part)
         except Exception as exc:
             raise PluginError(
-                f"{self.kind} '{self.name}' from package {self.package} failed to load "
-                f"{self.target}: {type(exc).__name__}: {exc}",
+                f"{self.label()} failed to load {self.target}: {type(exc).__name__}: {exc}",
                 hint=f"reinstall or fix the package {self.package}",
             ) from exc
         return obj
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the implementation (a factory, see :mod:`hvae_core.interfaces`) with ``args``;
+        what it raises is reported as :meth:`reported` says."""
+        factory = self.load()
+        with self.reported():
+            return factory(*args, **kwargs)
+
+    @contextmanager
+    def reported(self, what: str = "") -> Iterator[None]:
+        """Run this plugin's code (its factory; with ``what``, e.g. "options", that part of
+        it): whatever it raises becomes one :class:`PluginError` naming the plugin and its
+        package, with the original exception as its ``__cause__`` (``hvae --debug`` prints
+        it). An :class:`HvaeError` the plugin raises on purpose keeps its own message."""
+        try:
+            yield
+        except HvaeError:
+            raise
+        except Exception as exc:
+            part = f" ({what})" if what else ""
+            raise PluginError(
+                f"{self.label()}{part} failed: {type(exc).__name__}: {exc}",
+                hint=f"a problem in the package {self.package} or in the options given to it; "
+                f"'hvae --debug ...' (or {DEBUG_ENV}=1) shows the traceback",
+            ) from exc
 
     def as_row(self) -> dict[str, str]:
         return {
@@ -77,39 +105,70 @@ class PluginFailure:
     package: str
     entry_point: str
     error: str
+    version: str = "unknown"
+    kind: str | None = None  # known when one of its hooks failed
 
     def one_line(self) -> str:
         return (
             f"plugin package {self.package} (entry point {self.entry_point}) failed: {self.error}"
         )
 
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": None,
+            "package": self.package,
+            "version": self.version,
+            "summary": "",
+            "entry_point": self.entry_point,
+            "error": self.error,
+        }
+
 
 class PluginRegistry:
-    """Every registered plugin by (kind, name), plus the packages that failed to load."""
+    """Every registered plugin by (kind, name), plus what went wrong while loading them: the
+    packages that failed, the names that two packages register (a clash is an error only when
+    that name is used) and the warnings about the allow-list."""
 
     def __init__(self) -> None:
         self._specs: dict[tuple[str, str], PluginSpec] = {}
+        self._clashes: dict[tuple[str, str], list[PluginSpec]] = {}
         self.failures: list[PluginFailure] = []
+        self.warnings: list[str] = []
 
     def add(self, spec: PluginSpec) -> None:
+        """Register ``spec``; a (kind, name) that is already registered becomes a clash."""
         key = (spec.kind, spec.name)
-        if key in self._specs:
-            first = self._specs[key]
-            raise PluginError(
-                f"{spec.kind} '{spec.name}' is registered by two packages: "
-                f"{first.package} {first.version} and {spec.package} {spec.version}",
-                hint="uninstall one of them, or allow only one with HVAE_LOAD_PLUGINS",
-            )
-        self._specs[key] = spec
+        if key in self._clashes:
+            self._clashes[key].append(spec)
+        elif key in self._specs:
+            self._clashes[key] = [self._specs[key], spec]
+        else:
+            self._specs[key] = spec
 
     def remove(self, kind: str, name: str) -> None:
         self._specs.pop((kind, name), None)
+        self._clashes.pop((kind, name), None)
 
     def has(self, kind: str, name: str) -> bool:
         return (kind, name) in self._specs
 
+    def clash(self, kind: str, name: str) -> list[PluginSpec]:
+        """Every registration of ``kind`` ``name`` when two or more packages register it."""
+        return list(self._clashes.get((kind, name), []))
+
+    def clash_message(self, kind: str, name: str) -> str:
+        specs = self._clashes[(kind, name)]
+        packages = " and ".join(f"{s.package} {s.version}" for s in specs)
+        return f"{kind} '{name}' is registered by {len(specs)} packages: {packages}"
+
     def get(self, kind: str, name: str) -> PluginSpec:
         _check_kind(kind)
+        if (kind, name) in self._clashes:
+            raise PluginError(
+                self.clash_message(kind, name),
+                hint="uninstall one of them, or allow only one with HVAE_LOAD_PLUGINS",
+            )
         try:
             return self._specs[(kind, name)]
         except KeyError:
@@ -124,17 +183,42 @@ class PluginRegistry:
             hint += "; some plugin packages failed to load: " + "; ".join(
                 f.one_line() for f in self.failures
             )
+        if self.warnings:
+            hint += "; " + "; ".join(self.warnings)
         raise PluginError(f"unknown {kind} '{name}'", hint=hint + " (see 'hvae plugins list')")
 
     def names(self, kind: str) -> list[str]:
         return sorted(name for k, name in self._specs if k == kind)
 
     def all(self, kind: str | None = None) -> list[PluginSpec]:
+        """The usable plugins (a clashing name is not one), by kind then name."""
         if kind is not None:
             _check_kind(kind)
-        order = {k: i for i, k in enumerate(hookspecs.KINDS)}
-        specs = [s for s in self._specs.values() if kind is None or s.kind == kind]
-        return sorted(specs, key=lambda s: (order[s.kind], s.name))
+        specs = [
+            s
+            for key, s in self._specs.items()
+            if (kind is None or s.kind == kind) and key not in self._clashes
+        ]
+        return sorted(specs, key=_order)
+
+    def problems(self) -> list[str]:
+        """One line for each failed package, each clash and each allow-list warning."""
+        clashes = [self.clash_message(kind, name) for kind, name in sorted(self._clashes)]
+        return [f.one_line() for f in self.failures] + clashes + self.warnings
+
+    def rows(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """What ``hvae plugins list --json`` prints: one row per registration, clashing ones
+        included, then one per failed package; a row that is not usable has an ``error``."""
+        if kind is not None:
+            _check_kind(kind)
+        rows: list[tuple[PluginSpec, dict[str, Any]]] = [(s, s.as_row()) for s in self.all(kind)]
+        for (k, name), specs in self._clashes.items():
+            if kind is None or k == kind:
+                error = self.clash_message(k, name)
+                rows += [(s, s.as_row() | {"error": error}) for s in specs]
+        rows.sort(key=lambda pair: _order(pair[0]))
+        failed = [f.as_row() for f in self.failures if kind is None or f.kind in (None, kind)]
+        return [row for _, row in rows] + failed
 
     @contextmanager
     def temporary(
@@ -150,12 +234,18 @@ class PluginRegistry:
         **info: Any,
     ) -> Iterator[PluginSpec]:
         """Register a throw-away plugin for the duration of a ``with`` block (tests use this)."""
+        if self.has(kind, name):
+            raise PluginError(f"{kind} '{name}' is already registered")
         spec = make_spec(kind, name, target, options, summary, package, version, info)
         self.add(spec)
         try:
             yield spec
         finally:
             self.remove(kind, name)
+
+
+def _order(spec: PluginSpec) -> tuple[int, str]:
+    return hookspecs.KINDS.index(spec.kind), spec.name
 
 
 def _check_kind(kind: str) -> None:
@@ -238,7 +328,7 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
             pm.register(module, name=f"{package}:{ep_name}")
         except Exception as exc:  # pluggy validation: a hook's signature does not match
             registry.failures.append(
-                PluginFailure(package, ep_name, f"{type(exc).__name__}: {exc}")
+                PluginFailure(package, ep_name, f"{type(exc).__name__}: {exc}", version)
             )
             return
         unknown = sorted(c.name for c in pm.get_hookcallers(module) or [] if c.spec is None)
@@ -250,25 +340,36 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
                     ep_name,
                     f"implements unknown hooks {', '.join(unknown)} "
                     f"(hooks are: {', '.join(hookspecs.HOOK_FOR_KIND.values())})",
+                    version,
                 )
             )
             return
         sources[id(module)] = (package, version, ep_name)
 
     add_source(builtins, CORE_PACKAGE, _core_version(), "core")
+    installed: dict[str, list[str]] = {}  # distribution -> its entry points in the group
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         package = ep.dist.name if ep.dist is not None else "unknown"
         version = ep.dist.version if ep.dist is not None else "unknown"
+        installed.setdefault(package, []).append(ep.name)
         if allow is not None and ep.name not in allow and package not in allow:
             continue
         try:
             module = ep.load()
         except Exception as exc:
             registry.failures.append(
-                PluginFailure(package, ep.name, f"{type(exc).__name__}: {exc}")
+                PluginFailure(package, ep.name, f"{type(exc).__name__}: {exc}", version)
             )
             continue
         add_source(module, package, version, ep.name)
+    if allow is not None:
+        known = set(installed).union(*installed.values())
+        for name in sorted(allow - known):
+            packages = ", ".join(f"{p} ({', '.join(eps)})" for p, eps in sorted(installed.items()))
+            registry.warnings.append(
+                f"{ALLOW_ENV} names '{name}', which is neither an installed plugin package nor "
+                f"one of its entry points (installed: {packages or 'none'})"
+            )
 
     for kind, hook_name in hookspecs.HOOK_FOR_KIND.items():
         for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
@@ -290,11 +391,15 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
 
             try:
                 impl.function(register)
-            except PluginError:
-                raise
             except Exception as exc:
                 registry.failures.append(
-                    PluginFailure(package, ep_name, f"{hook_name}: {type(exc).__name__}: {exc}")
+                    PluginFailure(
+                        package,
+                        ep_name,
+                        f"{hook_name}: {type(exc).__name__}: {exc}",
+                        version,
+                        kind,
+                    )
                 )
     return registry
 

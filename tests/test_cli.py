@@ -87,6 +87,44 @@ def test_plugins_list_reports_a_broken_package(install_distribution) -> None:
     assert ("block", "vdvae") in {(r["kind"], r["name"]) for r in json.loads(result.stdout)}
 
 
+CLASHING_FLOW = """
+import hvae_core as hvae
+
+@hvae.hookimpl
+def register_flows(register):
+    register("same", "{module}:Flow", summary="a flow from {module}")
+"""
+
+
+def test_plugins_list_shows_clashes_and_failures_and_using_a_clash_is_the_error(
+    install_distribution,
+) -> None:
+    for package, module in [("first-pkg", "first_mod"), ("second-pkg", "second_mod")]:
+        source = CLASHING_FLOW.format(module=module)
+        install_distribution(package, "1.0", {module: module}, {module: source})
+    install_distribution("broken-pkg", "0.1", {"broken": "broken_mod"}, {"broken_mod": "1/0\n"})
+    result = run("plugins", "list", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    clash = "flow 'same' is registered by 2 packages: first-pkg 1.0 and second-pkg 1.0"
+    same = [r for r in rows if r["name"] == "same"]
+    assert [(r["package"], r["error"]) for r in same] == [
+        ("first-pkg", clash),
+        ("second-pkg", clash),
+    ]
+    [failed] = [r for r in rows if r["package"] == "broken-pkg"]
+    assert failed["error"] == "ZeroDivisionError: division by zero"
+    assert (failed["kind"], failed["name"], failed["entry_point"]) == (None, None, "broken")
+    assert all("error" not in r for r in rows if r["package"] == "hvae")
+    assert f"warning: {clash}" in result.stderr
+    assert "warning: plugin package broken-pkg (entry point broken) failed" in result.stderr
+    table = run("plugins", "list", "--kind", "flow")
+    assert table.exit_code == 0
+    assert table.stdout.count(f"error: {clash}") == 2 and "conv-sylvester" in table.stdout
+    assert_one_line_error(run("config", "show", "--flow", "same"), clash, 2)
+    assert_one_line_error(run("config", "show", "--use", "flow=same"), clash, 2)
+
+
 def test_plugins_show_lists_options() -> None:
     result = run("plugins", "show", "lr-schedule", "cosd")
     assert result.exit_code == 0
@@ -251,3 +289,62 @@ def test_gpus_are_chosen_before_the_backend_starts_and_not_after() -> None:
     )
     assert "visible 1,0 False" in done.stdout
     assert "refused: cannot choose GPUs 2: jax has already started" in done.stdout
+
+
+# --- choosing plugins: --use KIND=NAME --------------------------------------------------------
+
+
+def test_use_chooses_a_plugin_of_every_kind_as_the_old_spellings_do() -> None:
+    new = run(
+        *("config", "show", "--use", "block=depthwise", "--use", "flow=conv-sylvester"),
+        *("--use", "attention=depthwise", "--use", "regularizer=cr-vae"),
+        *("--use", "dataset=digits", "--use", "lr-schedule=constant"),
+        *("--use", "beta-schedule=cyclic"),
+    )
+    old = run(
+        *("config", "show", "--set", "model.block=depthwise", "--flow", "conv-sylvester"),
+        *("--attention", "depthwise", "--regularizer", "cr-vae", "--dataset", "digits"),
+        *("--set", "training.scheduler=constant", "--set", "training.beta_schedule=cyclic"),
+    )
+    assert new.exit_code == 0, new.output
+    assert new.stdout == old.stdout
+    chosen = yaml.safe_load(new.stdout)
+    assert chosen["model"]["block"] == "depthwise"
+    assert chosen["training"]["scheduler"] == "constant"
+    assert chosen["training"]["beta_schedule"] == "cyclic"
+    sections = {"block", "flow", "attention", "regularizer", "lr_schedule", "beta_schedule"}
+    assert sections <= set(chosen)
+
+
+def test_use_none_drops_an_optional_plugin_and_set_still_wins() -> None:
+    cfg = resolve_config("tiny", {"use": ["flow=conv-sylvester", "flow=conv-sylvester"]})
+    assert cfg.model.flow == "conv-sylvester"
+    assert resolve_config(None, {"use": ["flow=none"]}).model.flow is None
+    overridden = resolve_config(None, {"use": ["block=vdvae"]}, ["model.block=depthwise"])
+    assert overridden.model.block == "depthwise"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["--use", "flows=planar"],
+            "--use flows=planar: unknown plugin kind 'flows' (hint: did you mean 'flow'? kinds: "
+            "block, flow, attention, regularizer, dataset, lr-schedule, beta-schedule",
+        ),
+        (["--use", "lr_schedule=cosd"], "(hint: did you mean 'lr-schedule'?"),
+        (
+            ["--use", "flow"],
+            "--use flow: expected KIND=NAME (hint: e.g. --use flow=conv-sylvester; kinds: ",
+        ),
+        (["--use", "=cosd"], "expected KIND=NAME"),
+        (["--use", "flow=frobnicate"], "unknown flow 'frobnicate'"),
+        (
+            ["--flow", "conv-sylvester", "--use", "flow=none"],
+            "--use flow=none and --flow conv-sylvester choose two plugins for model.flow",
+        ),
+    ],
+)
+def test_use_mistakes_are_one_line_naming_the_kinds(args, fragment) -> None:
+    assert_one_line_error(run("config", "show", *args), fragment, 2)
+    assert_one_line_error(run("train", *args), fragment, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -10,9 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE, FIRST_PARTY_ENTRY_POINTS, example_distribution
+from conftest import EXAMPLE, FIRST_PARTY_ENTRY_POINTS, ROOT, example_distribution
 
-from hvae_core import plugins
+import hvae_core
+from hvae_core import api, plugins
 from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError
 
@@ -158,3 +160,44 @@ def test_no_flow_at_scales_with_zero_flows(example_env) -> None:
         )
         is None
     )
+
+
+# --- what a plugin package may import ---------------------------------------------------------
+
+PUBLIC_MODULES = {"hvae_core", "hvae_core.api"}
+PUBLIC = set(hvae_core.__all__)
+
+
+def private_imports(path) -> list[str]:
+    """Every import of hvae_core's internals in a Python file, as ``file:line module``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module]
+            if node.module == "hvae_core":  # ``from hvae_core import data`` is a module too
+                modules += [f"hvae_core.{a.name}" for a in node.names if a.name not in PUBLIC]
+        else:
+            continue
+        found += [
+            f"{path.relative_to(ROOT)}:{node.lineno} {m}"
+            for m in modules
+            if m.split(".")[0] == "hvae_core" and m not in PUBLIC_MODULES
+        ]
+    return found
+
+
+@pytest.mark.parametrize("package", [EXAMPLE / "hvae_example_plugins", ROOT / "plugins"])
+def test_plugins_import_only_the_public_api(package) -> None:
+    files = sorted(package.rglob("*.py"))
+    assert files
+    private = [hit for path in files for hit in private_imports(path)]
+    assert private == [], "import these from hvae_core.api instead: " + "; ".join(private)
+
+
+def test_every_public_api_name_resolves() -> None:
+    for name in api.__all__:
+        assert getattr(api, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'InMemoryDatasetz'"):
+        api.InMemoryDatasetz  # noqa: B018

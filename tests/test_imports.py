@@ -33,7 +33,8 @@ def heavy_modules_after(body: str) -> list[str]:
 
 
 def test_import_hvae_core_loads_no_backend() -> None:
-    assert heavy_modules_after("import hvae_core, hvae_core.config, hvae_core.plugins") == []
+    body = "import hvae_core, hvae_core.api, hvae_core.config, hvae_core.plugins"
+    assert heavy_modules_after(body) == []
 
 
 @pytest.mark.parametrize(

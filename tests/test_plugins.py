@@ -6,10 +6,12 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from conftest import FIRST_PARTY_ENTRY_POINTS
 
 import hvae_core
+from hvae_core.config import resolve_config
 from hvae_core.errors import PluginError
-from hvae_core.plugins import get_registry, load_registry
+from hvae_core.plugins import ALLOW_ENV, get_registry, load_registry, reset_registry
 
 FLOW_MODULE = """
     from dataclasses import dataclass
@@ -59,18 +61,45 @@ def test_third_party_entry_point_is_loaded_with_its_distribution(install_distrib
     assert "my_flows_impl" in sys.modules
 
 
-def test_duplicate_names_name_both_packages(install_distribution) -> None:
+def test_a_name_two_packages_register_is_listed_and_an_error_only_when_used(
+    install_distribution,
+) -> None:
     install_distribution(
         "first-pkg", "1.0", {"first": "first_mod"}, flow_package("first_mod", "same")
     )
     install_distribution(
         "second-pkg", "2.0", {"second": "second_mod"}, flow_package("second_mod", "same")
     )
+    registry = get_registry()  # loading does not fail
+    clash = [(s.package, s.version) for s in registry.clash("flow", "same")]
+    assert clash == [("first-pkg", "1.0"), ("second-pkg", "2.0")]
+    assert not any(s.name == "same" for s in registry.all("flow"))
+    expected = "flow 'same' is registered by 2 packages: first-pkg 1.0 and second-pkg 2.0"
+    assert expected in registry.problems()
+    with pytest.raises(PluginError, match=expected):
+        registry.get("flow", "same")
+    with pytest.raises(PluginError, match=expected) as err:
+        resolve_config(flags={"flow": "same"})  # choosing it in a config
+    assert "HVAE_LOAD_PLUGINS" in err.value.hint
+    assert resolve_config(flags={"flow": "none"}).model.flow is None  # the rest still works
+
+
+def test_an_unknown_name_in_the_allow_list_is_a_warning_naming_the_installed_packages(
+    install_distribution, monkeypatch
+) -> None:
+    install_distribution(
+        "my-flows", "1.0", {"myflows": "my_flows"}, flow_package("my_flows", "planar")
+    )
+    monkeypatch.setenv(ALLOW_ENV, f"{FIRST_PARTY_ENTRY_POINTS},my-flowz")
+    reset_registry()
+    registry = get_registry()
+    [warning] = registry.warnings
+    assert warning.startswith("HVAE_LOAD_PLUGINS names 'my-flowz', which is neither")
+    assert "my-flows (myflows)" in warning and "hvae (" in warning
+    assert registry.has("dataset", "digits") and not registry.has("flow", "planar")
     with pytest.raises(PluginError) as err:
-        get_registry()
-    message = str(err.value)
-    assert "flow 'same'" in message
-    assert "first-pkg 1.0" in message and "second-pkg 2.0" in message
+        registry.get("flow", "planar")
+    assert "my-flowz" in err.value.hint
 
 
 def test_same_name_in_different_kinds_is_fine(install_distribution) -> None:

@@ -20,6 +20,7 @@ from hvae_plugins.datasets.digits import digits_images
 
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
+from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
@@ -393,6 +394,7 @@ def test_run_directory_contract(trained) -> None:
         "seconds",
     }
     assert all(required <= set(r) for r in rows)
+    assert all(set(r) <= CORE_METRICS for r in rows)  # what a regularizer's terms must not be
     assert rows[1]["step"] == 2 * (1497 // 64)
     assert rows[1]["train_bpd"] < rows[0]["train_bpd"]  # it learns
     for row in rows:  # how the latent layers are used, on the validation set

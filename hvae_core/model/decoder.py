@@ -49,7 +49,11 @@ class TopDownBlock(keras.layers.Layer):
         common = {"middle_width": mid, "kernel_size": scale.kernel_size, "residual": False}
         self.context_width = int(getattr(flow, "context_width", 0)) if flow is not None else 0
         self.posterior = make_block(
-            in_width=2 * w, out_width=2 * zw + self.context_width, name="posterior", **common
+            in_width=2 * w,
+            out_width=2 * zw + self.context_width,
+            last_scale=1.0,
+            name="posterior",
+            **common,
         )
         # The prior starts as N(0, 1) with no feature output: its last layer is zero.
         self.prior = make_block(

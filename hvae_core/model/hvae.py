@@ -11,7 +11,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from hvae_core.errors import ConfigError
+from hvae_core.errors import ConfigError, PluginError
+from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model.decoder import Decoder
 from hvae_core.model.distributions import gaussian_log_prob, sum_per_example
 from hvae_core.model.encoder import Encoder
@@ -59,15 +60,17 @@ class HVAE(keras.Model):
         self.num_dims = height * width * channels
         policy = self.dtype_policy
         layout = scales(model, config.resolutions)
-        block_factory = registry.get("block", model.block).load()
-        make_block = functools.partial(block_factory, config.options("block"), model, dtype=policy)
+        block_spec = registry.get("block", model.block)
+        make_block = functools.partial(
+            block_spec.create, config.options("block"), model, dtype=policy
+        )
 
         make_flow = None
         if model.flow is not None:
-            flow_factory = registry.get("flow", model.flow).load()
+            flow_spec = registry.get("flow", model.flow)
 
             def make_flow(scale: Any, index: int) -> Any:
-                return flow_factory(
+                return flow_spec.create(
                     config.options("flow"),
                     model,
                     scale=scale.index,
@@ -78,8 +81,7 @@ class HVAE(keras.Model):
 
         self.attention = None
         if model.attention is not None:
-            attention_factory = registry.get("attention", model.attention).load()
-            self.attention = attention_factory(
+            self.attention = registry.get("attention", model.attention).create(
                 config.options("attention"),
                 model,
                 widths={s.resolution: s.width for s in layout},
@@ -109,6 +111,15 @@ class HVAE(keras.Model):
                 model, block_scales, height, num_params, make_block, dtype=policy, name="head"
             )
         self.sample_seed = keras.random.SeedGenerator(seed, name="sample_seed")
+        # How an error about the regularizer handed to losses_for names it.
+        name = config.training.regularizer
+        self.regularizer_label = (
+            registry.get("regularizer", name).label()
+            if name is not None
+            and registry.has("regularizer", name)
+            and not registry.clash("regularizer", name)
+            else None
+        )
 
     @property
     def num_latent_layers(self) -> int:
@@ -211,7 +222,17 @@ class HVAE(keras.Model):
             result["kl_flow_bpd"] = ops.mean(kl_flow) * to_bpd
         loss = ops.mean(loss_nats) * to_bpd
         if regularizer is not None:
-            for name, term in regularizer.loss_terms(out, x).items():
+            terms = regularizer.loss_terms(out, x)
+            clashes = sorted(CORE_METRICS.intersection(terms))
+            if clashes:
+                who = self.regularizer_label or f"regularizer {type(regularizer).__name__}"
+                raise PluginError(
+                    f"{who} returns the loss term '{clashes[0]}', which is the name of a core "
+                    "metric",
+                    hint="give the term another name; core metrics: "
+                    + ", ".join(sorted(CORE_METRICS)),
+                )
+            for name, term in terms.items():
                 term_bpd = ops.cast(term, "float32") * to_bpd
                 result[name] = term_bpd
                 loss = loss + term_bpd

@@ -17,7 +17,7 @@ OPTIMIZERS = {
 
 def make_optimizer(config: Any, steps_per_epoch: int, registry: PluginRegistry) -> Any:
     training = config.training
-    schedule = registry.get("lr-schedule", training.scheduler).load()(
+    schedule = registry.get("lr-schedule", training.scheduler).create(
         config.options("lr-schedule"), training, steps_per_epoch
     )
     # Keras applies weight decay decoupled from the gradient step (as AdamW) for all three.

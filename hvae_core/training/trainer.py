@@ -70,8 +70,8 @@ class Trainer:
         self.rows: list[dict[str, Any]] = []  # this session's epochs, kept or not
         self.regularizer = None
         if training.regularizer is not None:
-            factory = registry.get("regularizer", training.regularizer).load()
-            self.regularizer = factory(config.options("regularizer"), training)
+            spec = registry.get("regularizer", training.regularizer)
+            self.regularizer = spec.create(config.options("regularizer"), training)
         check_batch(
             training.batch_size,
             training.batch_size_div,
@@ -110,7 +110,7 @@ class Trainer:
             self.engine = make_engine(
                 self.model, optimizer, config, self.regularizer, self.parallel
             )
-        self.beta_schedule = registry.get("beta-schedule", training.beta_schedule).load()(
+        self.beta_schedule = registry.get("beta-schedule", training.beta_schedule).create(
             config.options("beta-schedule"), training, self.steps_per_epoch
         )
         self.position = Position()

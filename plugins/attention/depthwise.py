@@ -40,8 +40,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from hvae_core.model.blocks import torch_default_init
-from hvae_core.model.layout import scales
+from hvae_core.api import scales, torch_default_init
 
 PRIOR, POSTERIOR = "prior", "posterior"
 CHAINS = (PRIOR, POSTERIOR)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvae_core.errors import ConfigError
-from hvae_core.options import option
+from hvae_core.api import ConfigError, option
 
 
 @dataclass

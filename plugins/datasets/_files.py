@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.errors import HvaeError
+from hvae_core.api import HvaeError
 
 
 def missing_files(

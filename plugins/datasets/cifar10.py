@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.data import InMemoryDataset, resolve_data_dir
-from hvae_core.errors import HvaeError
+from hvae_core.api import HvaeError, InMemoryDataset, resolve_data_dir
 
 from ._files import bad_file, missing_files
 from .safe_pickle import RefusedGlobal, loads_numpy_only

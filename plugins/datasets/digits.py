@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.data import InMemoryDataset
+from hvae_core.api import InMemoryDataset
 
 VAL_SIZE = 150
 TEST_SIZE = 150

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.data import ImageArray, InMemoryDataset, LazyImages, resolve_data_dir
-from hvae_core.errors import HvaeError
+from hvae_core.api import HvaeError, ImageArray, InMemoryDataset, LazyImages, resolve_data_dir
 
 from ._files import (
     atomic_npy,

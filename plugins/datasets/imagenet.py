@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.data import InMemoryDataset, LazyImages, resolve_data_dir
-from hvae_core.errors import HvaeError
+from hvae_core.api import HvaeError, InMemoryDataset, LazyImages, resolve_data_dir
 
 from ._files import (
     atomic_npy,

@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.data import InMemoryDataset, resolve_data_dir
-from hvae_core.errors import ConfigError, HvaeError
+from hvae_core.api import ConfigError, HvaeError, InMemoryDataset, resolve_data_dir
 
 from ._files import bad_file, missing_files
 

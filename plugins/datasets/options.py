@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvae_core.errors import ConfigError
-from hvae_core.options import option
+from hvae_core.api import ConfigError, option
 
 PATH_HELP = "folder of the dataset files (default: data.data_dir, then $HVAE_DATA_DIR)"
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hvae_core.errors import ConfigError
-from hvae_core.options import option, per_scale
+from hvae_core.api import ConfigError, option, per_scale
 
 MAX_RESOLUTION_HELP = (
     "flows only at scales whose resolution is at most this (null: at every scale); "

@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from hvae_core.errors import ConfigError, HvaeError
-from hvae_core.model.distributions import gaussian_kl, sum_per_example
+from hvae_core.api import ConfigError, HvaeError, gaussian_kl, sum_per_example
 
 from .augment import translate_and_flip
 from .options import CrVaeOptions

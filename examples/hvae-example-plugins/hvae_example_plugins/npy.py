@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core.data import InMemoryDataset, resolve_data_dir
-from hvae_core.errors import HvaeError
+from hvae_core.api import HvaeError, InMemoryDataset, resolve_data_dir
 
 
 def NpyDataset(options: Any, data: Any) -> InMemoryDataset:  # noqa: N802 - a factory

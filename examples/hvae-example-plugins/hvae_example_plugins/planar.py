@@ -9,7 +9,7 @@ from keras import ops
 
 
 class PlanarFlow(keras.layers.Layer):
-    """Satisfies ``hvae_core.interfaces.PosteriorFlow``: call(z0, context) -> (zK, log|det|).
+    """Satisfies ``hvae_core.api.PosteriorFlow``: call(z0, context) -> (zK, log|det|).
 
     Its parameters are global (not amortised), so it asks for no context channels.
     """
