@@ -21,7 +21,7 @@ from typing import Any
 import pluggy
 
 from hvae_core import hookspecs
-from hvae_core.errors import PluginError
+from hvae_core.errors import HvaeError, PluginError
 from hvae_core.options import NoOptions, check_options_class
 
 ENTRY_POINT_GROUP = "hvae"
@@ -52,6 +52,8 @@ class PluginSpec:
             obj: Any = importlib.import_module(module_name)
             for part in attr.split(".") if attr else []:
                 obj = getattr(obj, part)
+        except HvaeError:
+            raise  # the plugin's own one line for the user (e.g. which package to install)
         except Exception as exc:
             raise PluginError(
                 f"{self.kind} '{self.name}' from package {self.package} failed to load "

@@ -16,7 +16,7 @@ from typing import Any
 from hvae_core.errors import HvaeError, PluginError
 
 # Config sections a resumed run may change: how it trains and runs, never the model or data.
-RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer")
+RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer", "tracker")
 
 
 @dataclass(frozen=True)
