@@ -479,14 +479,22 @@ def resolve_config(
     return build_config(raw, registry)
 
 
-def load_run_config(path: str | os.PathLike[str], registry: PluginRegistry | None = None) -> Config:
+def load_run_config(
+    path: str | os.PathLike[str], registry: PluginRegistry | None = None, *, trackers: bool = True
+) -> Config:
     """The config a run directory's ``config.yaml`` records.
 
     Options added to hvae after the run was written are absent from it; where the new default
     would change what the run does, the absent option means the old behaviour: a run that is
-    resumed or evaluated must never silently change.
+    resumed or evaluated must never silently change. ``trackers=False`` leaves the run's
+    experiment trackers out, so that using a trained model needs none of them installed.
     """
     raw = load_config_source(path)
+    if not trackers:
+        for kind, (section, key) in MULTI_SELECTOR.items():
+            if isinstance(raw.get(section), dict):
+                raw[section] = {k: v for k, v in raw[section].items() if k != key}
+            raw.pop(PLUGIN_SECTION[kind], None)
     training = dict(raw.get("training") or {})
     # Before grad_norm_unit existed, the thresholds and logged norms were on the bits scale.
     # (model.scale_fn needs no entry: its default, softplus, is what every older run used.)

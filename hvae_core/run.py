@@ -109,12 +109,12 @@ class RunDirectory:
 
         return self.path / rundir.CHECKPOINT
 
-    def config(self, registry: Any = None) -> Any:
+    def config(self, registry: Any = None, *, trackers: bool = True) -> Any:
         """The run's resolved config, as it trained (see ``load_run_config``)."""
         from hvae_core.config import load_run_config
         from hvae_core.training import rundir
 
-        return load_run_config(self.path / rundir.CONFIG, registry)
+        return load_run_config(self.path / rundir.CONFIG, registry, trackers=trackers)
 
     def write_config(self, config: Any) -> None:
         from hvae_core.training import rundir

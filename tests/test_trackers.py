@@ -69,6 +69,20 @@ def test_tracker_mistakes_are_one_line(args, fragment) -> None:
     one_line_error(run("config", "show", *args), fragment)
 
 
+def test_a_trained_model_loads_without_the_runs_trackers_installed(tmp_path) -> None:
+    from hvae_core.config import load_run_config
+
+    registry = get_registry()
+    with registry.temporary("tracker", "gone", StrictTracker):
+        cfg = resolve_config("tiny", {"tracker": ["gone", "tensorboard"]})
+        (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    with pytest.raises(HvaeError, match="unknown tracker 'gone'"):  # resuming needs it
+        load_run_config(tmp_path / "config.yaml")
+    loaded = load_run_config(tmp_path / "config.yaml", trackers=False)  # what load() reads
+    assert loaded.run.trackers == [] and loaded.options("tracker") == {}
+    assert loaded.to_dict()["model"] == cfg.to_dict()["model"]
+
+
 def test_no_save_with_a_tracker_is_refused(tmp_path) -> None:
     result = run("train", "--no-save", "--tracker", "tensorboard", "--save-dir", str(tmp_path))
     one_line_error(result, "run.trackers: tensorboard chosen, but run.save is false")
