@@ -143,9 +143,11 @@ class Tracker(Protocol):
     the chief process (process 0) of a kept run (``run.save``), once per training session (a
     new run, or each ``--resume``), before the session's first epoch. ``run_dir`` exists and
     holds ``config.yaml``; a tracker that writes files keeps them in a folder of its own there.
-    A factory that cannot make its tracker (a package missing, say) raises
-    :class:`hvae_core.HvaeError` saying what to install: the run then stops with that one line
-    before it trains. Any other exception from the factory stops it too, named after the plugin.
+    A factory that cannot make its tracker raises :class:`hvae_core.HvaeError` saying what to
+    do: the run then stops with that one line before it trains. Any other exception from the
+    factory stops it too, named after the plugin. A missing package is best reported by raising
+    ``HvaeError`` (naming what to install) when the implementation's module is imported: that
+    happens before the model is built and the run directory is made.
 
     The core calls the three methods below with positional arguments, in this order: ``start``
     once, ``log_epoch`` after every epoch, ``close`` once, also when the run ends in an error or
@@ -156,10 +158,10 @@ class Tracker(Protocol):
 
     def start(self, config: dict[str, Any], first_epoch: int) -> None:
         """The session begins. ``config`` is the resolved configuration as ``config.yaml``
-        holds it (section -> option -> value). ``first_epoch`` is the first epoch this session
-        logs: 1 for a new run; after ``--resume``, one more than the checkpoint's epoch.
-        Whatever an earlier session logged for that epoch and later is void (``metrics.jsonl``
-        drops those rows: the run goes back to its checkpoint)."""
+        holds it (section -> option -> value; the tracker's own copy). ``first_epoch`` is the
+        first epoch this session logs: 1 for a new run; after ``--resume``, one more than the
+        checkpoint's epoch. Whatever an earlier session logged for that epoch and later is void
+        (``metrics.jsonl`` drops those rows: the run goes back to its checkpoint)."""
         ...
 
     def log_epoch(self, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
