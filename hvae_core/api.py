@@ -11,9 +11,9 @@ Registration (light)::
     from hvae_core.api import hookimpl, option, per_scale
 
 Contracts: :class:`Dataset`, :class:`PosteriorFlow`, :class:`Attention`, :class:`Regularizer`,
-:data:`BlockFactory`, :data:`LrScheduleFactory`, :data:`BetaScheduleFactory` (what each kind's
-registered factory is called with and must return), and :data:`CORE_METRICS` (names a
-regularizer's loss terms must not take).
+:class:`Tracker`, :data:`BlockFactory`, :data:`LrScheduleFactory`, :data:`BetaScheduleFactory`
+(what each kind's registered factory is called with and must return), and
+:data:`CORE_METRICS` (names a regularizer's loss terms must not take).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from hvae_core.interfaces import (
     PosteriorFlow,
     Regularizer,
     Tensor,
+    Tracker,
 )
 from hvae_core.model.layout import Scale, scales
 from hvae_core.options import NoOptions, option, per_scale
@@ -83,4 +84,5 @@ __all__ = [
     "scales",
     "sum_per_example",
     "torch_default_init",
+    "Tracker",
 ]

@@ -129,8 +129,18 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
             multiple=True,
             metavar="KIND=NAME",
             callback=_check_use,
-            help=f"choose the plugin of a kind (repeatable; kinds: {', '.join(KINDS)}), e.g. "
+            help="choose the plugin of a kind (repeatable; kinds: "
+            f"{', '.join(k for k in KINDS if k != 'tracker')}; trackers: --tracker), e.g. "
             "--use block=depthwise --use lr-schedule=constant",
+        ),
+        click.option(
+            "--tracker",
+            metavar="NAME",
+            multiple=True,
+            # Not given: None, so that the config's own run.trackers stands.
+            callback=lambda ctx, param, value: list(value) or None,
+            help="experiment tracker plugin (repeatable; replaces run.trackers; "
+            "metrics.jsonl is always written)",
         ),
         click.option(
             "--set",
@@ -197,13 +207,15 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins_show(kind: str, name: str, as_json: bool) -> None:
     """The options of one plugin, with their defaults and help."""
-    from hvae_core.config import PLUGIN_SECTION
+    from hvae_core.config import MULTI_SELECTOR, PLUGIN_SECTION
     from hvae_core.options import describe_options
     from hvae_core.plugins import get_registry
 
     spec = get_registry().get(kind, name)
     options = describe_options(spec.options)
     section = PLUGIN_SECTION[kind]
+    if kind in MULTI_SELECTOR:  # several may be chosen: each has its own subsection
+        section = f"{section}.{name}"
     if as_json:
         row = spec.as_row() | {"section": section, "options": [vars(o) for o in options]}
         click.echo(json.dumps(row, indent=2, default=str))

@@ -5,7 +5,9 @@ or a user YAML file (``--config my.yaml``) < CLI flags < ``--set section.key=val
 
 Besides the core sections (``model``, ``data``, ``training``, ``run``) the config has one section
 per chosen plugin, named after its kind (``dataset``, ``block``, ``flow``, ``attention``,
-``regularizer``, ``lr_schedule``, ``beta_schedule``), holding that plugin's own options.
+``regularizer``, ``lr_schedule``, ``beta_schedule``), holding that plugin's own options. A run
+may choose several trackers (``run.trackers``): their section ``tracker`` holds one mapping of
+options per chosen tracker, by name (``tracker.NAME.KEY``).
 """
 
 from __future__ import annotations
@@ -246,6 +248,11 @@ class RunConfig:
         "the GPUs this process may use, by index, e.g. '0,1' (CUDA_VISIBLE_DEVICES, set before "
         "the backend starts; default: all)",
     )
+    trackers: list[str] = option(
+        [],
+        "experiment trackers ('tracker' plugins) that also receive the config, every epoch's "
+        "metrics and the images (metrics.jsonl is always written); their options: tracker.NAME",
+    )
 
     def validate(self, section: str) -> None:
         _non_negative(section, self, "devices")
@@ -256,6 +263,15 @@ class RunConfig:
         if self.gpus is not None and not re.fullmatch(r"\d+(,\d+)*", str(self.gpus)):
             raise ConfigError(
                 f"{section}.gpus: expected GPU indices such as '0' or '0,1', got {self.gpus!r}"
+            )
+        twice = sorted({name for name in self.trackers if self.trackers.count(name) > 1})
+        if twice:
+            raise ConfigError(f"{section}.trackers: {', '.join(twice)} listed twice")
+        if self.trackers and not self.save:
+            raise ConfigError(
+                f"{section}.trackers: {', '.join(self.trackers)} chosen, but {section}.save is "
+                "false (trackers run beside a kept run directory)",
+                hint="drop --no-save, or the trackers",
             )
 
 
@@ -276,7 +292,13 @@ SELECTOR: dict[str, tuple[str, str]] = {
     "lr-schedule": ("training", "scheduler"),
     "beta-schedule": ("training", "beta_schedule"),
 }
-PLUGIN_SECTION: dict[str, str] = {kind: kind.replace("-", "_") for kind in SELECTOR}
+# kind -> (section, key) of the list option that chooses any number of that kind's plugins.
+# Their options share one section: a mapping from each chosen plugin's name to its options.
+MULTI_SELECTOR: dict[str, tuple[str, str]] = {"tracker": ("run", "trackers")}
+PLUGIN_SECTION: dict[str, str] = {
+    kind: kind.replace("-", "_") for kind in (*SELECTOR, *MULTI_SELECTOR)
+}
+NESTED_SECTIONS = frozenset(PLUGIN_SECTION[kind] for kind in MULTI_SELECTOR)
 
 # The flag holding ``KIND=NAME`` choices (``--use``), one per kind; see :func:`parse_use`.
 USE_FLAG = "use"
@@ -296,6 +318,7 @@ FLAG_KEYS: dict[str, str] = {
     "devices": "run.devices",
     "gpus": "run.gpus",
     "save": "run.save",
+    "tracker": "run.trackers",
 }
 
 
@@ -324,7 +347,11 @@ class Config:
         return getattr(getattr(self, section), key)
 
     def options(self, kind: str) -> Any:
-        """The chosen plugin's options of ``kind`` (None when none is chosen)."""
+        """The chosen plugin's options of ``kind`` (None when none is chosen); for a kind that
+        a run may choose several of (``tracker``), a dict from each chosen name to its options
+        (empty when none is chosen)."""
+        if kind in MULTI_SELECTOR:
+            return self.plugin_options.get(kind, {})
         return self.plugin_options.get(kind)
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,6 +359,10 @@ class Config:
         for kind in SELECTOR:
             if kind in self.plugin_options:
                 out[PLUGIN_SECTION[kind]] = section_to_dict(self.plugin_options[kind])
+        for kind in MULTI_SELECTOR:
+            chosen = self.plugin_options.get(kind)
+            if chosen:
+                out[PLUGIN_SECTION[kind]] = {n: section_to_dict(o) for n, o in chosen.items()}
         return out
 
     def to_yaml(self) -> str:
@@ -390,12 +421,16 @@ def load_config_source(source: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``section.key=value`` with a YAML-parsed value."""
+    """``section.key=value`` (``tracker.NAME.key=value`` for a tracker's option) with a
+    YAML-parsed value."""
     key, sep, text = item.partition("=")
     key = key.strip()
-    if not sep or key.count(".") != 1 or not all(key.split(".")):
+    parts = key.split(".")
+    depth = 3 if parts[0] in NESTED_SECTIONS else 2
+    if not sep or len(parts) not in (2, depth) or not all(parts):
         raise ConfigError(
-            f"--set {item!r}: expected section.key=value", hint="e.g. --set model.z_width=[8,16]"
+            f"--set {item!r}: expected section.key=value",
+            hint="e.g. --set model.z_width=[8,16], or --set tracker.NAME.KEY=VALUE",
         )
     try:
         value = yaml.safe_load(text) if text.strip() else None
@@ -425,10 +460,13 @@ def parse_use(item: str) -> tuple[str, str]:
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    section, _, name = key.partition(".")
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"{section}: expected a mapping of options, got {target!r}")
+    *path, name = key.split(".")
+    target = raw
+    for depth in range(len(path)):
+        target = target.setdefault(path[depth], {})
+        if not isinstance(target, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"{where}: expected a mapping of options, got {target!r}")
     target[name] = value
 
 
@@ -479,14 +517,22 @@ def resolve_config(
     return build_config(raw, registry)
 
 
-def load_run_config(path: str | os.PathLike[str], registry: PluginRegistry | None = None) -> Config:
+def load_run_config(
+    path: str | os.PathLike[str], registry: PluginRegistry | None = None, *, trackers: bool = True
+) -> Config:
     """The config a run directory's ``config.yaml`` records.
 
     Options added to hvae after the run was written are absent from it; where the new default
     would change what the run does, the absent option means the old behaviour: a run that is
-    resumed or evaluated must never silently change.
+    resumed or evaluated must never silently change. ``trackers=False`` leaves the run's
+    experiment trackers out, so that using a trained model needs none of them installed.
     """
     raw = load_config_source(path)
+    if not trackers:
+        for kind, (section, key) in MULTI_SELECTOR.items():
+            if isinstance(raw.get(section), dict):
+                raw[section] = {k: v for k, v in raw[section].items() if k != key}
+            raw.pop(PLUGIN_SECTION[kind], None)
     training = dict(raw.get("training") or {})
     # Before grad_norm_unit existed, the thresholds and logged norms were on the bits scale.
     # (model.scale_fn needs no entry: its default, softplus, is what every older run used.)
@@ -582,6 +628,10 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
             plugin_options[kind] = build_section(
                 spec.options, raw.get(plugin_section), plugin_section, num_scales
             )
+    for kind, (section, key) in MULTI_SELECTOR.items():
+        plugin_options[kind] = _multi_options(
+            kind, getattr(sections[section], key), raw, f"{section}.{key}", registry, num_scales
+        )
     return Config(
         model=model,
         data=data,
@@ -590,6 +640,33 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
         plugin_options=plugin_options,
         image_size=image_size,
     )
+
+
+def _multi_options(
+    kind: str,
+    names: list[str],
+    raw: Mapping[str, Any],
+    selector: str,
+    registry: PluginRegistry,
+    num_scales: int,
+) -> dict[str, Any]:
+    """Name -> options of every chosen plugin of a kind that a run may choose several of."""
+    section = PLUGIN_SECTION[kind]
+    given = raw.get(section) or {}
+    for name, value in given.items():
+        if name not in names:
+            raise ConfigError(
+                f"options given in section '{section}' for {kind} '{name}', which is not chosen",
+                hint=f"add it to {selector} (or drop {section}.{name})",
+            )
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{section}.{name}: expected a mapping of options, got {value!r}")
+    return {
+        name: build_section(
+            registry.get(kind, name).options, given.get(name), f"{section}.{name}", num_scales
+        )
+        for name in names
+    }
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -71,6 +71,11 @@ def register_beta_schedules(register: Register) -> None:
     """Register KL-weight (beta) schedules (kind ``beta-schedule``)."""
 
 
+@hookspec
+def register_trackers(register: Register) -> None:
+    """Register experiment trackers (kind ``tracker``)."""
+
+
 # kind -> hook name; the order is the order kinds are listed in.
 HOOK_FOR_KIND: dict[str, str] = {
     "block": "register_blocks",
@@ -80,5 +85,6 @@ HOOK_FOR_KIND: dict[str, str] = {
     "dataset": "register_datasets",
     "lr-schedule": "register_lr_schedules",
     "beta-schedule": "register_beta_schedules",
+    "tracker": "register_trackers",
 }
 KINDS: tuple[str, ...] = tuple(HOOK_FOR_KIND)

@@ -5,11 +5,11 @@ without inheriting from anything, so this module imports no Keras and no backend
 are the chosen Keras backend's tensors; images are NHWC.
 
 Every kind's registered target is a *factory*, called with the plugin's options instance (the
-dataclass it registered, filled from the config section named after its kind) and the parts of
-the resolved config it needs, and returning the object described here. The core passes every
-argument a factory's contract lists, by the names it lists (keyword-only ones as keywords), so a
-factory needs no defaults and no ``**kwargs``. Plugins import these names from
-:mod:`hvae_core.api`.
+dataclass it registered, filled from the config section named after its kind; a run may choose
+several trackers, so a tracker's options are in ``tracker.NAME``) and the parts of the resolved
+config it needs, and returning the object described here. The core passes every argument a
+factory's contract lists, by the names it lists (keyword-only ones as keywords), so a factory
+needs no defaults and no ``**kwargs``. Plugins import these names from :mod:`hvae_core.api`.
 """
 
 from __future__ import annotations
@@ -135,6 +135,51 @@ class Regularizer(Protocol):
     def loss_terms(self, outputs: Any, images: Tensor) -> Mapping[str, Tensor]:
         """Named scalar terms (nats per image) added to the loss and logged by name; no name
         may be one of :data:`CORE_METRICS`."""
+        ...
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """An experiment tracker: it is shown what the run directory gets, as the run writes it.
+
+    Factory: ``(options, run: RunConfig, *, run_dir: Path) -> Tracker``. It is called only on
+    the chief process (process 0) of a kept run (``run.save``), once per training session (a
+    new run, or each ``--resume``), before the session's first epoch. ``run_dir`` exists and
+    holds ``config.yaml``; a tracker that writes files keeps them in a folder of its own there.
+    A factory that cannot make its tracker raises :class:`hvae_core.HvaeError` saying what to
+    do: the run then stops with that one line before it trains. Any other exception from the
+    factory stops it too, named after the plugin. A missing package is best reported by raising
+    ``HvaeError`` (naming what to install) when the implementation's module is imported: that
+    happens before the model is built and the run directory is made.
+
+    The core calls the three methods below with positional arguments, in this order: ``start``
+    once, ``log_epoch`` after every epoch, ``close`` once, also when the run ends in an error or
+    Ctrl-C. If one of them raises an ``Exception``, training goes on (``metrics.jsonl`` always
+    has every epoch): one warning line names the tracker, which is not called again in this
+    session, ``close`` included.
+    """
+
+    def start(self, config: dict[str, Any], first_epoch: int) -> None:
+        """The session begins. ``config`` is the resolved configuration as ``config.yaml``
+        holds it (section -> option -> value; the tracker's own copy). ``first_epoch`` is the
+        first epoch this session logs: 1 for a new run; after ``--resume``, one more than the
+        checkpoint's epoch. Whatever an earlier session logged for that epoch and later is void
+        (``metrics.jsonl`` drops those rows: the run goes back to its checkpoint)."""
+        ...
+
+    def log_epoch(self, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
+        """One finished epoch. ``row`` is the object just appended to ``metrics.jsonl``: JSON
+        values (numbers; strings; None for a non-finite number; lists of numbers, such as a
+        value per latent layer), ``row["epoch"]`` and ``row["step"]`` saying where the run is.
+        ``images`` are the grids written to the run directory after this epoch, by file stem
+        (``"samples"``, ``"reconstructions"``): read-only uint8 arrays (H, W, C), C 1 or 3,
+        the PNGs' pixels. It is empty after an epoch that wrote none: images are written every
+        ``run.images_minutes`` (on a clock), and after the last epoch. ``row`` is the tracker's
+        own copy."""
+        ...
+
+    def close(self) -> None:
+        """The session ends: write out and release what the tracker holds."""
         ...
 
 

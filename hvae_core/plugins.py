@@ -56,6 +56,8 @@ class PluginSpec:
             obj: Any = importlib.import_module(module_name)
             for part in attr.split(".") if attr else []:
                 obj = getattr(obj, part)
+        except HvaeError:
+            raise  # the plugin's own one line for the user (e.g. which package to install)
         except Exception as exc:
             raise PluginError(
                 f"{self.label()} failed to load {self.target}: {type(exc).__name__}: {exc}",

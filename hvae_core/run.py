@@ -16,7 +16,7 @@ from typing import Any
 from hvae_core.errors import HvaeError, PluginError
 
 # Config sections a resumed run may change: how it trains and runs, never the model or data.
-RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer")
+RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer", "tracker")
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,12 @@ class RunDirectory:
 
         return self.path / rundir.CHECKPOINT
 
-    def config(self, registry: Any = None) -> Any:
+    def config(self, registry: Any = None, *, trackers: bool = True) -> Any:
         """The run's resolved config, as it trained (see ``load_run_config``)."""
         from hvae_core.config import load_run_config
         from hvae_core.training import rundir
 
-        return load_run_config(self.path / rundir.CONFIG, registry)
+        return load_run_config(self.path / rundir.CONFIG, registry, trackers=trackers)
 
     def write_config(self, config: Any) -> None:
         from hvae_core.training import rundir

@@ -302,7 +302,7 @@ def load(
     meta = run.checkpoint_meta(path)
     for message in check_plugins(meta.get("plugins", []), registry):
         warnings.warn(message, RunWarning, stacklevel=2)
-    config = run.config(registry)
+    config = run.config(registry, trackers=False)  # a model logs nothing: none need be installed
     if "image_shape" not in meta or "num_bits" not in meta:
         raise HvaeError(
             f"checkpoint {path} records no image shape or bit depth",

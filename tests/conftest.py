@@ -19,7 +19,7 @@ from hvae_core import plugins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hvae-example-plugins"
-FIRST_PARTY_ENTRY_POINTS = "datasets,flows,attention,regularizers"
+FIRST_PARTY_ENTRY_POINTS = "datasets,flows,attention,regularizers,trackers"
 
 
 @pytest.fixture(autouse=True)

@@ -169,6 +169,8 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
         "none",
         "--regularizer",
         "none",
+        "--tracker",
+        "tensorboard",
     )
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.stdout)
@@ -183,6 +185,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
         "connect_timeout": 120,
         "gpus": None,
         "save": True,
+        "trackers": ["tensorboard"],
     }
     assert (cfg["training"]["epochs"], cfg["training"]["batch_size"]) == (4, 16)
     assert cfg["training"]["seed"] == 9

@@ -48,7 +48,7 @@ def test_plugins_list_shows_the_example_package(example_env) -> None:
     done = hvae(example_env, "plugins", "list", "--json")
     assert done.returncode == 0, done.stderr
     rows = {(r["kind"], r["name"]): r for r in json.loads(done.stdout)}
-    for key in [("dataset", "example-npy"), ("flow", "example-planar")]:
+    for key in [("dataset", "example-npy"), ("flow", "example-planar"), ("tracker", "example-csv")]:
         assert rows[key]["package"] == "hvae-example-plugins"
         assert rows[key]["version"] == "0.1.0"
     table = hvae(example_env, "plugins", "list").stdout
@@ -201,3 +201,26 @@ def test_every_public_api_name_resolves() -> None:
         assert getattr(api, name) is not None, name
     with pytest.raises(AttributeError, match="has no attribute 'InMemoryDatasetz'"):
         api.InMemoryDatasetz  # noqa: B018
+
+
+def test_example_csv_tracker_writes_rows_and_drops_them_on_a_resume(example_env, tmp_path) -> None:
+    import csv
+
+    cfg = resolve_config(flags={"tracker": ["example-csv"]})
+    make = plugins.get_registry().get("tracker", "example-csv").load()
+
+    def session(first_epoch: int, rows: list[dict]) -> None:
+        tracker = make(cfg.options("tracker")["example-csv"], cfg.run, run_dir=tmp_path)
+        tracker.start(cfg.to_dict(), first_epoch)
+        for row in rows:
+            tracker.log_epoch(row, {})
+        tracker.close()
+
+    unit = {"grad_norm_unit": "nats"}  # not a number: not a column
+    session(1, [{"epoch": e, "val_bpd": 3.0 - e, "kl": [1.0], **unit} for e in (1, 2, 3)])
+    session(2, [{"epoch": 2, "val_bpd": None, "extra": 5.0}])  # resumed from epoch 1
+    with (tmp_path / "metrics.csv").open(newline="") as f:
+        assert list(csv.DictReader(f)) == [
+            {"epoch": "1", "val_bpd": "2.0"},
+            {"epoch": "2", "val_bpd": ""},
+        ]

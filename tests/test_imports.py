@@ -45,6 +45,7 @@ def test_import_hvae_core_loads_no_backend() -> None:
         ["plugins", "list", "--json"],
         ["config", "show"],
         ["plugins", "show", "lr-schedule", "cosd"],
+        ["plugins", "show", "tracker", "tensorboard"],
     ],
 )
 def test_light_commands_load_no_backend(args) -> None:

@@ -17,6 +17,8 @@ import pytest
 from backends import run_hvae, run_on_backend
 from click.testing import CliRunner
 from hvae_plugins.datasets.digits import digits_images
+from PIL import Image
+from tracking import FailingTracker, events, factory_for, scalars
 
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
@@ -773,37 +775,80 @@ def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
         trainer.fit()
 
 
-def test_between_epochs_only_what_is_due_is_written(tmp_path, monkeypatch) -> None:
-    # Images, plots and checkpoints on their minute cadences; after the last epoch, all.
-    trainer = train_run(
-        tmp_path,
-        "cadence",
-        "training.batch_size=512",
-        "run.images_minutes=60",
-        "training.checkpoint_minutes=60",
-        epochs=3,
-    )
-    calls = {"images": [], "checkpoints": []}
-    write_images, save_checkpoint = trainer.write_images, rundir.save_checkpoint
+def test_between_epochs_only_what_is_due_is_written(tmp_path, monkeypatch, capsys) -> None:
+    # Images, plots and checkpoints on their minute cadences; after the last epoch, all. The
+    # run also feeds three experiment trackers: a test double with the exact signatures of
+    # the Tracker protocol, one that fails, and TensorBoard (read back by TensorBoard).
+    registry = get_registry()
+    calls, made, failing = [], [], []
+    with (
+        registry.temporary("tracker", "strict", factory_for(calls, made)),
+        registry.temporary("tracker", "failing", factory_for(failing, [], FailingTracker)),
+    ):
+        trainer = train_run(
+            tmp_path,
+            "cadence",
+            "training.batch_size=512",
+            "run.images_minutes=60",
+            "training.checkpoint_minutes=60",
+            "run.trackers=[strict, failing, tensorboard]",
+            epochs=3,
+        )
+        counted = {"images": [], "checkpoints": []}
+        write_images, save_checkpoint = trainer.write_images, rundir.save_checkpoint
 
-    def counted_images() -> None:
-        calls["images"].append(trainer.position.epoch)
-        write_images()
+        def counted_images() -> None:
+            counted["images"].append(trainer.position.epoch)
+            write_images()
 
-    def counted_checkpoint(path, state, meta) -> None:
-        calls["checkpoints"].append(meta["position"]["epoch"])
-        save_checkpoint(path, state, meta)
+        def counted_checkpoint(path, state, meta) -> None:
+            counted["checkpoints"].append(meta["position"]["epoch"])
+            save_checkpoint(path, state, meta)
 
-    monkeypatch.setattr(trainer, "write_images", counted_images)
-    monkeypatch.setattr(rundir, "save_checkpoint", counted_checkpoint)
-    rows = trainer.fit()
-    assert [r["epoch"] for r in rows] == [1, 2, 3]  # metrics.jsonl has every epoch
-    assert calls == {"images": [3], "checkpoints": [3]}
-    assert {"samples.png", "reconstructions.png", "loss.png"} <= {
-        p.name for p in trainer.run_dir.iterdir()
-    }
-    # A cadence of 0 minutes: every epoch.
-    assert trainer._due(time.monotonic(), 0.0) and not trainer._due(time.monotonic(), 60.0)
+        monkeypatch.setattr(trainer, "write_images", counted_images)
+        monkeypatch.setattr(rundir, "save_checkpoint", counted_checkpoint)
+        rows = trainer.fit()
+        assert [r["epoch"] for r in rows] == [1, 2, 3]  # metrics.jsonl has every epoch
+        assert counted == {"images": [3], "checkpoints": [3]}
+        assert {"samples.png", "reconstructions.png", "loss.png"} <= {
+            p.name for p in trainer.run_dir.iterdir()
+        }
+        # A cadence of 0 minutes: every epoch.
+        assert trainer._due(time.monotonic(), 0.0) and not trainer._due(time.monotonic(), 60.0)
+
+        # The trackers: made once, on the run directory; started with the resolved config;
+        # a row and the images written (none before the last epoch) after every epoch.
+        [(options, run_config, run_dir)] = made
+        assert run_config is trainer.config.run and run_dir == trainer.run_dir
+        assert [name for name, _ in calls] == ["start", *["log_epoch"] * 3, "close"]
+        assert calls[0][1] == (trainer.config.to_dict(), 1)
+        logged = [args for name, args in calls if name == "log_epoch"]
+        assert [row["epoch"] for row, _ in logged] == [-1, -1, -1]  # the double's own copies
+        for epoch, (row, _) in enumerate(logged, 1):
+            assert row | {"epoch": epoch} == rows[epoch - 1]
+        assert [images for _, images in logged[:2]] == [{}, {}]
+        images = logged[2][1]
+        assert set(images) == {"samples", "reconstructions"}
+        for name, grid in images.items():
+            assert grid.dtype == np.uint8 and not grid.flags.writeable
+            saved = np.asarray(Image.open(trainer.run_dir / f"{name}.png"))
+            np.testing.assert_array_equal(grid[..., 0], saved)  # digits: one channel
+        # A tracker that raises costs its own records only: one warning, then it is left out.
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert warnings == [
+            "warning: tracker 'failing' (tests) failed in log_epoch: RuntimeError: the server "
+            "is down (details); it is off for the rest of this run (metrics.jsonl has every "
+            "epoch)"
+        ]
+        assert [name for name, _ in failing] == ["start", "log_epoch"]
+        reader = events(trainer.run_dir / "tensorboard")
+        assert scalars(reader, "val_bpd") == pytest.approx({r["epoch"]: r["val_bpd"] for r in rows})
+        assert [event.step for event in reader.Images("samples")] == [3]
+
+        # The next session (as `--resume` of the finished run) starts from epoch 4.
+        calls.clear()
+        trainer.fit()
+        assert calls == [("start", (trainer.config.to_dict(), 4)), ("close", ())]
 
 
 COMPILED_SAMPLING_SCRIPT = """

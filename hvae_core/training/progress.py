@@ -42,6 +42,12 @@ class Reporter:
             return
         print(message, file=sys.stderr if self.quiet else sys.stdout, flush=True)
 
+    def warn(self, message: str) -> None:
+        """One line on stderr, between progress bars (never inside one)."""
+        if self.silent:
+            return
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
         self.epoch, self.epochs, self.total = epoch, epochs, total
         if self.quiet:

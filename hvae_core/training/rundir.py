@@ -6,6 +6,7 @@ Layout (users and scripts depend on it)::
     RUN_DIR/metrics.jsonl        one JSON object per epoch
     RUN_DIR/checkpoint.safetensors   the latest training state (arrays + JSON metadata)
     RUN_DIR/samples.png, reconstructions.png, loss.png, grad_norm.png
+    RUN_DIR/...                  whatever the run's experiment trackers write there
 """
 
 from __future__ import annotations
@@ -71,10 +72,21 @@ def write_config(run_dir: Path, config: Any) -> None:
     atomic_write_bytes(run_dir / CONFIG, config.to_yaml().encode())
 
 
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row as ``metrics.jsonl`` holds it: non-finite numbers (in lists too) as None."""
+    return {k: _json_value(v) for k, v in row.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    clean = {
-        k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()
-    }
+    clean = json_row(row)
     with open(run_dir / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(clean) + "\n")
         f.flush()
@@ -149,12 +161,8 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> None:
-    """uint8 NHWC images as one PNG grid (grayscale stays grayscale), written atomically."""
-    import io
-
-    from PIL import Image
-
+def grid_pixels(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """uint8 NHWC images tiled into one uint8 (H, W, C) picture: the pixels of a PNG grid."""
     n, h, w, c = images.shape
     columns = columns or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / columns)
@@ -167,14 +175,22 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> Non
             pad + col * (w + pad) : pad + col * (w + pad) + w,
         ] = image
     scale = max(1, 512 // max(grid.shape[:2]))  # small images are enlarged to be seen
-    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    if scale > 1:
-        picture = picture.resize(
-            (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
-        )
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> np.ndarray:
+    """uint8 NHWC images as one PNG grid (grayscale stays grayscale), written atomically;
+    returns the grid's pixels (see :func:`grid_pixels`)."""
+    import io
+
+    from PIL import Image
+
+    grid = grid_pixels(images, columns)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+    return grid
 
 
 def plot_metrics(run_dir: Path) -> None:

@@ -7,6 +7,7 @@ Everything here is backend-neutral; the backend lives in the engine
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from hvae_core.training import rundir
 from hvae_core.training.progress import Reporter
 
 SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
-PHASES = ("set-up", "train steps", "evaluation", "images and plots", "checkpoints")
+PHASES = ("set-up", "train steps", "evaluation", "images and plots", "checkpoints", "trackers")
 NUM_SAMPLES = 64
 SAMPLE_TEMPERATURE = 0.8
 
@@ -67,6 +68,12 @@ class Trainer:
         self.reporter = Reporter(quiet, silent=not self.parallel.is_chief)
         # Only process 0 writes, and only when the run is kept (run.save).
         self.writes = self.parallel.is_chief and config.run.save
+        # Trackers go with the writing: loaded now, before the model is built, so that one
+        # whose package is missing stops the run at once; started by fit(), on the run dir.
+        tracker_specs = [registry.get("tracker", name) for name in config.run.trackers]
+        self._tracker_factories = [(s, s.load()) for s in tracker_specs if self.writes]
+        self.trackers: list[tuple[Any, Any]] = []  # (spec, tracker) of those still working
+        self._new_images: dict[str, np.ndarray] = {}  # grids written since the last epoch row
         self.rows: list[dict[str, Any]] = []  # this session's epochs, kept or not
         self.regularizer = None
         if training.regularizer is not None:
@@ -181,6 +188,7 @@ class Trainer:
         self.reporter.info(self.summary())
         self._last_save = time.monotonic()
         try:
+            self._start_trackers()
             while self.position.epoch < training.epochs:
                 row = self._epoch()
                 if row is None:
@@ -207,6 +215,7 @@ class Trainer:
             ) from None
         finally:
             self.reporter.close()
+            self._close_trackers()
         self.reporter.info(self.time_summary())
         return rundir.read_metrics(self.run_dir) if self.writes else self.rows
 
@@ -271,6 +280,7 @@ class Trainer:
         # checkpoint's epoch). After the last epoch, everything.
         if last or self._due(self._last_images, self.config.run.images_minutes):
             self.write_outputs()
+        self._log_to_trackers(row)
         if last or self._due(self._last_save, training.checkpoint_minutes):
             self.save()
         if stop:
@@ -386,8 +396,58 @@ class Trainer:
 
     def time_summary(self) -> str:
         """One line: where this session's wall time went."""
-        parts = ", ".join(f"{s:.1f} s {phase}" for phase, s in self.phase_seconds.items())
+        parts = ", ".join(
+            f"{s:.1f} s {phase}"
+            for phase, s in self.phase_seconds.items()
+            if phase != "trackers" or self._tracker_factories
+        )
         return f"time: {parts}"
+
+    # -- experiment trackers (chief only; see hvae_core.interfaces.Tracker) -------------------
+
+    def _start_trackers(self) -> None:
+        options = self.config.options("tracker")
+        config, first_epoch = self.config.to_dict(), self.position.epoch + 1
+        self.trackers = []
+        with self._timed("trackers"):
+            for spec, factory in self._tracker_factories:
+                try:
+                    tracker = factory(options[spec.name], self.config.run, run_dir=self.run_dir)
+                except HvaeError:
+                    raise
+                except Exception as exc:
+                    raise HvaeError(
+                        f"tracker '{spec.name}' ({spec.package}) could not start: {_one_line(exc)}",
+                        hint=f"run without it, or fix the package {spec.package}",
+                    ) from exc
+                self.trackers.append((spec, tracker))
+                self._call_tracker(spec, tracker, "start", copy.deepcopy(config), first_epoch)
+
+    def _log_to_trackers(self, row: dict[str, Any]) -> None:
+        images, self._new_images = self._new_images, {}
+        if not self.trackers:
+            return
+        with self._timed("trackers"):
+            clean = rundir.json_row(row)
+            for spec, tracker in list(self.trackers):
+                self._call_tracker(spec, tracker, "log_epoch", copy.deepcopy(clean), dict(images))
+
+    def _close_trackers(self) -> None:
+        with self._timed("trackers"):
+            for spec, tracker in list(self.trackers):
+                self._call_tracker(spec, tracker, "close")
+        self.trackers = []
+
+    def _call_tracker(self, spec: Any, tracker: Any, method: str, *args: Any) -> None:
+        """A tracker is an observer: its failure costs its own records, never the run."""
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as exc:
+            self.trackers = [(s, t) for s, t in self.trackers if t is not tracker]
+            self.reporter.warn(
+                f"tracker '{spec.name}' ({spec.package}) failed in {method}: {_one_line(exc)}; "
+                "it is off for the rest of this run (metrics.jsonl has every epoch)"
+            )
 
     def _write_outputs(self) -> None:
         if self.config.run.save:  # on every process: sampling may be collective
@@ -474,12 +534,21 @@ class Trainer:
         recon = self.with_ema(run)
         if not self.writes:
             return
-        rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png")
-        rundir.save_grid(
-            np.concatenate([to_uint8(originals, bits), to_uint8(recon, bits)]),
-            self.run_dir / "reconstructions.png",
-            columns=len(originals),
-        )
+        grids = {
+            "samples": rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png"),
+            "reconstructions": rundir.save_grid(
+                np.concatenate([to_uint8(originals, bits), to_uint8(recon, bits)]),
+                self.run_dir / "reconstructions.png",
+                columns=len(originals),
+            ),
+        }
+        for grid in grids.values():
+            grid.flags.writeable = False  # one array for every tracker: none may change it
+        self._new_images = grids
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _flows_note(model: Any) -> str:

@@ -17,6 +17,11 @@ class NpyOptions:
 
 
 @dataclass
+class CsvOptions:
+    file: str = hvae.option("metrics.csv", "CSV file in the run directory")
+
+
+@dataclass
 class PlanarOptions:
     num_flows: list[int] = hvae.per_scale([1], "planar flow layers per top-down block")
 
@@ -38,4 +43,14 @@ def register_flows(register):  # noqa: ANN001
         "hvae_example_plugins.planar:make_planar_flow",
         options=PlanarOptions,
         summary="planar flows on the flattened latent (example plugin)",
+    )
+
+
+@hvae.hookimpl
+def register_trackers(register):  # noqa: ANN001
+    register(
+        "example-csv",
+        "hvae_example_plugins.csv_tracker:CsvTracker",
+        options=CsvOptions,
+        summary="every epoch's numbers as a row of RUN_DIR/metrics.csv (example plugin)",
     )
