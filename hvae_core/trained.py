@@ -137,7 +137,7 @@ class TrainedModel:
 
     def elbo(self, images: Any, *, batch_size: int | None = None) -> dict[str, Any]:
         """The negative ELBO of ``images`` in bits per dimension, averaged over them, and how
-        the latent layers are used. ``images``: an image array, or an iterable of batches (a
+        the latent layers are used. ``images``: an image array, or an iterator of batches (a
         split streamed through its dataset's transform, say). Keys: ``bpd`` (= ``elbo_bpd``),
         ``recon_bpd``, ``kl_bpd``, ``kl_layers_bpd`` (every layer's KL, top first; they sum to
         ``kl_bpd``), ``kl_scales_bpd``, ``active_units`` and ``latent_dims`` per layer and

@@ -346,7 +346,9 @@ class Trainer:
             "val_kl_bpd": val.get("kl_bpd"),
             "val_recon_bpd": val.get("recon_bpd"),
             "val_kl_layers_bpd": val.get("kl_layers_bpd"),
-            "val_kl_scales_bpd": val.get("kl_scales_bpd"),
+            # By resolution, as JSON keys (strings): the row trackers get is what the file holds.
+            "val_kl_scales_bpd": {str(r): kl for r, kl in val.get("kl_scales_bpd", {}).items()}
+            or None,
             "active_units": val.get("active_units"),
             "active_units_total": val.get("active_units_total"),
             "latent_dims_total": val.get("latent_dims_total"),
