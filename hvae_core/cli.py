@@ -22,7 +22,7 @@ from hvae_core.logs import LOG_LEVEL_ENV
 from hvae_core.training import parallel as parallel_env
 
 BACKENDS = ("tensorflow", "jax", "torch")
-EXPORT_FORMATS = ("keras", "savedmodel", "onnx")
+EXPORT_FORMATS = ("keras", "savedmodel")
 EXPORTED = ("sampler", "encoder")  # the models an export writes, by file stem
 
 
@@ -639,7 +639,7 @@ def sample(
     default="keras",
     show_default=True,
     help="keras: .keras files (keras.saving.load_model after 'import hvae_core.export'); "
-    "savedmodel: TensorFlow SavedModels; onnx: ONNX files",
+    "savedmodel: TensorFlow SavedModels",
 )
 @click.option(
     "--out",

@@ -1,6 +1,10 @@
 """A trained model as self-contained inference models: a sampler (prior -> pixels) and an
-encoder (pixels -> every layer's posterior), saved as Keras' own ``.keras``, a TensorFlow
-SavedModel or ONNX.
+encoder (pixels -> every layer's posterior), saved as Keras' own ``.keras`` or a TensorFlow
+SavedModel.
+
+No ONNX: converted from TensorFlow (tf2onnx 1.17), the models' random draws become ops ONNX
+lacks (StatelessRandomNormalV2, StatelessRandomUniformV2, and the Bitcast and BitwiseAnd of
+Keras' seed handling), and onnxruntime refuses the graphs.
 
 Importing this module registers the two models with Keras' serialization, so that a fresh
 process loads a ``.keras`` export with::
@@ -25,8 +29,8 @@ from hvae_core.model.hvae import HVAE
 from hvae_core.model.likelihood import to_levels
 from hvae_core.training.engine import to_unit_range
 
-FORMATS = ("keras", "savedmodel", "onnx")
-SUFFIX = {"keras": ".keras", "savedmodel": "", "onnx": ".onnx"}
+FORMATS = ("keras", "savedmodel")
+SUFFIX = {"keras": ".keras", "savedmodel": ""}
 
 
 class _Exported(keras.Model):
@@ -150,7 +154,7 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
         else:
             exported.export(
                 str(path),
-                format="tf_saved_model" if fmt == "savedmodel" else "onnx",
+                format="tf_saved_model",
                 input_signature=signatures[exported.name],
                 verbose=False,
             )
