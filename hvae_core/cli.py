@@ -697,6 +697,108 @@ def export(
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="folder for the figures (default: RUN_DIR/analysis)",
+)
+@click.option("--split", default="val", show_default=True, help="dataset split to analyse")
+@click.option(
+    "--images",
+    "num_images",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="images of the split the latent usage is measured on",
+)
+@click.option(
+    "--temperatures",
+    default="0.6,0.8,0.9,1.0",
+    show_default=True,
+    help="prior temperatures of the samples figure, comma-separated",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.8,
+    show_default=True,
+    help="prior temperature below the conditioned layers in the top-down figure",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="of every random draw")
+@click.option("--force", is_flag=True, help="replace the figures of an earlier analysis")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
+@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
+@verbose_option
+def analyze(
+    run_dir: str,
+    out: str | None,
+    split: str,
+    num_images: int,
+    temperatures: str,
+    temperature: float,
+    seed: int,
+    force: bool,
+    data_dir: str | None,
+    checkpoint: str | None,
+    backend: str | None,
+    verbose: bool,
+) -> None:
+    """Figures of what the hierarchy learned: latent usage per layer, reconstructions from
+    the top layers, samples across temperatures (the last needs no data)."""
+    import numpy as np
+
+    from hvae_core.analysis import FIGURES, write_figures
+    from hvae_core.config import resolve_config
+    from hvae_core.data import evaluation_batches, open_dataset
+
+    temps = _temperature_list(temperatures, "--temperatures")
+    folder = Path(out) if out is not None else Path(run_dir) / "analysis"
+    earlier = sorted(name for name in FIGURES if (folder / name).exists())
+    if earlier and not force:
+        raise HvaeError(
+            f"{folder} already holds an analysis ({', '.join(earlier)})",
+            hint="add --force to replace it, or choose another --out",
+        )
+    model = _load(run_dir, checkpoint, backend, verbose)
+    config = model.config
+    if data_dir is not None:
+        config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
+    images = None
+    try:
+        dataset = open_dataset(config)
+    except HvaeError as exc:  # no data: the figures that need none are still made
+        click.echo(f"warning: no data ({exc.one_line()}); only the samples figure", err=True)
+    else:
+        if split not in dataset.splits:
+            raise HvaeError(
+                f"dataset {config.data.dataset} has no split '{split}'",
+                hint=f"splits: {', '.join(dataset.splits)}",
+            )
+        subset = dataset.load(split)[:num_images]
+        images = np.concatenate(list(evaluation_batches(subset, model.batch_size, dataset)))
+    folder.mkdir(parents=True, exist_ok=True)
+    written, lines = write_figures(model, folder, images, temps, temperature, seed)
+    for line in lines:
+        click.echo(line)
+    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _temperature_list(text: str, option: str) -> list[float]:
+    """Comma-separated temperatures, each a finite number >= 0."""
+    import math
+
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise HvaeError(f"{option} {text!r}: expected numbers separated by commas") from None
+    if any(not math.isfinite(t) or t < 0 for t in values):
+        raise HvaeError(f"{option} {text!r}: temperatures must be finite numbers >= 0")
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="hvae")

@@ -104,18 +104,38 @@ class TrainedModel:
         return np.concatenate(parts).astype(np.uint8)
 
     def reconstruct(
-        self, images: Any, output_temperature: float = 0.0, *, batch_size: int | None = None
+        self,
+        images: Any,
+        output_temperature: float = 0.0,
+        *,
+        latent_layers: int | None = None,
+        temperature: float = 1.0,
+        batch_size: int | None = None,
     ) -> np.ndarray:
-        """``images`` decoded from latents drawn from their posterior, uint8 levels."""
+        """``images`` decoded from latents drawn from their posterior, uint8 levels. With
+        ``latent_layers`` = j, only the top j layers take the posterior's latents and the
+        layers below draw from the prior at ``temperature`` (0: a sample, all layers: a
+        reconstruction): what each part of the hierarchy encodes."""
         from hvae_core.model.likelihood import to_levels
 
         output_temperature = _non_negative(output_temperature, "output_temperature")
+        temperature = _non_negative(temperature, "temperature")
+        if latent_layers is not None and not 0 <= int(latent_layers) <= self.num_latent_layers:
+            raise InputError(
+                f"latent_layers must lie in 0..{self.num_latent_layers}, got {latent_layers}"
+            )
 
         def reconstruct(batch: Any) -> Any:
-            x = self.model.reconstruct(self._unit(batch), output_temperature=output_temperature)
-            return to_levels(x, self.num_bits)
+            x = self._unit(batch)
+            if latent_layers is None:
+                out = self.model.reconstruct(x, output_temperature=output_temperature)
+            else:
+                out = self.model.reconstruct_from_top(
+                    x, int(latent_layers), temperature, output_temperature
+                )
+            return to_levels(out, self.num_bits)
 
-        key = ("reconstruct", output_temperature)
+        key = ("reconstruct", output_temperature, latent_layers, temperature)
         parts = [
             self._numpy(self.runner.run(key, reconstruct, batch))
             for batch in self._batches(images, batch_size)

@@ -73,3 +73,28 @@ def test_the_evaluation_pass_sums_what_the_loss_and_the_posterior_give(monkeypat
         np.testing.assert_allclose(got, want.sum(0), rtol=1e-5, atol=1e-6)
     for got, want in zip(terms[SQUARE_SUM], means, strict=True):
         np.testing.assert_allclose(got, (want**2).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_reconstructions_from_the_top_layers_run_from_a_sample_to_a_reconstruction(
+    monkeypatch,
+) -> None:
+    # Without noise the posterior's z is its mean and the prior's its mean: with all layers
+    # from the posterior it is the reconstruction, with none the prior's sample.
+    monkeypatch.setattr(
+        decoder.TopDownBlock, "noise", lambda self, like, groups: keras.ops.zeros_like(like)
+    )
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    x = to_unit_range(digits_images()[:5], 4)
+
+    def numpy(tensor):
+        return np.asarray(keras.ops.convert_to_numpy(tensor))
+
+    layers = model.num_latent_layers
+    full = numpy(model.reconstruct_from_top(x, layers, output_temperature=0.0))
+    np.testing.assert_array_equal(full, numpy(model.reconstruct(x, output_temperature=0.0)))
+    none = numpy(model.reconstruct_from_top(x, 0, output_temperature=0.0))
+    np.testing.assert_array_equal(none, numpy(model.generate(5, 1.0, output_temperature=0.0)))
+    middle = numpy(model.reconstruct_from_top(x, 2, output_temperature=0.0))
+    assert not np.array_equal(middle, full) or not np.array_equal(middle, none)

@@ -496,19 +496,12 @@ def test_a_loaded_run_holds_the_ema_weights_and_records_its_plugins(trained) -> 
 
 
 def test_a_run_samples_without_its_dataset(trained, tmp_path) -> None:
-    import yaml
 
     import hvae_core
 
-    # A run whose dataset's files have gone (or moved): its config names a folder that does
-    # not exist. Sampling and loading never open the data.
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    config = yaml.safe_load((trained / "config.yaml").read_text())
-    config["data"]["dataset"] = "image-folder"
-    config["dataset"] = {"path": str(tmp_path / "gone"), "image_size": 8}
-    (moved / "config.yaml").write_text(yaml.safe_dump(config))
-    (moved / rundir.CHECKPOINT).write_bytes((trained / rundir.CHECKPOINT).read_bytes())
+    # A run whose dataset's files have gone (or moved). Sampling and loading never open the
+    # data.
+    moved = moved_run(trained, tmp_path)
     out, raw = tmp_path / "s.png", tmp_path / "s.npz"
     args = ("sample", str(moved), "--n", "4", "--seed", "3", "--out", str(out), "--npz", str(raw))
     result = run_cli(*args)
@@ -543,6 +536,46 @@ def test_sample_never_overwrites_a_run_file_and_other_files_only_with_force(
     result = run_cli(*base, "--out", str(out), "--npz", str(raw))  # folders are created
     assert result.exit_code == 0, result.output
     assert out.read_bytes().startswith(b"\x89PNG") and raw.stat().st_size > 0
+
+
+def test_analyze_draws_the_hierarchy_figures_and_needs_data_only_for_some(
+    trained, tmp_path
+) -> None:
+    from PIL import Image
+
+    out = tmp_path / "analysis"
+    args = ("analyze", str(trained), "--out", str(out), "--images", "48", "--temperatures")
+    result = run_cli(*args, "0.5,1")
+    assert result.exit_code == 0, result.output
+    assert "48 images:" in result.stdout and "KL per scale (bits/dim): 1x1 " in result.stdout
+    assert "active " in result.stdout and " dims in " in result.stdout
+    names = ("latent_usage.png", "top_down.png", "temperatures.png")
+    assert all(Image.open(out / name).size[0] > 100 for name in names)
+    again = run_cli(*args, "0.5,1")
+    assert again.exit_code == 1 and "already holds an analysis" in again.stderr
+    bad = run_cli(*args, "0.5,nan", "--force")
+    assert bad.exit_code == 1 and "temperatures must be finite numbers >= 0" in bad.stderr
+    # Without its data (the dataset's folder has gone): the samples figure only.
+    moved = moved_run(trained, tmp_path)
+    result = run_cli("analyze", str(moved), "--temperatures", "1")
+    assert result.exit_code == 0, result.output
+    assert "warning: no data" in result.stderr
+    assert sorted(p.name for p in (moved / "analysis").iterdir()) == ["temperatures.png"]
+
+
+def moved_run(trained: Path, tmp_path: Path) -> Path:
+    """A copy of ``trained`` whose dataset's files are gone: its config names an image
+    folder that does not exist."""
+    import yaml
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    config["data"]["dataset"] = "image-folder"
+    config["dataset"] = {"path": str(tmp_path / "gone"), "image_size": 8}
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    (moved / rundir.CHECKPOINT).write_bytes((trained / rundir.CHECKPOINT).read_bytes())
+    return moved
 
 
 def test_a_corrupt_checkpoint_is_one_clear_line(trained, tmp_path) -> None:

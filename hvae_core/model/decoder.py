@@ -103,7 +103,11 @@ class TopDownBlock(keras.layers.Layer):
         temperature: Any = 1.0,
         noise_groups: int = 1,
         training: bool = False,
+        posterior: Any = None,
     ) -> tuple[Any, Any, dict[str, Any]]:
+        """``posterior`` (with ``activation``): 1 keeps the posterior's z, 0 takes a draw from
+        the prior at ``temperature`` instead (the statistics stay the posterior's): what
+        reconstructions conditioned on the first layers only use. None: the posterior."""
         zw = self.scale.z_width
         feats = self.prior(self._read(state, memory, "prior"))
         p_mean, p_scale, p_log_scale = gaussian_params(
@@ -149,6 +153,9 @@ class TopDownBlock(keras.layers.Layer):
                 "p_mean": p_mean,
                 "p_scale": p_scale,
             }
+            if posterior is not None:
+                prior_z = p_mean + p_scale * temperature * self.noise(p_mean, noise_groups)
+                z = posterior * ops.cast(z, "float32") + (1.0 - posterior) * prior_z
         x = x + self.z_proj(z)
         return self.resnet(x), z, stats
 
@@ -267,7 +274,10 @@ class Decoder(keras.layers.Layer):
         temperatures: list[Any] | None = None,
         noise_groups: int = 1,
         training: bool = False,
+        posterior_layers: int | None = None,
     ) -> tuple[Any, list[Any], list[dict[str, Any]]]:
+        """``posterior_layers`` (with ``activations``): only the first that many latent layers
+        take the posterior's z, the rest draw from the prior at their ``temperatures``."""
         memory = self.attention.encode(activations) if self.attention is not None else None
         prepare = getattr(self.attention, "prepare", None)
         top = self.order[0]
@@ -289,12 +299,14 @@ class Decoder(keras.layers.Layer):
                     for i in range(len(run))
                 ]
                 inputs = (state,) if activation is None else (state, activation)
+                # Stacked, not converted: a temperature may be a tensor (one per image).
+                per_layer = {"temperature": ops.stack([ops.cast(t, "float32") for t in temps])}
+                if posterior_layers is not None and activation is not None:
+                    per_layer["posterior"] = ops.convert_to_tensor(
+                        [float(first + i < posterior_layers) for i in range(len(run))], "float32"
+                    )
                 state, (run_zs, run_stats) = run(
-                    inputs,
-                    # Stacked, not converted: a temperature may be a tensor (one per image).
-                    per_layer={"temperature": ops.stack([ops.cast(t, "float32") for t in temps])},
-                    noise_groups=noise_groups,
-                    training=training,
+                    inputs, per_layer=per_layer, noise_groups=noise_groups, training=training
                 )
                 zs.extend(ops.unstack(run_zs, axis=0) if len(run) > 1 else [run_zs[0]])
                 for i in range(len(run)):
@@ -304,6 +316,9 @@ class Decoder(keras.layers.Layer):
                 if prepare is not None:
                     memory = prepare(state, memory, block=block.index, resolution=r)
                 t = 1.0 if temperatures is None else temperatures[block.index]
+                keep = None
+                if posterior_layers is not None and activation is not None:
+                    keep = float(block.index < posterior_layers)
                 state, z, block_stats = block(
                     state,
                     activation,
@@ -313,6 +328,7 @@ class Decoder(keras.layers.Layer):
                     temperature=t,
                     noise_groups=noise_groups,
                     training=training,
+                    posterior=keep,
                 )
                 if self.attention is not None:
                     memory = self.attention.update(state, memory, block=block.index, resolution=r)

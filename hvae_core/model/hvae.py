@@ -290,6 +290,25 @@ class HVAE(keras.Model):
         """Images decoded from latents drawn from the posterior of ``x``."""
         return self._sample_pixels(self(x)["params"], output_temperature)
 
+    def reconstruct_from_top(
+        self,
+        x: Any,
+        layers: int,
+        temperature: float = 1.0,
+        output_temperature: float = 0.0,
+    ) -> Any:
+        """Images decoded with the posterior's z in the first (top) ``layers`` latent layers
+        and draws from the prior at ``temperature`` below: what the top of the hierarchy
+        encodes (0 layers: a sample; all: a reconstruction)."""
+        activations = self.encoder(x)
+        state, zs, _ = self.decoder(
+            activations=activations,
+            batch_size=ops.shape(x)[0],
+            temperatures=[float(temperature)] * self.num_latent_layers,
+            posterior_layers=int(layers),
+        )
+        return self._sample_pixels(self.head(state, zs), output_temperature)
+
     def latents(self, x: Any) -> list[Any]:
         """Every layer's posterior sample z for ``x``, top (1x1) first."""
         return self(x)["latents"]
