@@ -513,6 +513,25 @@ def test_a_run_samples_without_its_dataset(trained, tmp_path) -> None:
     np.testing.assert_array_equal(from_cli, from_python)  # seeded: the same draw
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_run_samples_without_its_dataset_on_every_backend(trained, tmp_path, backend) -> None:
+    moved = moved_run(trained, tmp_path)
+    out = tmp_path / "s.png"
+    run_hvae("sample", str(moved), "--n", "4", "--out", str(out), backend=backend)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    script = f"import hvae_core as hvae; print(hvae.load({str(moved)!r}).sample(4).shape)"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, KERAS_BACKEND=backend),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "(4, 8, 8, 1)"
+
+
 def test_sample_never_overwrites_a_run_file_and_other_files_only_with_force(
     trained, tmp_path
 ) -> None:
