@@ -91,6 +91,18 @@ def _check_use(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     return values or None  # None: not given (a resume without flags keeps its config)
 
 
+def loaded_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--checkpoint, --backend and --verbose: the commands that load a trained run."""
+    decorators = [
+        click.option(
+            "--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run"
+        ),
+        click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend"),
+        verbose_option,
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
+
+
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that feed the config, shared by the commands that build one."""
     decorators = [
@@ -450,7 +462,6 @@ def _progress(quiet: bool, what: str) -> Any:
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, help="dataset split to evaluate")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -463,10 +474,9 @@ def _progress(quiet: bool, what: str) -> Any:
     "(costs K forward passes per image)",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
-@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--quiet", is_flag=True, help="no progress output")
-@verbose_option
+@loaded_run_options
 def evaluate(
     run_dir: str,
     split: str,
@@ -582,10 +592,8 @@ def evaluate(
 @click.option("--npz", type=click.Path(dir_okay=False), help="also write the raw samples")
 @click.option("--seed", type=int, help="make the draw repeatable")
 @click.option("--force", is_flag=True, help="overwrite --out / --npz if they exist")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
-@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
 @click.option("--quiet", is_flag=True, help="no progress output")
-@verbose_option
+@loaded_run_options
 def sample(
     run_dir: str,
     num: int,
@@ -661,9 +669,7 @@ def sample(
     "'hvae sample --seed' on the same backend)",
 )
 @click.option("--force", is_flag=True, help="replace an earlier export in --out")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
-@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
-@verbose_option
+@loaded_run_options
 def export(
     run_dir: str,
     fmt: str,
@@ -729,9 +735,7 @@ def export(
 @click.option("--seed", type=int, default=0, show_default=True, help="of every random draw")
 @click.option("--force", is_flag=True, help="replace the figures of an earlier analysis")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run")
-@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend")
-@verbose_option
+@loaded_run_options
 def analyze(
     run_dir: str,
     out: str | None,
