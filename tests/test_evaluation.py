@@ -17,15 +17,12 @@ from hvae_core.training.engine import to_unit_range
 def test_active_units_are_the_dimensions_whose_posterior_mean_varies_over_images() -> None:
     rng = np.random.default_rng(0)
     n = 3000
+    images = rng.normal(0.0, 1.0, (n, 2, 2, 2))
     # Layer 0 (1x1x2): one dimension varies (variance 0.04), one barely (0.0025). Layer 1
-    # (2x2x1): a constant offset, no variance at all, whatever its size.
+    # (2x2x1): ignores the images, a constant. Layer 2 (2x2x2): copies the images.
     top = np.stack([rng.normal(1.0, 0.2, n), rng.normal(-3.0, 0.05, n)], axis=-1)
-    top = top.reshape(n, 1, 1, 2)
-    second = np.full((n, 2, 2, 1), 5.0) + rng.normal(0.0, 1.0, (n, 2, 2, 1)) * [
-        [[1.0], [0.0]],
-        [[0.3], [0.01]],
-    ]
-    kl = rng.uniform(0.0, 1.0, (n, 2))
+    layers = [top.reshape(n, 1, 1, 2), np.full((n, 2, 2, 1), 5.0), images]
+    kl = rng.uniform(0.0, 1.0, (n, 3))
     totals: dict = {}
     for part in np.array_split(np.arange(n), 7):  # uneven batches add up
         add_terms(
@@ -35,20 +32,22 @@ def test_active_units_are_the_dimensions_whose_posterior_mean_varies_over_images
                 "recon_bpd": np.float32(len(part)),
                 "kl_bpd": np.sum(kl[part]),
                 "kl_layers_bpd": kl[part].sum(0),
-                MEAN_SUM: [top[part].sum(0), second[part].sum(0)],
-                SQUARE_SUM: [(top[part] ** 2).sum(0), (second[part] ** 2).sum(0)],
+                MEAN_SUM: [m[part].sum(0) for m in layers],
+                SQUARE_SUM: [(m[part] ** 2).sum(0) for m in layers],
                 "count": np.float32(len(part)),
             },
         )
-    summary = summarise(totals, [1, 2])
-    oracle = [int(np.count_nonzero(np.var(m.reshape(n, -1), axis=0) > 0.01)) for m in (top, second)]
-    assert summary["active_units"] == oracle == [1, 2]
-    assert summary["latent_dims"] == [2, 4] and summary["active_units_total"] == 3
+    summary = summarise(totals, [1, 2, 2])
+    oracle = [int(np.count_nonzero(np.var(m.reshape(n, -1), axis=0) > 0.01)) for m in layers]
+    assert summary["active_units"] == oracle == [1, 0, 8]
+    assert summary["latent_dims"] == [2, 4, 8] and summary["active_units_total"] == 9
     assert summary["active_layers"] == 2 and summary["images"] == n
     np.testing.assert_allclose(summary["kl_layers_bpd"], kl.mean(0))
-    assert summary["kl_scales_bpd"] == pytest.approx({1: kl[:, 0].mean(), 2: kl[:, 1].mean()})
+    assert summary["kl_scales_bpd"] == pytest.approx(
+        {1: kl[:, 0].mean(), 2: kl[:, 1].mean() + kl[:, 2].mean()}
+    )
     assert summary["kl_bpd"] == pytest.approx(sum(summary["kl_layers_bpd"]))
-    assert usage_line(summary) == "active 3/6 dims in 2/2 layers"
+    assert usage_line(summary) == "active 9/14 dims in 2/3 layers"
 
 
 def test_the_evaluation_pass_sums_what_the_loss_and_the_posterior_give(monkeypatch) -> None:
