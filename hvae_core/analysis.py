@@ -8,6 +8,7 @@ data (latent usage, conditioned reconstructions) take images, the rest need none
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from hvae_core.model.evaluation import usage_line
 from hvae_core.training.rundir import atomic_write_bytes
 
 USAGE, TOP_DOWN, TEMPERATURES = "latent_usage.png", "top_down.png", "temperatures.png"
-FIGURES = (USAGE, TOP_DOWN, TEMPERATURES)
+TIMES = "scale_times.png"
+FIGURES = (USAGE, TOP_DOWN, TEMPERATURES, TIMES)
 
 
 def depths(num_layers: int, count: int = 7) -> list[int]:
@@ -126,6 +128,19 @@ def write_figures(
             f"posterior in the top j layers, prior (t = {temperature:g}) below",
         )
         written.append(out / TOP_DOWN)
+        from hvae_core.training.engine import to_unit_range
+
+        batch = images[: model.batch_size]
+        times = scale_times(model.model, to_unit_range(batch, model.num_bits))
+        scale_times_figure(times, len(batch), out / TIMES)
+        written.append(out / TIMES)
+        slowest = max(times["decoder"], key=times["decoder"].get)
+        lines.append(
+            f"eager pass of {len(batch)} images: encoder "
+            f"{1000 * sum(times['encoder'].values()):.1f} ms, decoder "
+            f"{1000 * sum(times['decoder'].values()):.1f} ms (slowest decoder scale "
+            f"{slowest}x{slowest})"
+        )
     columns = []
     for t in temperatures:
         model.reseed(seed)  # the same noise, scaled by each temperature
@@ -139,6 +154,59 @@ def write_figures(
     )
     written.append(out / TEMPERATURES)
     return written, lines
+
+
+def scale_times(hvae: Any, x: Any, repeats: int = 3) -> dict[str, dict[int, float]]:
+    """Seconds the encoder and the decoder (posterior pass) spend at every resolution on the
+    batch ``x``, run eagerly (each scale's output is read back before the clock moves on); the
+    best of ``repeats`` passes after one warm-up pass (on JAX every operation compiles on its
+    first use)."""
+    import keras
+
+    def timed(run: Any) -> dict[int, float]:
+        marks: list[tuple[int, float]] = []
+
+        def on_scale(resolution: int, h: Any) -> None:
+            keras.ops.convert_to_numpy(h)  # waits for the scale's work
+            marks.append((int(resolution), time.perf_counter()))
+
+        start = time.perf_counter()
+        run(on_scale)
+        times, previous = {}, start
+        for resolution, mark in marks:
+            times[resolution] = mark - previous
+            previous = mark
+        return times
+
+    activations = hvae.encoder(x)
+    passes = {
+        "encoder": lambda on_scale: hvae.encoder(x, on_scale=on_scale),
+        "decoder": lambda on_scale: hvae.decoder(
+            activations=activations, batch_size=x.shape[0], on_scale=on_scale
+        ),
+    }
+    out: dict[str, dict[int, float]] = {}
+    for name, run in passes.items():
+        timed(run)  # warm-up
+        trials = [timed(run) for _ in range(repeats)]
+        out[name] = {r: min(t[r] for t in trials) for r in trials[0]}
+    return out
+
+
+def scale_times_figure(times: dict[str, dict[int, float]], batch: int, path: Path) -> None:
+    plt = _pyplot()
+    resolutions = sorted(times["encoder"])
+    positions = np.arange(len(resolutions))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for offset, name in ((-0.2, "encoder"), (0.2, "decoder")):
+        values = [1000 * times[name].get(r, 0.0) for r in resolutions]
+        ax.bar(positions + offset, values, width=0.4, label=name)
+    ax.set_xticks(positions, [f"{r}x{r}" for r in resolutions])
+    ax.set_ylabel(f"ms per batch of {batch} (eager)")
+    ax.set_xlabel("resolution")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
 
 
 def _pyplot() -> Any:

@@ -97,3 +97,15 @@ def test_reconstructions_from_the_top_layers_run_from_a_sample_to_a_reconstructi
     np.testing.assert_array_equal(none, numpy(model.generate(5, 1.0, output_temperature=0.0)))
     middle = numpy(model.reconstruct_from_top(x, 2, output_temperature=0.0))
     assert not np.array_equal(middle, full) or not np.array_equal(middle, none)
+
+
+def test_scale_times_cover_every_resolution_of_both_passes() -> None:
+    from hvae_core.analysis import scale_times
+
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    times = scale_times(model, to_unit_range(digits_images()[:4], 4), repeats=1)
+    assert set(times) == {"encoder", "decoder"}
+    for passes in times.values():
+        assert sorted(passes) == [1, 2, 4, 8] and all(t > 0 for t in passes.values())

@@ -568,7 +568,8 @@ def test_analyze_draws_the_hierarchy_figures_and_needs_data_only_for_some(
     assert result.exit_code == 0, result.output
     assert "48 images:" in result.stdout and "KL per scale (bits/dim): 1x1 " in result.stdout
     assert "active " in result.stdout and " dims in " in result.stdout
-    names = ("latent_usage.png", "top_down.png", "temperatures.png")
+    assert "eager pass of 48 images: encoder " in result.stdout
+    names = ("latent_usage.png", "top_down.png", "temperatures.png", "scale_times.png")
     assert all(Image.open(out / name).size[0] > 100 for name in names)
     again = run_cli(*args, "0.5,1")
     assert again.exit_code == 1 and "already holds an analysis" in again.stderr

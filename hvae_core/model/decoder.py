@@ -275,9 +275,12 @@ class Decoder(keras.layers.Layer):
         noise_groups: int = 1,
         training: bool = False,
         posterior_layers: int | None = None,
+        on_scale: Any = None,
     ) -> tuple[Any, list[Any], list[dict[str, Any]]]:
         """``posterior_layers`` (with ``activations``): only the first that many latent layers
-        take the posterior's z, the rest draw from the prior at their ``temperatures``."""
+        take the posterior's z, the rest draw from the prior at their ``temperatures``.
+        ``on_scale(resolution, state)``, if given, is called as each resolution is done (an
+        eager pass's per-scale timing)."""
         memory = self.attention.encode(activations) if self.attention is not None else None
         prepare = getattr(self.attention, "prepare", None)
         top = self.order[0]
@@ -311,6 +314,8 @@ class Decoder(keras.layers.Layer):
                 zs.extend(ops.unstack(run_zs, axis=0) if len(run) > 1 else [run_zs[0]])
                 for i in range(len(run)):
                     stats.append({k: v[i] for k, v in run_stats.items()})
+                if on_scale is not None:
+                    on_scale(r, state)
                 continue
             for block in (b for b in self._blocks.layers if b.scale is scale):
                 if prepare is not None:
@@ -334,4 +339,6 @@ class Decoder(keras.layers.Layer):
                     memory = self.attention.update(state, memory, block=block.index, resolution=r)
                 zs.append(z)
                 stats.append(block_stats)
+            if on_scale is not None:
+                on_scale(r, state)
         return state, zs, stats

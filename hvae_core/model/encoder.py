@@ -103,7 +103,9 @@ class Encoder(keras.layers.Layer):
                 width = self.layout[i + 1].width
                 shape = (shape[0], r, r, width)
 
-    def call(self, x: Any) -> dict[int, Any]:
+    def call(self, x: Any, on_scale: Any = None) -> dict[int, Any]:
+        """Every resolution's activation. ``on_scale(resolution, h)``, if given, is called as
+        each resolution is done (an eager pass's per-scale timing)."""
         h = self.in_conv(x)
         activations: dict[int, Any] = {}
         for i, scale in enumerate(self.layout):
@@ -114,4 +116,6 @@ class Encoder(keras.layers.Layer):
                 h = block(h)
             if i < len(self.pools):
                 h = self.pools[i](h)
+            if on_scale is not None:
+                on_scale(scale.resolution, h)
         return activations
