@@ -6,6 +6,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import sys
 import traceback
@@ -24,6 +25,22 @@ from hvae_core.training import parallel as parallel_env
 BACKENDS = ("tensorflow", "jax", "torch")
 EXPORT_FORMATS = ("keras", "savedmodel")
 EXPORTED = ("sampler", "encoder")  # the models an export writes, by file stem
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses NaN and infinity, which click's lets through."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# NumPy's and the backends' seeds are unsigned 32-bit integers.
+SEED = click.IntRange(0, 2**32 - 1)
 
 
 def _fail(message: str, code: int) -> None:
@@ -438,7 +455,10 @@ def _output_path(path: str, force: bool) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise HvaeError(f"cannot create the folder {out.parent}: {exc.strerror}") from None
+        raise HvaeError(
+            f"cannot create the folder {out.parent}: {exc.strerror}",
+            hint="check the path and its permissions, or write elsewhere",
+        ) from None
     return out
 
 
@@ -577,7 +597,7 @@ def evaluate(
 )
 @click.option(
     "--output-temperature",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=1.0,
     show_default=True,
     help="temperature of the pixel likelihood (0: its mode)",
@@ -590,7 +610,7 @@ def evaluate(
     help="PNG grid to write",
 )
 @click.option("--npz", type=click.Path(dir_okay=False), help="also write the raw samples")
-@click.option("--seed", type=int, help="make the draw repeatable")
+@click.option("--seed", type=SEED, help="make the draw repeatable")
 @click.option("--force", is_flag=True, help="overwrite --out / --npz if they exist")
 @click.option("--quiet", is_flag=True, help="no progress output")
 @loaded_run_options
@@ -618,10 +638,14 @@ def sample(
         temps = [float(t) for t in temperature.split(",")]
     except ValueError:
         raise HvaeError(
-            f"--temperature {temperature!r}: expected numbers separated by commas"
+            f"--temperature {temperature!r}: expected numbers separated by commas",
+            hint="e.g. --temperature 0.8, or one per latent layer: --temperature 1,0.9,0.8",
         ) from None
-    if any(t < 0 for t in temps):
-        raise HvaeError(f"--temperature {temperature!r}: temperatures must be >= 0")
+    if not all(math.isfinite(t) and t >= 0 for t in temps):
+        raise HvaeError(
+            f"--temperature {temperature!r}: temperatures must be finite numbers >= 0",
+            hint="e.g. --temperature 0.8 (1: the prior as trained, 0: its mean)",
+        )
     out_path = _output_path(out, force)
     npz_path = _output_path(npz, force) if npz is not None else None
     if npz_path is not None and npz_path.resolve() == out_path.resolve():
@@ -657,14 +681,14 @@ def sample(
 )
 @click.option(
     "--output-temperature",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=1.0,
     show_default=True,
     help="the sampler's pixel likelihood temperature (0: its mode)",
 )
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     help="start the sampler's noise from this seed (its first draw then equals "
     "'hvae sample --seed' on the same backend)",
 )

@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -26,8 +27,9 @@ import yaml
 
 from hvae_core.errors import ConfigError
 from hvae_core.hookspecs import KINDS
-from hvae_core.options import build_section, option, per_scale, section_to_dict
+from hvae_core.options import build_section, clipped, option, per_scale, section_to_dict
 from hvae_core.plugins import PluginRegistry, get_registry
+from hvae_core.strict_yaml import load_yaml
 
 Activation = Literal[
     "silu", "swish", "gelu", "relu", "elu", "leaky_relu", "mish", "selu", "softplus", "tanh"
@@ -35,12 +37,19 @@ Activation = Literal[
 Backend = Literal["tensorflow", "jax", "torch"]
 
 
+def _clip(value: Any) -> str:
+    return clipped(repr(value))
+
+
 def _positive(section: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         values = value if isinstance(value, list) else [value]
         if any(v <= 0 for v in values):
-            raise ConfigError(f"{section}.{name}: expected values > 0, got {value!r}")
+            raise ConfigError(
+                f"{section}.{name}: expected values > 0, got {_clip(value)}",
+                hint=f"give {section}.{name} a positive value",
+            )
 
 
 def _non_negative(section: str, obj: Any, *names: str) -> None:
@@ -48,7 +57,10 @@ def _non_negative(section: str, obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         values = value if isinstance(value, list) else [value]
         if any(v < 0 for v in values):
-            raise ConfigError(f"{section}.{name}: expected values >= 0, got {value!r}")
+            raise ConfigError(
+                f"{section}.{name}: expected values >= 0, got {_clip(value)}",
+                hint=f"give {section}.{name} zero or a positive value",
+            )
 
 
 @dataclass
@@ -116,7 +128,8 @@ class ModelConfig:
         if sum(self.dec_num_blocks) == 0:
             raise ConfigError(
                 f"{section}.dec_num_blocks: expected at least one top-down block, got "
-                f"{self.dec_num_blocks!r}"
+                f"{self.dec_num_blocks!r}",
+                hint="give at least one scale a top-down block, e.g. dec_num_blocks: 1",
             )
 
 
@@ -133,7 +146,10 @@ class DataConfig:
 
     def validate(self, section: str) -> None:
         if self.num_bits is not None and not 1 <= self.num_bits <= 8:
-            raise ConfigError(f"{section}.num_bits: expected 1 to 8, got {self.num_bits}")
+            raise ConfigError(
+                f"{section}.num_bits: expected 1 to 8, got {self.num_bits}",
+                hint="images have 8 bits per channel at most; null keeps the dataset's",
+            )
 
 
 @dataclass
@@ -210,8 +226,15 @@ class TrainingConfig:
         for name in ("ema_rate", "adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(
-                    f"{section}.{name}: expected a number in [0, 1), got {getattr(self, name)}"
+                    f"{section}.{name}: expected a number in [0, 1), got {getattr(self, name)}",
+                    hint="a decay rate such as 0.9 or 0.999",
                 )
+        if not 0 <= self.seed < 2**32:
+            # NumPy's and the backends' seeds are unsigned 32-bit integers.
+            raise ConfigError(
+                f"{section}.seed: expected 0 to 2**32 - 1 ({2**32 - 1}), got {self.seed}",
+                hint="any seed in that range; runs with the same seed draw the same numbers",
+            )
 
 
 @dataclass
@@ -262,11 +285,16 @@ class RunConfig:
             self.gpus = str(self.gpus)  # `--set run.gpus=1` reads as a YAML number
         if self.gpus is not None and not re.fullmatch(r"\d+(,\d+)*", str(self.gpus)):
             raise ConfigError(
-                f"{section}.gpus: expected GPU indices such as '0' or '0,1', got {self.gpus!r}"
+                f"{section}.gpus: expected GPU indices such as '0' or '0,1', got "
+                f"{_clip(self.gpus)}",
+                hint="comma-separated indices without spaces, as nvidia-smi numbers them",
             )
         twice = sorted({name for name in self.trackers if self.trackers.count(name) > 1})
         if twice:
-            raise ConfigError(f"{section}.trackers: {', '.join(twice)} listed twice")
+            raise ConfigError(
+                f"{section}.trackers: {', '.join(twice)} listed twice",
+                hint="list each tracker once",
+            )
         if self.trackers and not self.save:
             raise ConfigError(
                 f"{section}.trackers: {', '.join(self.trackers)} chosen, but {section}.save is "
@@ -372,6 +400,10 @@ class Config:
 class _ConfigDumper(yaml.SafeDumper):
     """Sections as blocks, lists (per-scale values) on one line."""
 
+    def ignore_aliases(self, data: Any) -> bool:
+        # A value shared by two options is written out twice: a config file stays plain.
+        return True
+
 
 _ConfigDumper.add_representer(
     list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
@@ -383,8 +415,50 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+# Far above any real config; a bigger file is surely not one, and need not be read whole.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _looks_like_path(source: str) -> bool:
     return source.endswith((".yaml", ".yml")) or os.sep in source or Path(source).exists()
+
+
+def _read_config_file(path: Path) -> str:
+    """The text of a config file; never blocks (a FIFO is refused before it is opened)."""
+    presets = f"give a YAML file or a preset name ({', '.join(preset_names())})"
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", hint=presets) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", hint=presets) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"config file {path} is a folder", hint=presets)
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(
+            f"config file {path} is not a regular file (a device, a pipe or a socket)",
+            hint="write the config to a file and give its path",
+        )
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is {info.st_size:,} bytes; a config is a few kilobytes",
+            hint="check that this is the file you meant",
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}",
+            hint="check the file's permissions",
+        ) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text "
+            f"(byte {exc.start + 1} is {data[exc.start]:#04x})",
+            hint="a config is a YAML text file; save it as UTF-8",
+        ) from None
 
 
 def load_config_source(source: str | os.PathLike[str]) -> dict[str, Any]:
@@ -392,12 +466,7 @@ def load_config_source(source: str | os.PathLike[str]) -> dict[str, Any]:
     source = os.fspath(source)
     if _looks_like_path(source):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} does not exist",
-                hint=f"give a YAML file or a preset name ({', '.join(preset_names())})",
-            )
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        text, where = _read_config_file(path), f"config file {path}"
     else:
         resource = resources.files("hvae_core.configs") / f"{source}.yaml"
         if not resource.is_file():
@@ -406,17 +475,14 @@ def load_config_source(source: str | os.PathLike[str]) -> dict[str, Any]:
                 hint=f"presets: {', '.join(preset_names())}; or give a path to a YAML file",
             )
         text, where = resource.read_text(encoding="utf-8"), f"preset {source}"
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+    raw = load_yaml(text, where)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{where}: expected a mapping of sections, got {type(raw).__name__}",
+            hint="a config maps section names to their options, e.g. 'training: {epochs: 10}'",
+        )
     return raw
 
 
@@ -425,17 +491,15 @@ def parse_override(item: str) -> tuple[str, Any]:
     YAML-parsed value."""
     key, sep, text = item.partition("=")
     key = key.strip()
+    shown = clipped(item)  # a value can be megabytes long; an error stays one readable line
     parts = key.split(".")
     depth = 3 if parts[0] in NESTED_SECTIONS else 2
     if not sep or len(parts) not in (2, depth) or not all(parts):
         raise ConfigError(
-            f"--set {item!r}: expected section.key=value",
+            f"--set {shown!r}: expected section.key=value",
             hint="e.g. --set model.z_width=[8,16], or --set tracker.NAME.KEY=VALUE",
         )
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    value = load_yaml(text, f"--set {shown!r}", key) if text.strip() else None
     return key, value
 
 
@@ -466,7 +530,10 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         target = target.setdefault(path[depth], {})
         if not isinstance(target, dict):
             where = ".".join(path[: depth + 1])
-            raise ConfigError(f"{where}: expected a mapping of options, got {target!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping of options, got {_clip(target)}",
+                hint=f"set its options one by one, e.g. --set {where}.KEY=VALUE",
+            )
     target[name] = value
 
 
@@ -555,7 +622,8 @@ def _image_size(spec: Any, options: Any) -> int:
         )
     if size < 1 or size & (size - 1):
         raise ConfigError(
-            f"dataset.image_size: expected a power of two (scales halve down to 1x1), got {size}"
+            f"dataset.image_size: expected a power of two (scales halve down to 1x1), got {size}",
+            hint="e.g. 32 or 64; pad or resize the images to such a size",
         )
     return int(size)
 
@@ -573,7 +641,10 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
                 hint=f"did you mean '{close[0]}'?" if close else f"sections: {', '.join(known)}",
             )
         if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of options, got {value!r}")
+            raise ConfigError(
+                f"{name}: expected a mapping of options, got {_clip(value)}",
+                hint=f"write {name} as 'key: value' lines, or leave it out",
+            )
     for section, key in SELECTOR.values():
         if key in (raw.get(section) or {}):
             raw[section][key] = _none_if_none(raw[section][key])
@@ -660,7 +731,11 @@ def _multi_options(
                 hint=f"add it to {selector} (or drop {section}.{name})",
             )
         if value is not None and not isinstance(value, Mapping):
-            raise ConfigError(f"{section}.{name}: expected a mapping of options, got {value!r}")
+            raise ConfigError(
+                f"{section}.{name}: expected a mapping of options, got {_clip(value)}",
+                hint=f"write {section}.{name} as 'key: value' lines (see 'hvae plugins show "
+                f"{kind} {name}'), or leave it empty",
+            )
     return {
         name: build_section(
             registry.get(kind, name).options, given.get(name), f"{section}.{name}", num_scales

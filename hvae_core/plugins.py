@@ -22,7 +22,7 @@ import pluggy
 
 from hvae_core import hookspecs
 from hvae_core.errors import DEBUG_ENV, HvaeError, PluginError
-from hvae_core.options import NoOptions, check_options_class
+from hvae_core.options import NoOptions, check_options_class, clipped
 
 ENTRY_POINT_GROUP = "hvae"
 ALLOW_ENV = "HVAE_LOAD_PLUGINS"
@@ -187,7 +187,9 @@ class PluginRegistry:
             )
         if self.warnings:
             hint += "; " + "; ".join(self.warnings)
-        raise PluginError(f"unknown {kind} '{name}'", hint=hint + " (see 'hvae plugins list')")
+        raise PluginError(
+            f"unknown {kind} '{clipped(str(name))}'", hint=hint + " (see 'hvae plugins list')"
+        )
 
     def names(self, kind: str) -> list[str]:
         return sorted(name for k, name in self._specs if k == kind)
