@@ -821,9 +821,15 @@ def _temperature_list(text: str, option: str) -> list[float]:
     try:
         values = [float(t) for t in text.split(",")]
     except ValueError:
-        raise HvaeError(f"{option} {text!r}: expected numbers separated by commas") from None
+        raise HvaeError(
+            f"{option} {text!r}: expected numbers separated by commas",
+            hint=f"e.g. {option} 0.6,0.8,1.0",
+        ) from None
     if any(not math.isfinite(t) or t < 0 for t in values):
-        raise HvaeError(f"{option} {text!r}: temperatures must be finite numbers >= 0")
+        raise HvaeError(
+            f"{option} {text!r}: temperatures must be finite numbers >= 0",
+            hint=f"e.g. {option} 0.6,0.8,1.0",
+        )
     return values
 
 
