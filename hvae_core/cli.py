@@ -515,21 +515,12 @@ def evaluate(
 
     import numpy as np
 
-    from hvae_core.config import resolve_config
-    from hvae_core.data import evaluation_batches, open_dataset
+    from hvae_core.data import evaluation_batches
     from hvae_core.model.evaluation import usage_line
 
     model = _load(run_dir, checkpoint, backend, verbose)
-    config = model.config
-    if data_dir is not None:
-        config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
-    dataset = open_dataset(config)
-    if split not in dataset.splits:
-        raise HvaeError(
-            f"dataset {config.data.dataset} has no split '{split}'",
-            hint=f"splits: {', '.join(dataset.splits)}",
-        )
-    images = dataset.load(split)
+    dataset = _dataset(model, data_dir)
+    images = _split(model, dataset, split)
     size = batch_size or model.batch_size
     started = time.monotonic()
     passes = 1 if iw_samples is None else 2
@@ -634,18 +625,12 @@ def sample(
     from hvae_core.training import rundir
     from hvae_core.training.trainer import to_uint8
 
-    try:
-        temps = [float(t) for t in temperature.split(",")]
-    except ValueError:
-        raise HvaeError(
-            f"--temperature {temperature!r}: expected numbers separated by commas",
-            hint="e.g. --temperature 0.8, or one per latent layer: --temperature 1,0.9,0.8",
-        ) from None
-    if not all(math.isfinite(t) and t >= 0 for t in temps):
-        raise HvaeError(
-            f"--temperature {temperature!r}: temperatures must be finite numbers >= 0",
-            hint="e.g. --temperature 0.8 (1: the prior as trained, 0: its mean)",
-        )
+    temps = _temperature_list(
+        temperature,
+        "--temperature",
+        example="e.g. --temperature 0.8 (1: the prior as trained, 0: its mean), or one per "
+        "latent layer: --temperature 1,0.9,0.8",
+    )
     out_path = _output_path(out, force)
     npz_path = _output_path(npz, force) if npz is not None else None
     if npz_path is not None and npz_path.resolve() == out_path.resolve():
@@ -710,14 +695,8 @@ def export(
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
-    earlier = sorted(
-        p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in EXPORTED
-    )
-    if earlier and not force:
-        raise HvaeError(
-            f"{folder} already holds an export ({', '.join(earlier)})",
-            hint="add --force to replace it, or choose another --out",
-        )
+    earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in EXPORTED]
+    _refuse_earlier(folder, earlier, "an export", force)
     model = _load(run_dir, checkpoint, backend, verbose)
     from hvae_core.export import export_model
 
@@ -779,33 +758,19 @@ def analyze(
     import numpy as np
 
     from hvae_core.analysis import FIGURES, write_figures
-    from hvae_core.config import resolve_config
-    from hvae_core.data import evaluation_batches, open_dataset
+    from hvae_core.data import evaluation_batches
 
     temps = _temperature_list(temperatures, "--temperatures")
     folder = Path(out) if out is not None else Path(run_dir) / "analysis"
-    earlier = sorted(name for name in FIGURES if (folder / name).exists())
-    if earlier and not force:
-        raise HvaeError(
-            f"{folder} already holds an analysis ({', '.join(earlier)})",
-            hint="add --force to replace it, or choose another --out",
-        )
+    _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
     model = _load(run_dir, checkpoint, backend, verbose)
-    config = model.config
-    if data_dir is not None:
-        config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
     images = None
     try:
-        dataset = open_dataset(config)
+        dataset = _dataset(model, data_dir)
     except HvaeError as exc:  # no data: the figures that need none are still made
         click.echo(f"warning: no data ({exc.one_line()}); only the samples figure", err=True)
     else:
-        if split not in dataset.splits:
-            raise HvaeError(
-                f"dataset {config.data.dataset} has no split '{split}'",
-                hint=f"splits: {', '.join(dataset.splits)}",
-            )
-        subset = dataset.load(split)[:num_images]
+        subset = _split(model, dataset, split)[:num_images]
         images = np.concatenate(list(evaluation_batches(subset, model.batch_size, dataset)))
     folder.mkdir(parents=True, exist_ok=True)
     written, lines = write_figures(model, folder, images, temps, temperature, seed)
@@ -814,23 +779,48 @@ def analyze(
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _temperature_list(text: str, option: str) -> list[float]:
+def _temperature_list(text: str, option: str, example: str | None = None) -> list[float]:
     """Comma-separated temperatures, each a finite number >= 0."""
-    import math
-
+    hint = example or f"e.g. {option} 0.6,0.8,1.0"
     try:
         values = [float(t) for t in text.split(",")]
     except ValueError:
         raise HvaeError(
-            f"{option} {text!r}: expected numbers separated by commas",
-            hint=f"e.g. {option} 0.6,0.8,1.0",
+            f"{option} {text!r}: expected numbers separated by commas", hint=hint
         ) from None
     if any(not math.isfinite(t) or t < 0 for t in values):
-        raise HvaeError(
-            f"{option} {text!r}: temperatures must be finite numbers >= 0",
-            hint=f"e.g. {option} 0.6,0.8,1.0",
-        )
+        raise HvaeError(f"{option} {text!r}: temperatures must be finite numbers >= 0", hint=hint)
     return values
+
+
+def _refuse_earlier(folder: Path, earlier: list[str], what: str, force: bool) -> None:
+    """An earlier command's output in ``folder`` is replaced only with --force."""
+    if earlier and not force:
+        raise HvaeError(
+            f"{folder} already holds {what} ({', '.join(sorted(earlier))})",
+            hint="add --force to replace it, or choose another --out",
+        )
+
+
+def _dataset(model: Any, data_dir: str | None) -> Any:
+    """The run's dataset, from ``data_dir`` where given (the files may have moved)."""
+    from hvae_core.config import resolve_config
+    from hvae_core.data import open_dataset
+
+    config = model.config
+    if data_dir is not None:
+        config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
+    return open_dataset(config)
+
+
+def _split(model: Any, dataset: Any, split: str) -> Any:
+    """The images of ``split``, or one line naming the splits there are."""
+    if split not in dataset.splits:
+        raise HvaeError(
+            f"dataset {model.config.data.dataset} has no split '{split}'",
+            hint=f"splits: {', '.join(dataset.splits)}",
+        )
+    return dataset.load(split)
 
 
 def main(argv: list[str] | None = None) -> None:
