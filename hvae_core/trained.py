@@ -357,35 +357,19 @@ def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], reg
         seed=config.training.seed,
     )
     model.build_weights()
-    trainable = list(model.trainable_variables)
-    has_ema = any(k.startswith("ema/") for k in arrays)
-    saved = sum(1 for k in arrays if k.startswith("model/"))
-    if saved != len(model.variables):
-        from hvae_core.training.weights_layout import from_unstacked
+    from hvae_core.training.weights_layout import assign_saved, in_model_layout
 
-        try:
-            arrays = from_unstacked(arrays, model, None, has_ema)
-        except ValueError as exc:
-            raise HvaeError(f"the checkpoint does not fit the run's model: {exc}") from None
-    groups = [("model", list(model.variables))]
-    if has_ema:
-        groups.append(("ema", trainable))  # the EMA is what a finished run is scored with
-    for prefix, variables in groups:
-        names = sorted(k for k in arrays if k.startswith(prefix + "/"))
-        if len(names) != len(variables):
-            raise HvaeError(
-                f"the checkpoint holds {len(names)} {prefix} arrays, the run's model "
-                f"{len(variables)}",
-                hint="was config.yaml edited after the run started?",
-            )
-        for name, v in zip(names, variables, strict=True):
-            if tuple(arrays[name].shape) != tuple(v.shape):
-                raise HvaeError(
-                    f"{name}: shape {arrays[name].shape} in the checkpoint, {tuple(v.shape)} "
-                    "in the run's model",
-                    hint="was config.yaml edited after the run started?",
-                )
-            v.assign(arrays[name])
+    has_ema = any(k.startswith("ema/") for k in arrays)
+    try:
+        arrays = in_model_layout(arrays, model, None, has_ema)
+        assign_saved(arrays, "model", list(model.variables))
+        if has_ema:  # the EMA is what a finished run is scored with
+            assign_saved(arrays, "ema", list(model.trainable_variables))
+    except ValueError as exc:
+        raise HvaeError(
+            f"the checkpoint does not fit the run's model: {exc}",
+            hint="was config.yaml edited after the run started?",
+        ) from None
     return model
 
 

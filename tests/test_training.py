@@ -495,6 +495,27 @@ def test_a_loaded_run_holds_the_ema_weights_and_records_its_plugins(trained) -> 
         model.sample(2, temperature=[1.0, 1.0])
 
 
+def test_a_checkpoint_that_does_not_fit_the_edited_config_is_one_clear_error(
+    trained, tmp_path
+) -> None:
+    import yaml
+
+    import hvae_core
+    from hvae_core.errors import HvaeError
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    config["model"]["z_width"] = [3]
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    (edited / rundir.CHECKPOINT).write_bytes((trained / rundir.CHECKPOINT).read_bytes())
+    with pytest.raises(HvaeError, match="the checkpoint does not fit the run's model: .*shape"):
+        hvae_core.load(edited)
+    result = run_cli("sample", str(edited), "--out", str(tmp_path / "s.png"))
+    assert result.exit_code == 1 and "does not fit the run's model" in result.stderr
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_a_run_samples_without_its_dataset(trained, tmp_path) -> None:
 
     import hvae_core

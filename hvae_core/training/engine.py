@@ -261,29 +261,12 @@ class Engine:
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore from ``state()``'s arrays; a checkpoint written before repeated blocks were
         stacked (one set of weights per block) is converted to this model's layout."""
-        saved = sum(1 for k in arrays if k.startswith("model/"))
-        if saved != len(self.model.variables) and getattr(self.model, "stack_blocks", False):
-            from hvae_core.training.weights_layout import from_unstacked
+        from hvae_core.training.weights_layout import assign_saved, in_model_layout
 
-            arrays = from_unstacked(arrays, self.model, self.optimizer, bool(self.ema))
-        groups = (
-            ("model", self.model.variables),
-            ("ema", self.ema),
-            ("optimizer", self.optimizer.variables),
-        )
-        for prefix, variables in groups:
-            names = sorted(k for k in arrays if k.startswith(prefix + "/"))
-            if len(names) != len(variables):
-                raise ValueError(
-                    f"checkpoint holds {len(names)} {prefix} arrays, the model {len(variables)}"
-                )
-            for name, v in zip(names, variables, strict=True):
-                if tuple(arrays[name].shape) != tuple(v.shape):
-                    raise ValueError(
-                        f"{name}: shape {arrays[name].shape} in the checkpoint, "
-                        f"{tuple(v.shape)} in the model"
-                    )
-                v.assign(arrays[name])
+        arrays = in_model_layout(arrays, self.model, self.optimizer, bool(self.ema))
+        assign_saved(arrays, "model", self.model.variables)
+        assign_saved(arrays, "ema", self.ema)
+        assign_saved(arrays, "optimizer", self.optimizer.variables)
         if self.parallel.replicas > 1:
             self.decorrelate_noise()
         self.after_external_change()

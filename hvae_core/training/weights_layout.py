@@ -122,3 +122,32 @@ def from_unstacked(
         rows = [slot_value[f"{legacy_names[id(p)]}_{slot}"] for p in parts]
         out[f"optimizer/{i:05d}"] = _assemble(rows, stacked)
     return {k: np.asarray(keras.ops.convert_to_numpy(a)) for k, a in out.items()}
+
+
+def in_model_layout(
+    arrays: dict[str, np.ndarray], model: Any, optimizer: Any, ema: bool
+) -> dict[str, np.ndarray]:
+    """A checkpoint's ``arrays`` in ``model``'s layout: converted when it was written with one
+    set of weights per block and the model stacks them (see :func:`from_unstacked`)."""
+    saved = sum(1 for k in arrays if k.startswith("model/"))
+    if saved != len(model.variables) and getattr(model, "stack_blocks", False):
+        return from_unstacked(arrays, model, optimizer, ema)
+    return arrays
+
+
+def assign_saved(arrays: dict[str, np.ndarray], prefix: str, variables: list[Any]) -> None:
+    """Give ``variables`` the checkpoint's ``prefix/NNNNN`` arrays, in order; a ValueError
+    says what does not fit (count or shape)."""
+    names = sorted(k for k in arrays if k.startswith(prefix + "/"))
+    if len(names) != len(variables):
+        raise ValueError(
+            f"checkpoint holds {len(names)} {prefix} arrays, the model {len(variables)}"
+        )
+    for name, v in zip(names, variables, strict=True):
+        if tuple(arrays[name].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{name}: shape {arrays[name].shape} in the checkpoint, "
+                f"{tuple(v.shape)} in the model"
+            )
+    for name, v in zip(names, variables, strict=True):
+        v.assign(arrays[name])
