@@ -100,7 +100,7 @@ def write_figures(
     samples across temperatures."""
     written: list[Path] = []
     lines: list[str] = []
-    resolutions = [b.scale.resolution for b in model.model.decoder.blocks]
+    resolutions = model.model.latent_resolutions
     if images is not None:
         summary = model.elbo(images)
         latent_usage(summary, resolutions, out / USAGE)

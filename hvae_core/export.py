@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from hvae_core.errors import HvaeError
-from hvae_core.model.hvae import HVAE
+from hvae_core.model.hvae import HVAE, is_noise_seed
 from hvae_core.model.likelihood import to_levels
 from hvae_core.training.engine import to_unit_range
 
@@ -169,5 +169,5 @@ def _copy_variables(source: Any, target: Any, weights_only: bool) -> None:
     for a, b in pairs:
         if tuple(a.shape) != tuple(b.shape):
             raise HvaeError(f"cannot export: {a.path} is {a.shape}, its copy {b.shape}")
-        if not (weights_only and "seed_generator_state" in a.path):
+        if not (weights_only and is_noise_seed(a)):
             b.assign(a.value)

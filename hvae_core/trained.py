@@ -100,7 +100,7 @@ class TrainedModel:
                 return to_levels(x, self.num_bits)
 
             key = ("sample", rows, tuple(temps), output_temperature)
-            parts.append(self._numpy(self.runner.run(key, generate)))
+            parts.append(to_numpy(self.runner.run(key, generate)))
         return np.concatenate(parts).astype(np.uint8)
 
     def reconstruct(
@@ -137,7 +137,7 @@ class TrainedModel:
 
         key = ("reconstruct", output_temperature, latent_layers, temperature)
         parts = [
-            self._numpy(self.runner.run(key, reconstruct, batch))
+            to_numpy(self.runner.run(key, reconstruct, batch))
             for batch in self._batches(images, batch_size)
         ]
         return np.concatenate(parts).astype(np.uint8)
@@ -151,7 +151,7 @@ class TrainedModel:
             for batch in self._batches(images, batch_size)
         ]
         return [
-            {k: np.concatenate([self._numpy(p[i][k]) for p in parts]) for k in ("mean", "sample")}
+            {k: np.concatenate([to_numpy(p[i][k]) for p in parts]) for k in ("mean", "sample")}
             for i in range(self.num_latent_layers)
         ]
 
@@ -163,8 +163,6 @@ class TrainedModel:
         ``kl_bpd``), ``kl_scales_bpd``, ``active_units`` and ``latent_dims`` per layer and
         their totals, ``active_layers``, ``images`` (see
         :func:`hvae_core.model.evaluation.summarise`)."""
-        import keras
-
         from hvae_core.model.evaluation import add_terms, summarise
 
         def terms(batch: Any) -> dict[str, Any]:
@@ -173,10 +171,10 @@ class TrainedModel:
         totals: dict[str, Any] = {}
         for batch in self._batches(images, batch_size):
             values = self.runner.run("evaluation_terms", terms, batch)
-            add_terms(totals, keras.tree.map_structure(self._numpy, values))
+            add_terms(totals, to_numpy(values))
         if not totals:
             raise InputError("no images to evaluate")
-        out = summarise(totals, [b.scale.resolution for b in self.model.decoder.blocks])
+        out = summarise(totals, self.model.latent_resolutions)
         out["bpd"] = out["elbo_bpd"]
         return out
 
@@ -207,7 +205,7 @@ class TrainedModel:
         for start in range(0, total, rows):
             draw = np.arange(start, start + rows)
             owner = np.minimum(draw, total - 1) // k  # the last call is padded: one shape
-            weights = self._numpy(
+            weights = to_numpy(
                 self.runner.run(
                     key,
                     lambda b: self.model.log_importance_weights(self._unit(b)),
@@ -291,12 +289,6 @@ class TrainedModel:
 
         return to_unit_range(batch, self.num_bits)
 
-    @staticmethod
-    def _numpy(value: Any) -> np.ndarray:
-        import keras
-
-        return np.asarray(keras.ops.convert_to_numpy(value))
-
 
 def load(
     run_dir: str | os.PathLike[str],
@@ -371,6 +363,14 @@ def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], reg
             hint="was config.yaml edited after the run started?",
         ) from None
     return model
+
+
+def to_numpy(values: Any) -> Any:
+    """Tensors (or nestings of them) as numpy arrays. Imported when called: importing this
+    module must not import Keras before :func:`load` has chosen the backend."""
+    from hvae_core.training.engine import to_numpy as convert
+
+    return convert(values)
 
 
 def _count(value: Any, what: str) -> int:

@@ -23,6 +23,12 @@ from hvae_core.model.likelihood import dmol_log_prob, dmol_num_params, dmol_samp
 from hvae_core.plugins import PluginRegistry, get_registry
 
 
+def is_noise_seed(variable: Any) -> bool:
+    """Whether ``variable`` is the state of a noise stream (a Keras ``SeedGenerator``'s; a run
+    of stacked blocks keeps its blocks' states stacked), not a weight."""
+    return "seed_generator_state" in variable.path
+
+
 class HVAE(keras.Model):
     """A VDVAE-style hierarchical VAE assembled from a resolved config and the plugins it names.
 
@@ -126,6 +132,16 @@ class HVAE(keras.Model):
         return len(self.decoder.blocks)
 
     @property
+    def latent_resolutions(self) -> list[int]:
+        """The resolution of every latent layer, top first."""
+        return [b.scale.resolution for b in self.decoder.blocks]
+
+    @property
+    def noise_seed_variables(self) -> list[Any]:
+        """The states of every noise stream (latent layers, pixel sampling)."""
+        return [v for v in self.non_trainable_variables if is_noise_seed(v)]
+
+    @property
     def num_latent_dims(self) -> int:
         """Dimensions of all latent layers together (a layer at resolution R: R * R * z_width)."""
         return sum(b.scale.resolution**2 * b.scale.z_width for b in self.decoder.blocks)
@@ -133,19 +149,16 @@ class HVAE(keras.Model):
     def count_params(self) -> int:
         """Weights of the model, not counting the latent noise's seed states (stacked runs keep
         theirs as weights; a single block keeps its own in a seed generator)."""
-        return int(
-            sum(math.prod(w.shape) for w in self.weights if "seed_generator_state" not in w.path)
-        )
+        return int(sum(math.prod(w.shape) for w in self.weights if not is_noise_seed(w)))
 
     def reseed(self, seed: int) -> None:
         """Set every noise stream (each latent layer's, the pixel sampler's) from ``seed``:
         the same seed, the same draws."""
         rng = np.random.default_rng(int(seed))
-        for v in self.non_trainable_variables:
-            if "seed_generator_state" in v.path:
-                state = np.zeros(tuple(v.shape), dtype=np.dtype(v.dtype))
-                state[..., 0] = rng.integers(1, 2**30, size=state.shape[:-1])
-                v.assign(state)
+        for v in self.noise_seed_variables:
+            state = np.zeros(tuple(v.shape), dtype=np.dtype(v.dtype))
+            state[..., 0] = rng.integers(1, 2**30, size=state.shape[:-1])
+            v.assign(state)
 
     def num_flow_params(self) -> int:
         """Parameters of the posterior flows (0 without flows); the model must be built."""
@@ -195,14 +208,7 @@ class HVAE(keras.Model):
         negative ELBO (beta = 1). A regularizer's terms are also reported under their names.
         """
         out = self(x, training=training, noise_groups=noise_groups)
-        recon = -dmol_log_prob(
-            out["params"],
-            x,
-            num_mixtures=self.num_mixtures,
-            num_bits=self.num_bits,
-            gradient_smoothing=self.gradient_smoothing,
-            scale_fn=self.scale_fn,
-        )
+        recon = -self._pixel_log_prob(out["params"], x)
         kl_layers = ops.stack([s["kl"] for s in out["stats"]], axis=1)
         kl = ops.sum(kl_layers, axis=1)
         to_bpd = 1.0 / (self.num_dims * math.log(2.0))
@@ -329,14 +335,7 @@ class HVAE(keras.Model):
         the ELBO. Where a layer has a flow, log q(z_K|x) = log N(z_0; q) - log|det dz_K/dz_0|,
         the single-draw KL the layer already reports."""
         out = self(x)
-        log_w = dmol_log_prob(
-            out["params"],
-            x,
-            num_mixtures=self.num_mixtures,
-            num_bits=self.num_bits,
-            gradient_smoothing=self.gradient_smoothing,
-            scale_fn=self.scale_fn,
-        )
+        log_w = self._pixel_log_prob(out["params"], x)
         for block, stats, z in zip(self.decoder.blocks, out["stats"], out["latents"], strict=True):
             if block.flow is not None:
                 log_w = log_w - stats["kl"]
@@ -346,6 +345,17 @@ class HVAE(keras.Model):
             log_p = gaussian_log_prob(z, stats["p_mean"], stats["p_scale"])
             log_w = log_w - sum_per_example(log_q - log_p)
         return log_w
+
+    def _pixel_log_prob(self, params: Any, x: Any) -> Any:
+        """log p(x | the likelihood's parameters) in nats per image (the DMoL's)."""
+        return dmol_log_prob(
+            params,
+            x,
+            num_mixtures=self.num_mixtures,
+            num_bits=self.num_bits,
+            gradient_smoothing=self.gradient_smoothing,
+            scale_fn=self.scale_fn,
+        )
 
     def _sample_pixels(self, params: Any, temperature: float) -> Any:
         return dmol_sample(

@@ -41,7 +41,12 @@ def replica_seed_state(state: np.ndarray, replica: int) -> np.ndarray:
 
 def noise_seed_variables(model: Any) -> list[Any]:
     """The state variables of every ``keras.random.SeedGenerator`` in ``model``."""
-    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+    return model.noise_seed_variables
+
+
+def to_numpy(values: Any) -> Any:
+    """Backend tensors, or any nesting of them, as numpy arrays."""
+    return keras.tree.map_structure(lambda v: np.asarray(keras.ops.convert_to_numpy(v)), values)
 
 
 def to_unit_range(images: Any, num_bits: int) -> Any:
@@ -288,10 +293,6 @@ class Engine:
     @staticmethod
     def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
         return {k: float(keras.ops.convert_to_numpy(v)) for k, v in metrics.items()}
-
-    @staticmethod
-    def to_numpy(values: Any) -> Any:
-        return keras.tree.map_structure(lambda v: np.asarray(keras.ops.convert_to_numpy(v)), values)
 
 
 class Runner:

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from hvae_core.errors import HvaeError
-from hvae_core.training.engine import Engine, Runner, clip_and_skip
+from hvae_core.training.engine import Engine, Runner, clip_and_skip, to_numpy
 from hvae_core.training.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 
 
@@ -242,7 +242,7 @@ class JaxEngine(Engine):
         tv, ntv, ov, ema = self.state_arrays
         terms, ntv = self._eval(tv, ntv, self._put(images))
         self.state_arrays = (tv, ntv, ov, ema)
-        return self.to_numpy(terms)
+        return to_numpy(terms)
 
 
 class JaxRunner(Runner):

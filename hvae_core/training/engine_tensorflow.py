@@ -16,6 +16,7 @@ from hvae_core.training.engine import (
     clip_and_skip,
     noise_seed_variables,
     replica_seed_state,
+    to_numpy,
 )
 from hvae_core.training.parallel import (
     Launch,
@@ -113,6 +114,15 @@ def _scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
     return carry, tf.nest.pack_sequence_as(spec, [a.stack() for a in ys_arrays])
 
 
+def block_loop(jit: bool) -> Any:
+    """How runs of repeated blocks loop in compiled TensorFlow code: a ``tf.while_loop`` on a
+    GPU; unrolled where XLA compiles for a CPU, whose XLA runs the convolutions of a loop body
+    several times slower than straight-line code (cifar10 block layout at width 128, batch 4:
+    1.84 s a step as loops, 0.83 s unrolled, against 0.76 s for a plain stack of the blocks),
+    at some compile time (140 s against 71 s; the plain stack's 261 s)."""
+    return _scan if jit and tf.config.list_physical_devices("GPU") else None
+
+
 class TensorFlowEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,12 +146,7 @@ class TensorFlowEngine(Engine):
         )
 
     def block_loop(self) -> Any:
-        # On a CPU, XLA runs the convolutions of a tf.while_loop's body several times slower
-        # than in straight-line code (cifar10 block layout at width 128, batch 4: 1.84 s a
-        # step as loops, 0.83 s unrolled, against 0.76 s for a plain stack of the blocks):
-        # there the runs are unrolled over their stacked weights, which costs compile time
-        # (140 s against 71 s; the plain stack's 261 s).
-        return _scan if self.jit and not self.cpu_compiled else None
+        return block_loop(self.jit)
 
     def restore_noise(self, seeds: list[Any], saved: list[np.ndarray]) -> None:
         # A mirrored variable reads as replica 0's copy and assigns to every copy: the other
@@ -277,7 +282,7 @@ class TensorFlowEngine(Engine):
         return self._train(batch, *scalars)
 
     def eval_step(self, images: np.ndarray) -> dict[str, Any]:
-        return self.to_numpy(self._eval(tf.convert_to_tensor(images)))
+        return to_numpy(self._eval(tf.convert_to_tensor(images)))
 
 
 class TensorFlowRunner(Runner):
@@ -286,11 +291,9 @@ class TensorFlowRunner(Runner):
     def __init__(self, model: Any, jit: bool = True) -> None:
         super().__init__(model, jit)
         self._compiled: dict[Any, Any] = {}
-        self.on_gpu = bool(tf.config.list_physical_devices("GPU"))
 
     def block_loop(self) -> Any:
-        # As in the train step: loops on a GPU, unrolled where XLA compiles for a CPU.
-        return _scan if self.jit and self.on_gpu else None
+        return block_loop(self.jit)
 
     def run(self, key: Any, fn: Any, *args: Any) -> Any:
         compiled = self._compiled.get(key)

@@ -24,6 +24,7 @@ from hvae_core.training.engine import (
     clip_and_skip,
     noise_seed_variables,
     replica_seed_state,
+    to_numpy,
 )
 from hvae_core.training.parallel import (
     Launch,
@@ -144,7 +145,7 @@ class TorchEngine(Engine):
         # Every process scores the whole batch: evaluation is cheap next to training, and
         # every process then reports the same figures.
         with torch.no_grad():
-            return self.to_numpy(self.evaluation_terms(ops.convert_to_tensor(images)))
+            return to_numpy(self.evaluation_terms(ops.convert_to_tensor(images)))
 
 
 class TorchRunner(Runner):

@@ -124,6 +124,15 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, A
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    return _read_checkpoint(path, arrays=True)
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone (its arrays are not read)."""
+    return _read_checkpoint(path, arrays=False)[1]
+
+
+def _read_checkpoint(path: Path, arrays: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from safetensors import safe_open
 
     if not path.is_file():
@@ -133,32 +142,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         )
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {})["hvae"])
-            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+            meta = dict(json.loads((f.metadata() or {})["hvae"]))
+            values = {k: f.get_tensor(k) for k in f.keys()} if arrays else {}  # noqa: SIM118
     except Exception as exc:
         raise HvaeError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})",
             hint="resume from an intact copy or start a new run",
         ) from None
-    return arrays, meta
-
-
-def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint's metadata alone (its arrays are not read)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise HvaeError(
-            f"no checkpoint at {path}", hint="has the run finished an epoch or been interrupted?"
-        )
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return dict(json.loads((f.metadata() or {})["hvae"]))
-    except Exception as exc:
-        raise HvaeError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})",
-            hint="use an intact copy",
-        ) from None
+    return values, meta
 
 
 def grid_pixels(images: np.ndarray, columns: int | None = None) -> np.ndarray:

@@ -491,7 +491,7 @@ class Trainer:
             totals: dict[str, Any] = {}
             for batch in self.eval_batches(images, batch_size):
                 add_terms(totals, self.engine.eval_step(batch))
-            return summarise(totals, [b.scale.resolution for b in self.model.decoder.blocks])
+            return summarise(totals, self.model.latent_resolutions)
 
         return self.with_ema(run)
 
