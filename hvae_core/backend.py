@@ -15,6 +15,12 @@ BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 EXTRA = {"tensorflow": "hvae", "jax": "hvae[jax]", "torch": "hvae[torch]"}
 # Their native libraries log through absl, some of it while they load (hvae_core.logs).
 ABSL_LOGGING = ("tensorflow", "jax")
+# XLA flags set for GPU runs unless $XLA_FLAGS already names them. Only flags NVIDIA's own JAX
+# containers set by default: XLA aborts the process on a flag it does not know, so each must be
+# one a current jaxlib and TensorFlow parse (tests/test_backend_env.py checks both).
+GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+NO_XLA_DEFAULTS = "HVAE_XLA_DEFAULTS"  # "0": leave $XLA_FLAGS exactly as the user set it
+NVIDIA_GPUS = "/proc/driver/nvidia/gpus"
 
 
 def default_backend() -> str:
@@ -42,6 +48,26 @@ def select_backend(name: str, gpus: str | None = None) -> None:
     if importlib.util.find_spec(BACKEND_MODULES[name]) is None:
         raise HvaeError(f"the {name} backend is not installed", hint=f"pip install '{EXTRA[name]}'")
     os.environ["KERAS_BACKEND"] = name
+    if name in ABSL_LOGGING and nvidia_gpu_present():
+        os.environ["XLA_FLAGS"] = with_gpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether this machine has an NVIDIA driver with at least one GPU (without importing CUDA)."""
+    try:
+        return any(os.scandir(NVIDIA_GPUS))
+    except OSError:
+        return False
+
+
+def with_gpu_xla_flags(xla_flags: str) -> str:
+    """``xla_flags`` plus each of ``GPU_XLA_FLAGS`` it does not set itself; unchanged when
+    $HVAE_XLA_DEFAULTS is 0."""
+    if os.environ.get(NO_XLA_DEFAULTS, "1").strip() == "0":
+        return xla_flags
+    named = {f.split("=", 1)[0] for f in xla_flags.split()}
+    added = [f for f in GPU_XLA_FLAGS if f.split("=", 1)[0] not in named]
+    return " ".join([xla_flags.strip(), *added]).strip()
 
 
 def import_backend(quiet_logs: bool = True) -> None:
