@@ -790,6 +790,41 @@ def test_image_folder_truncated_image_is_named_and_no_cache_left(tmp_path: Path)
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
 
 
+def test_image_folder_skips_symlink_loops_and_reads_linked_folders_once(tmp_path: Path) -> None:
+    root, outside = tmp_path / "imgs", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    for where, name in [(root / "a", "one.png"), (outside, "two.png"), (root, "three.png")]:
+        Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(where / name)
+    (root / "a" / "up").symlink_to("..")  # a loop: imgs/a/up/a/up/...
+    (root / "self").symlink_to("self")  # a link to itself: ELOOP as soon as it is looked at
+    (root / "linked").symlink_to(outside)  # an ordinary linked folder: read, once
+    (root / "z-again").symlink_to(outside)  # the same folder again: already read
+    (root / "dangling").symlink_to(tmp_path / "nowhere")
+    listed = [rel for rel, _ in image_folder.list_images(root)]
+    assert listed == ["a/one.png", "linked/two.png", "three.png"]
+    ds = open_ds("image-folder", root, "dataset.image_size=8", "dataset.val_count=1")
+    assert len(ds.load("train")) + len(ds.load("val")) == 3
+
+
+def test_image_folder_unlistable_subfolder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_folder(tmp_path)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:
+        if Path(str(path)).name == "deep":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(image_folder.os, "scandir", scandir)
+    with pytest.raises(HvaeError) as err:
+        image_folder.list_images(tmp_path)
+    line = err.value.one_line()
+    assert "\n" not in line and str(tmp_path / "a" / "deep") in line and "hint:" in line
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(HvaeError, match="PNG or JPEG"):
         open_ds("image-folder", tmp_path)

@@ -1,6 +1,7 @@
 """Any folder tree of PNG/JPEG images (FFHQ, your own photos), as square RGB images.
 
-Files: every ``.png``, ``.jpg`` and ``.jpeg`` (any case) under the folder, recursively; hidden
+Files: every ``.png``, ``.jpg`` and ``.jpeg`` (any case) under the folder, recursively, following
+symbolic links but reading each real folder once (a link back up the tree is skipped); hidden
 files and folders (names starting with ".") are skipped. Images are decoded with Pillow, turned
 upright by their EXIF orientation, converted to RGB (grey, palette and alpha images included;
 alpha is dropped), their shorter side resized to ``dataset.image_size`` (Lanczos), then
@@ -109,21 +110,52 @@ def split_counts(n: int, options: Any) -> tuple[int, int]:
 
 
 def list_images(folder: Path) -> list[tuple[str, int]]:
-    """(relative POSIX path, byte size) of every image under ``folder``, sorted by path."""
+    """(relative POSIX path, byte size) of every image under ``folder``, sorted by path.
+
+    Symbolic links are followed, but every real folder is read once: a link back up the tree
+    (a loop) or to a folder already read is skipped, as is a link that cannot be resolved.
+    Folders are walked in name order, so which path names a folder reached twice does not
+    depend on the file system.
+    """
     found: list[tuple[str, int]] = []
+    visited: set[tuple[int, int]] = set()
 
     def walk(directory: Path, prefix: str) -> None:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
+        identity = real_folder(directory)
+        if identity in visited:
+            log.info("skipping %s: a link to a folder already read (or a loop)", directory)
+            return
+        visited.add(identity)
+        for entry in sorted_entries(directory):
+            if entry.name.startswith("."):
+                continue
+            try:
                 if entry.is_dir():
                     walk(Path(entry.path), f"{prefix}{entry.name}/")
                 elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in EXTENSIONS:
                     found.append((prefix + entry.name, entry.stat().st_size))
+            except OSError as exc:  # e.g. a link to itself: ELOOP before anything is read
+                log.info("skipping %s: %s", entry.path, exc.strerror or exc)
 
     walk(folder, "")
     return sorted(found)
+
+
+def real_folder(directory: Path) -> tuple[int, int]:
+    """What identifies a folder however it is reached: (device, inode) of its target."""
+    info = directory.stat()
+    return info.st_dev, info.st_ino
+
+
+def sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot list image folder {directory}: {exc.strerror or exc}",
+            hint="make the folder readable, or move it out of the image folder",
+        ) from None
 
 
 def decode(path: Path, size: int) -> np.ndarray:
