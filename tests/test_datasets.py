@@ -15,6 +15,7 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -823,6 +824,63 @@ def test_image_folder_unlistable_subfolder_is_one_line(
         image_folder.list_images(tmp_path)
     line = err.value.one_line()
     assert "\n" not in line and str(tmp_path / "a" / "deep") in line and "hint:" in line
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour): grey, grey and
+    alpha, RGB or RGBA for 2-D, or 2, 3 or 4 channels."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    rows = pixels.astype(">u2").reshape(height, -1)
+    scanlines = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(scanlines))
+        + chunk(b"IEND", b"")
+    )
+
+
+def sixteen_bit_levels(shape: tuple[int, ...]) -> np.ndarray:
+    """Random 16-bit values, with the edges of the scaling (0, 255, 256, mid-grey, 65535) in."""
+    values = np.random.default_rng(16).integers(0, 65536, shape, np.uint16)
+    values.reshape(-1)[:6] = [0, 255, 256, 32768, 32767, 65535]
+    return values
+
+
+def test_image_folder_16_bit_grey_png_keeps_the_high_byte(tmp_path: Path) -> None:
+    grey = sixteen_bit_levels((8, 8))
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode == "I;16"  # really 16 bits on disk
+    want = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert want[0, 3, 0] == 128  # mid-grey stays mid-grey
+    np.testing.assert_array_equal(image_folder.decode(tmp_path / "grey.png", 8), want)
+    halved = Image.fromarray(want).resize((4, 4), Image.Resampling.LANCZOS)  # after the scaling
+    np.testing.assert_array_equal(image_folder.decode(tmp_path / "grey.png", 4), halved)
+
+
+def test_image_folder_16_bit_colour_pngs_keep_the_high_byte(tmp_path: Path) -> None:
+    rgb, grey_alpha = sixteen_bit_levels((8, 8, 3)), sixteen_bit_levels((8, 8, 2))
+    png16(tmp_path / "rgb.png", rgb)
+    png16(tmp_path / "grey-alpha.png", grey_alpha)
+    Image.fromarray(sixteen_bit_levels((8, 8))).save(tmp_path / "grey.png")
+    ds = open_ds("image-folder", tmp_path, "dataset.image_size=8", "dataset.val_count=1")
+    every = np.concatenate([np.asarray(ds.load(s)) for s in ds.splits])
+    idx = np.random.RandomState(0).permutation(3)
+    names = np.array(["grey-alpha.png", "grey.png", "rgb.png"])[idx]  # sorted, then permuted
+    decoded = dict(zip(names, every, strict=True))
+    np.testing.assert_array_equal(decoded["rgb.png"], rgb >> 8)
+    alpha_dropped = np.repeat(grey_alpha[..., :1] >> 8, 3, axis=2)
+    np.testing.assert_array_equal(decoded["grey-alpha.png"], alpha_dropped)
+    grey = np.asarray(Image.open(tmp_path / "grey.png"))
+    np.testing.assert_array_equal(decoded["grey.png"], np.repeat(grey[..., None] >> 8, 3, axis=2))
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
