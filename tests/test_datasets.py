@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -289,17 +290,128 @@ def test_cifar10_malicious_pickle_is_refused_and_nothing_runs(
     assert not marker.exists()
 
 
-def test_safe_unpickler_refuses_object_arrays_and_other_numpy_globals() -> None:
+def python3_cifar_batch(rows: np.ndarray, label: str, protocol: int) -> bytes:
+    """A batch as a Python 3 re-packaging writes it: the release's dict, pickle.dumps."""
+    batch = {
+        b"batch_label": label.encode(),
+        b"labels": [int(i % 10) for i in range(len(rows))],
+        b"data": rows,
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(rows))],
+    }
+    return pickle.dumps(batch, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar10_python3_pickles_of_every_protocol_load(
+    tmp_path: Path, small_cifar_val: int, protocol: int
+) -> None:
+    train, test = write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for i in range(5):
+        rows = chw_rows(train[i * 4 : (i + 1) * 4])
+        payload = python3_cifar_batch(rows, f"training batch {i + 1} of 5", protocol)
+        (folder / f"data_batch_{i + 1}").write_bytes(payload)
+    payload = python3_cifar_batch(chw_rows(test), "testing batch 1 of 1", protocol)
+    (folder / "test_batch").write_bytes(payload)
+    ds = open_ds("cifar10", tmp_path)
+    np.testing.assert_array_equal(ds.load("test"), test)
+    train_idx, val_idx = cifar10.split_indices(len(train))
+    np.testing.assert_array_equal(ds.load("val"), train[val_idx])
+    np.testing.assert_array_equal(ds.load("train"), train[train_idx])
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_safe_unpickler_reads_plain_data_and_arrays_as_pickle_does(protocol: int) -> None:
+    from hvae_plugins.datasets.safe_pickle import loads_numpy_only
+
+    value = {
+        b"": b"",
+        b"u8": np.arange(12, dtype=np.uint8).reshape(3, 4),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
+        "big-endian": np.array([1.5, -2.0], dtype=">f4"),
+        "strided": np.arange(10, dtype=np.int64)[::3],
+        "text": np.array(["cat", "dog"]),
+        "scalars": [np.int64(-3), np.float32(0.25), np.bool_(True), 7, 1.5, None],
+        "empty": np.zeros((0, 3072), np.uint8),
+    }
+    payload = pickle.dumps(value, protocol=protocol)
+    got, want = loads_numpy_only(payload), pickle.loads(payload)
+    assert got.keys() == want.keys()
+    for key in want:
+        if isinstance(want[key], np.ndarray):
+            assert got[key].dtype == want[key].dtype and got[key].flags.writeable
+            np.testing.assert_array_equal(got[key], want[key])
+        else:
+            assert got[key] == want[key]
+            assert [type(v) for v in got[key]] == [type(v) for v in want[key]]
+
+
+class Reduces:
+    """Unpickles by calling ``func(*args)``, then optionally setting ``state`` (BUILD)."""
+
+    def __init__(self, func: object, *args: object, state: object = None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple:
+        if self.state is None:
+            return (self.func, self.args)
+        return (self.func, self.args, self.state)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize(
+    "func, args",
+    [
+        (os.system, ("true",)),
+        (eval, ("1",)),
+        (getattr, ("", "join")),
+        (subprocess.Popen, (["true"],)),
+        (np.load, ("x.npy",)),
+        (codecs.decode, (b"x", "rot13")),
+    ],
+    ids=["os.system", "eval", "getattr", "subprocess", "numpy.load", "codecs.decode"],
+)
+def test_safe_unpickler_refuses_globals_that_can_run_code(
+    protocol: int, func: object, args: tuple
+) -> None:
     from hvae_plugins.datasets.safe_pickle import RefusedGlobal, loads_numpy_only
 
-    plain = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    np.testing.assert_array_equal(loads_numpy_only(py2_pickle(plain)), plain)
+    with pytest.raises(RefusedGlobal):
+        loads_numpy_only(pickle.dumps({b"data": Reduces(func, *args)}, protocol=protocol))
+
+
+def test_safe_unpickler_refuses_object_structured_and_misused_globals() -> None:
+    from hvae_plugins.datasets.safe_pickle import loads_numpy_only
+
     with pytest.raises(pickle.UnpicklingError, match="object"):
         loads_numpy_only(py2_pickle(np.array([1, "x"], dtype=object)))
-    with pytest.raises(RefusedGlobal):
-        loads_numpy_only(py2_pickle(np.float64(1.0)))  # numpy's scalar constructor
-    with pytest.raises(RefusedGlobal, match="_codecs"):
-        loads_numpy_only(pickle.dumps(b"x", protocol=2))  # Python 3 bytes: not in the release
+    with pytest.raises(pickle.UnpicklingError, match="object"):
+        loads_numpy_only(pickle.dumps(np.array([1, "x"], dtype=object), protocol=5))
+    with pytest.raises(pickle.UnpicklingError, match="structured"):
+        loads_numpy_only(pickle.dumps(np.zeros(2, dtype=[("a", "u1")]), protocol=4))
+    import _codecs
+
+    with pytest.raises(pickle.UnpicklingError, match="latin1"):
+        loads_numpy_only(pickle.dumps(Reduces(_codecs.encode, "x", "rot13"), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="argument"):  # bytes(10**12): memory
+        loads_numpy_only(pickle.dumps(Reduces(bytes, 10**12), protocol=2))
+    reconstruct = np.zeros(1).__reduce__()[0]
+    with pytest.raises(pickle.UnpicklingError, match="type"):
+        loads_numpy_only(pickle.dumps(Reduces(reconstruct, 5, (0,), b"b"), protocol=4))
+
+
+def test_safe_unpickler_never_lets_a_pickled_dtype_state_mark_integers_as_objects() -> None:
+    from hvae_plugins.datasets.safe_pickle import loads_numpy_only
+
+    # numpy's own dtype.__setstate__ takes the flags from the pickle: 1 is "holds object
+    # pointers", so an array of such a uint64 would hand numpy these raw bytes as pointers.
+    flagged = Reduces(np.dtype, "u8", False, True, state=(3, "<", None, None, None, -1, -1, 1))
+    reconstruct = np.zeros(1).__reduce__()[0]
+    raw = struct.pack("<QQ", 0x4141414141, 0x4242424242)
+    evil = Reduces(reconstruct, np.ndarray, (0,), b"b", state=(1, (2,), flagged, False, raw))
+    loaded = loads_numpy_only(pickle.dumps(evil, protocol=4))
+    assert loaded.dtype == np.uint64 and not loaded.dtype.hasobject
+    np.testing.assert_array_equal(loaded, [0x4141414141, 0x4242424242])
 
 
 def test_config_show_with_cifar10_via_cli(tmp_path: Path) -> None:
