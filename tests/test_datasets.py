@@ -17,7 +17,10 @@ import tarfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,10 +29,12 @@ from hvae_plugins.datasets import cifar10, image_folder, imagenet, mnist
 from PIL import Image
 
 from hvae_core.cli import cli
-from hvae_core.config import resolve_config
-from hvae_core.data import DATA_DIR_ENV, LazyImages, open_dataset
+from hvae_core.config import load_run_config, resolve_config
+from hvae_core.data import DATA_DIR_ENV, InMemoryDataset, LazyImages, open_dataset
 from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.interfaces import Dataset
+from hvae_core.options import option
+from hvae_core.plugins import get_registry
 
 
 @pytest.fixture(autouse=True)
@@ -1036,3 +1041,90 @@ def test_num_bits_reduction_is_exact_in_memory_and_lazy(
         assert isinstance(lazy, LazyImages) and isinstance(lazy.base, np.memmap)
         np.testing.assert_array_equal(np.asarray(lazy), np.asarray(full.load(split)) >> 3)
     assert np.asarray(full.load("test")).max() > 31  # the memmap itself is untouched
+
+
+# --------------------------------------------------------------------------------------------
+# A dataset that takes its image size from its files
+
+
+@dataclass
+class NpzOptions:
+    image_size: int | None = option(None, "side of the images; null: the file's")
+
+
+@pytest.fixture
+def npz_dataset(tmp_path: Path) -> Iterator[tuple[Path, list[int]]]:
+    """A dataset 'npz-test' reading ``images.npz`` from the data folder, registered for the
+    test; yields the folder and a list that grows by one whenever the factory runs."""
+    opened: list[int] = []
+
+    def load_npz(options: NpzOptions, data: Any) -> InMemoryDataset:
+        opened.append(1)
+        with np.load(Path(data.data_dir) / "images.npz") as files:
+            images = files["images"]
+        return InMemoryDataset({"train": images[:-4], "val": images[-4:]}, num_bits=8)
+
+    with get_registry().temporary("dataset", "npz-test", load_npz, options=NpzOptions):
+        yield tmp_path, opened
+
+
+def write_npz(folder: Path, size: int, width: int | None = None) -> None:
+    images = random_images(20, size, seed=3)[:, :, : width or size]
+    np.savez(folder / "images.npz", images=images)
+
+
+def test_dataset_without_image_size_takes_it_from_its_files(npz_dataset, tmp_path: Path) -> None:
+    from hvae_core.training import rundir
+
+    folder, opened = npz_dataset
+    write_npz(folder, 16)
+    cfg = resolve_config("tiny", {"dataset": "npz-test", "data_dir": str(folder)})
+    assert (cfg.image_size, cfg.num_scales, cfg.options("dataset").image_size) == (16, 5, 16)
+    assert len(cfg.model.z_width) == 5  # per-scale options expanded to the data's scales
+    assert open_dataset(cfg).image_shape == (16, 16, 3)
+    assert len(opened) == 1  # resolving the config opened it; open_dataset did not again
+    rundir.write_config(tmp_path, cfg)
+    again = load_run_config(tmp_path / "config.yaml")
+    assert again.image_size == 16 and len(opened) == 1  # the run's config records the size
+
+
+@pytest.mark.slow
+def test_dataset_without_image_size_trains_an_epoch(npz_dataset) -> None:
+    folder, opened = npz_dataset
+    write_npz(folder, 16)
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--config", "tiny", "--dataset", "npz-test", "--data-dir", str(folder)]
+        + ["--epochs", "1", "--save-dir", str(folder / "runs"), "--quiet"]
+        + ["--set", "run.jit=false", "--set", "training.batch_size=8"],
+    )
+    assert result.exit_code == 0, result.output
+    [run] = (folder / "runs").iterdir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and np.isfinite(rows[0]["train_bpd"])
+    assert len(opened) == 1
+    assert load_run_config(run / "config.yaml").options("dataset").image_size == 16
+
+
+def test_configured_image_size_is_a_check_against_the_files(npz_dataset) -> None:
+    folder, _ = npz_dataset
+    write_npz(folder, 16)
+    assert open_ds("npz-test", folder, "dataset.image_size=16").image_shape == (16, 16, 3)
+    with pytest.raises(ConfigError) as err:
+        open_ds("npz-test", folder, "dataset.image_size=8")
+    line = err.value.one_line()
+    assert "16x16 images but dataset.image_size is 8" in line and "(hint: " in line
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "fragment"), [(12, None, "power of two"), (16, 8, "square")]
+)
+def test_a_size_from_the_files_that_cannot_be_modelled_is_one_line(
+    npz_dataset, size: int, width: int | None, fragment: str
+) -> None:
+    folder, _ = npz_dataset
+    write_npz(folder, size, width)
+    with pytest.raises(ConfigError) as err:
+        resolve_config(flags={"dataset": "npz-test", "data_dir": str(folder)})
+    line = err.value.one_line()
+    assert f"{size}x{width or size} images" in line and fragment in line and "(hint: " in line
