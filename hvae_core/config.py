@@ -616,10 +616,17 @@ def _none_if_none(value: Any) -> Any:
 
 
 def _image_size(spec: Any, options: Any) -> int | None:
-    """The image size the dataset's options or registration declare; None when neither does."""
+    """The image size the dataset's options or registration declare; None when its
+    ``image_size`` option is left null for the images to say."""
     size = getattr(options, "image_size", None) or spec.info.get("image_size")
     if size is None:
-        return None
+        if hasattr(options, "image_size"):
+            return None
+        raise ConfigError(
+            f"dataset '{spec.name}' ({spec.package}) declares no image_size",
+            hint="its plugin must register image_size=N, or have an option image_size "
+            "(null: taken from its images)",
+        )
     _check_power_of_two(size, f"dataset.image_size: got {size}")
     return int(size)
 
@@ -633,11 +640,11 @@ def _check_power_of_two(size: int, what: str) -> None:
 
 
 def _size_from_data(spec: Any, options: Any, data: DataConfig) -> tuple[Any, int]:
-    """(the opened dataset, its image size), for a dataset whose size nothing declares.
+    """(the opened dataset, its image size), for a dataset whose ``image_size`` option is null.
 
     This is the one case where resolving a config opens a dataset; the :class:`Config` keeps it,
-    so ``open_dataset`` does not read the files again. The size goes into the options'
-    ``image_size`` where the plugin has one, so a run's ``config.yaml`` records it.
+    so ``open_dataset`` does not read the files again. The size goes into the option, so a run's
+    ``config.yaml`` records it and a trained model is rebuilt without the data.
     """
     from hvae_core.data import create_dataset
 
@@ -650,8 +657,7 @@ def _size_from_data(spec: Any, options: Any, data: DataConfig) -> tuple[Any, int
             hint="crop or pad the images to a square whose side is a power of two",
         )
     _check_power_of_two(height, what)
-    if hasattr(options, "image_size"):
-        options.image_size = height
+    options.image_size = height
     return dataset, height
 
 

@@ -17,8 +17,8 @@ Each hook receives a ``register`` callable; a plugin calls it once per thing it 
   (see :func:`hvae_core.options.per_scale`).
 - ``summary``: one line for ``hvae plugins list``.
 - ``info``: kind-specific facts known without importing the implementation (a dataset's
-  ``image_size``, for example; a dataset that registers none and has no ``image_size``
-  option value is opened while the config is resolved, to read it from its images).
+  ``image_size``, for example; see :class:`hvae_core.interfaces.Dataset` for a size taken
+  from the images).
 
 What each kind's target must be is defined in :mod:`hvae_core.interfaces`.
 """

@@ -242,10 +242,9 @@ def test_dataset_image_size_must_be_a_power_of_two() -> None:
         pytest.raises(ConfigError, match="expected a power of two"),
     ):
         resolve_config(flags={"dataset": "odd"})
-    # Nothing declares its size: the dataset is opened to ask it, so its factory must work.
     with (
         registry.temporary("dataset", "sizeless", lambda *a: None),
-        pytest.raises(PluginError, match="returned NoneType, not a Dataset"),
+        pytest.raises(ConfigError, match="declares no image_size"),
     ):
         resolve_config(flags={"dataset": "sizeless"})
 
