@@ -296,16 +296,20 @@ def evaluation_batches(images: Any, batch_size: int, dataset: Any) -> Iterator[n
 def open_dataset(config: Config, registry: PluginRegistry | None = None) -> Dataset:
     """The configured dataset: its plugin's factory called with its options and ``config.data``.
 
-    Applies ``data.num_bits`` (fewer bits than the dataset's; more is an error), so the result's
-    ``num_bits`` is the effective bit depth.
+    A dataset the config had to open to learn its image size (see
+    :func:`hvae_core.config.build_config`) is not opened again. Applies ``data.num_bits``
+    (fewer bits than the dataset's; more is an error), so the result's ``num_bits`` is the
+    effective bit depth.
     """
     from hvae_core.plugins import get_registry
 
     registry = registry or get_registry()
     name = config.data.dataset
     spec = registry.get("dataset", name)
-    dataset = spec.create(config.options("dataset"), config.data)
-    _check_dataset(dataset, f"dataset '{name}' from package {spec.package}", config.image_size)
+    dataset = config.opened_dataset
+    if dataset is None:
+        dataset = create_dataset(spec, config.options("dataset"), config.data)
+    _check_image_size(dataset, spec, config)
     wanted = config.data.num_bits
     if wanted is None or wanted == dataset.num_bits:
         return dataset
@@ -317,22 +321,50 @@ def open_dataset(config: Config, registry: PluginRegistry | None = None) -> Data
     return BitDepthReduced(dataset, wanted)
 
 
-def _check_dataset(dataset: Any, what: str, image_size: int) -> None:
+def create_dataset(spec: Any, options: Any, data: Any) -> Dataset:
+    """A dataset plugin's factory called with ``options`` and ``data``; the result checked
+    against the :class:`Dataset` contract (not yet against a configured image size)."""
+    dataset = spec.create(options, data)
+    _check_dataset(dataset, _described(spec))
+    return dataset
+
+
+def _described(spec: Any) -> str:
+    return f"dataset '{spec.name}' from package {spec.package}"
+
+
+def _check_dataset(dataset: Any, what: str) -> None:
     hint = "the factory must return an object satisfying hvae_core.interfaces.Dataset"
     if not isinstance(dataset, Dataset):
         raise PluginError(f"{what} returned {type(dataset).__name__}, not a Dataset", hint=hint)
     shape = tuple(dataset.image_shape)
-    if len(shape) != 3 or shape[:2] != (image_size, image_size) or shape[2] < 1:
-        raise PluginError(
-            f"{what} has images of shape {shape}; its image_size says "
-            f"({image_size}, {image_size}, C)",
-            hint=hint,
-        )
+    if len(shape) != 3 or shape[2] < 1:
+        raise PluginError(f"{what} has images of shape {shape}; expected (H, W, C)", hint=hint)
     if not 1 <= dataset.num_bits <= 8:
         raise PluginError(f"{what} says num_bits {dataset.num_bits}; expected 1..8", hint=hint)
     missing = [s for s in ("train", "val") if s not in dataset.splits]
     if missing:
         raise PluginError(f"{what} has no split {', '.join(missing)}", hint=hint)
+
+
+def _check_image_size(dataset: Dataset, spec: Any, config: Config) -> None:
+    """The dataset's images against the config's image size: a user's ``dataset.image_size``
+    that its files contradict is a config error; a registered size that does not hold, the
+    plugin's."""
+    size = config.image_size
+    height, width, _ = tuple(dataset.image_shape)
+    if (height, width) == (size, size):
+        return
+    what = _described(spec)
+    if getattr(config.options("dataset"), "image_size", None) == size:
+        raise ConfigError(
+            f"{what} has {height}x{width} images but dataset.image_size is {size}",
+            hint=f"set dataset.image_size: {height}, or null to take the size from the data",
+        )
+    raise PluginError(
+        f"{what} has {height}x{width} images; its registered image_size says {size}x{size}",
+        hint="the factory must return images of the size the plugin registers",
+    )
 
 
 def resolve_data_dir(

@@ -17,7 +17,8 @@ Each hook receives a ``register`` callable; a plugin calls it once per thing it 
   (see :func:`hvae_core.options.per_scale`).
 - ``summary``: one line for ``hvae plugins list``.
 - ``info``: kind-specific facts known without importing the implementation (a dataset's
-  ``image_size``, for example).
+  ``image_size``, for example; see :class:`hvae_core.interfaces.Dataset` for a size taken
+  from the images).
 
 What each kind's target must be is defined in :mod:`hvae_core.interfaces`.
 """

@@ -26,8 +26,14 @@ Tensor = Any  # a tensor of the active Keras backend
 class Dataset(Protocol):
     """Images of one dataset. Factory: ``(options, data: DataConfig) -> Dataset``.
 
-    Registration info: ``image_size`` (the square size of its images) unless the options class
-    has an ``image_size`` field; the config derives the number of scales from it.
+    The image size (square, a power of two) gives the number of scales. It comes from the
+    options' ``image_size`` field where the config sets it, else from the registration info
+    ``image_size``. An ``image_size: int | None = None`` option left null means "the images
+    say": the config is resolved by opening the dataset and reading ``image_shape`` (once:
+    training uses that same object), and the size is written into the option, so a run's
+    ``config.yaml`` records it. A configured ``image_size`` that ``image_shape`` contradicts is
+    a one-line error. Bit depth always comes from ``num_bits``; ``data.num_bits`` may only
+    lower it.
     """
 
     @property

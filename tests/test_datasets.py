@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -15,7 +16,11 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,10 +29,12 @@ from hvae_plugins.datasets import cifar10, image_folder, imagenet, mnist
 from PIL import Image
 
 from hvae_core.cli import cli
-from hvae_core.config import resolve_config
-from hvae_core.data import DATA_DIR_ENV, LazyImages, open_dataset
+from hvae_core.config import load_run_config, resolve_config
+from hvae_core.data import DATA_DIR_ENV, InMemoryDataset, LazyImages, open_dataset
 from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.interfaces import Dataset
+from hvae_core.options import option
+from hvae_core.plugins import get_registry
 
 
 @pytest.fixture(autouse=True)
@@ -288,17 +295,128 @@ def test_cifar10_malicious_pickle_is_refused_and_nothing_runs(
     assert not marker.exists()
 
 
-def test_safe_unpickler_refuses_object_arrays_and_other_numpy_globals() -> None:
+def python3_cifar_batch(rows: np.ndarray, label: str, protocol: int) -> bytes:
+    """A batch as a Python 3 re-packaging writes it: the release's dict, pickle.dumps."""
+    batch = {
+        b"batch_label": label.encode(),
+        b"labels": [int(i % 10) for i in range(len(rows))],
+        b"data": rows,
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(rows))],
+    }
+    return pickle.dumps(batch, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar10_python3_pickles_of_every_protocol_load(
+    tmp_path: Path, small_cifar_val: int, protocol: int
+) -> None:
+    train, test = write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for i in range(5):
+        rows = chw_rows(train[i * 4 : (i + 1) * 4])
+        payload = python3_cifar_batch(rows, f"training batch {i + 1} of 5", protocol)
+        (folder / f"data_batch_{i + 1}").write_bytes(payload)
+    payload = python3_cifar_batch(chw_rows(test), "testing batch 1 of 1", protocol)
+    (folder / "test_batch").write_bytes(payload)
+    ds = open_ds("cifar10", tmp_path)
+    np.testing.assert_array_equal(ds.load("test"), test)
+    train_idx, val_idx = cifar10.split_indices(len(train))
+    np.testing.assert_array_equal(ds.load("val"), train[val_idx])
+    np.testing.assert_array_equal(ds.load("train"), train[train_idx])
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_safe_unpickler_reads_plain_data_and_arrays_as_pickle_does(protocol: int) -> None:
+    from hvae_plugins.datasets.safe_pickle import loads_numpy_only
+
+    value = {
+        b"": b"",
+        b"u8": np.arange(12, dtype=np.uint8).reshape(3, 4),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
+        "big-endian": np.array([1.5, -2.0], dtype=">f4"),
+        "strided": np.arange(10, dtype=np.int64)[::3],
+        "text": np.array(["cat", "dog"]),
+        "scalars": [np.int64(-3), np.float32(0.25), np.bool_(True), 7, 1.5, None],
+        "empty": np.zeros((0, 3072), np.uint8),
+    }
+    payload = pickle.dumps(value, protocol=protocol)
+    got, want = loads_numpy_only(payload), pickle.loads(payload)
+    assert got.keys() == want.keys()
+    for key in want:
+        if isinstance(want[key], np.ndarray):
+            assert got[key].dtype == want[key].dtype and got[key].flags.writeable
+            np.testing.assert_array_equal(got[key], want[key])
+        else:
+            assert got[key] == want[key]
+            assert [type(v) for v in got[key]] == [type(v) for v in want[key]]
+
+
+class Reduces:
+    """Unpickles by calling ``func(*args)``, then optionally setting ``state`` (BUILD)."""
+
+    def __init__(self, func: object, *args: object, state: object = None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple:
+        if self.state is None:
+            return (self.func, self.args)
+        return (self.func, self.args, self.state)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize(
+    "func, args",
+    [
+        (os.system, ("true",)),
+        (eval, ("1",)),
+        (getattr, ("", "join")),
+        (subprocess.Popen, (["true"],)),
+        (np.load, ("x.npy",)),
+        (codecs.decode, (b"x", "rot13")),
+    ],
+    ids=["os.system", "eval", "getattr", "subprocess", "numpy.load", "codecs.decode"],
+)
+def test_safe_unpickler_refuses_globals_that_can_run_code(
+    protocol: int, func: object, args: tuple
+) -> None:
     from hvae_plugins.datasets.safe_pickle import RefusedGlobal, loads_numpy_only
 
-    plain = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    np.testing.assert_array_equal(loads_numpy_only(py2_pickle(plain)), plain)
+    with pytest.raises(RefusedGlobal):
+        loads_numpy_only(pickle.dumps({b"data": Reduces(func, *args)}, protocol=protocol))
+
+
+def test_safe_unpickler_refuses_object_structured_and_misused_globals() -> None:
+    from hvae_plugins.datasets.safe_pickle import loads_numpy_only
+
     with pytest.raises(pickle.UnpicklingError, match="object"):
         loads_numpy_only(py2_pickle(np.array([1, "x"], dtype=object)))
-    with pytest.raises(RefusedGlobal):
-        loads_numpy_only(py2_pickle(np.float64(1.0)))  # numpy's scalar constructor
-    with pytest.raises(RefusedGlobal, match="_codecs"):
-        loads_numpy_only(pickle.dumps(b"x", protocol=2))  # Python 3 bytes: not in the release
+    with pytest.raises(pickle.UnpicklingError, match="object"):
+        loads_numpy_only(pickle.dumps(np.array([1, "x"], dtype=object), protocol=5))
+    with pytest.raises(pickle.UnpicklingError, match="structured"):
+        loads_numpy_only(pickle.dumps(np.zeros(2, dtype=[("a", "u1")]), protocol=4))
+    import _codecs
+
+    with pytest.raises(pickle.UnpicklingError, match="latin1"):
+        loads_numpy_only(pickle.dumps(Reduces(_codecs.encode, "x", "rot13"), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="argument"):  # bytes(10**12): memory
+        loads_numpy_only(pickle.dumps(Reduces(bytes, 10**12), protocol=2))
+    reconstruct = np.zeros(1).__reduce__()[0]
+    with pytest.raises(pickle.UnpicklingError, match="type"):
+        loads_numpy_only(pickle.dumps(Reduces(reconstruct, 5, (0,), b"b"), protocol=4))
+
+
+def test_safe_unpickler_never_lets_a_pickled_dtype_state_mark_integers_as_objects() -> None:
+    from hvae_plugins.datasets.safe_pickle import loads_numpy_only
+
+    # numpy's own dtype.__setstate__ takes the flags from the pickle: 1 is "holds object
+    # pointers", so an array of such a uint64 would hand numpy these raw bytes as pointers.
+    flagged = Reduces(np.dtype, "u8", False, True, state=(3, "<", None, None, None, -1, -1, 1))
+    reconstruct = np.zeros(1).__reduce__()[0]
+    raw = struct.pack("<QQ", 0x4141414141, 0x4242424242)
+    evil = Reduces(reconstruct, np.ndarray, (0,), b"b", state=(1, (2,), flagged, False, raw))
+    loaded = loads_numpy_only(pickle.dumps(evil, protocol=4))
+    assert loaded.dtype == np.uint64 and not loaded.dtype.hasobject
+    np.testing.assert_array_equal(loaded, [0x4141414141, 0x4242424242])
 
 
 def test_config_show_with_cifar10_via_cli(tmp_path: Path) -> None:
@@ -790,6 +908,98 @@ def test_image_folder_truncated_image_is_named_and_no_cache_left(tmp_path: Path)
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
 
 
+def test_image_folder_skips_symlink_loops_and_reads_linked_folders_once(tmp_path: Path) -> None:
+    root, outside = tmp_path / "imgs", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    for where, name in [(root / "a", "one.png"), (outside, "two.png"), (root, "three.png")]:
+        Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(where / name)
+    (root / "a" / "up").symlink_to("..")  # a loop: imgs/a/up/a/up/...
+    (root / "self").symlink_to("self")  # a link to itself: ELOOP as soon as it is looked at
+    (root / "linked").symlink_to(outside)  # an ordinary linked folder: read, once
+    (root / "z-again").symlink_to(outside)  # the same folder again: already read
+    (root / "dangling").symlink_to(tmp_path / "nowhere")
+    listed = [rel for rel, _ in image_folder.list_images(root)]
+    assert listed == ["a/one.png", "linked/two.png", "three.png"]
+    ds = open_ds("image-folder", root, "dataset.image_size=8", "dataset.val_count=1")
+    assert len(ds.load("train")) + len(ds.load("val")) == 3
+
+
+def test_image_folder_unlistable_subfolder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_folder(tmp_path)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:
+        if Path(str(path)).name == "deep":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(image_folder.os, "scandir", scandir)
+    with pytest.raises(HvaeError) as err:
+        image_folder.list_images(tmp_path)
+    line = err.value.one_line()
+    assert "\n" not in line and str(tmp_path / "a" / "deep") in line and "hint:" in line
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour): grey, grey and
+    alpha, RGB or RGBA for 2-D, or 2, 3 or 4 channels."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    rows = pixels.astype(">u2").reshape(height, -1)
+    scanlines = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(scanlines))
+        + chunk(b"IEND", b"")
+    )
+
+
+def sixteen_bit_levels(shape: tuple[int, ...]) -> np.ndarray:
+    """Random 16-bit values, with the edges of the scaling (0, 255, 256, mid-grey, 65535) in."""
+    values = np.random.default_rng(16).integers(0, 65536, shape, np.uint16)
+    values.reshape(-1)[:6] = [0, 255, 256, 32768, 32767, 65535]
+    return values
+
+
+def test_image_folder_16_bit_grey_png_keeps_the_high_byte(tmp_path: Path) -> None:
+    grey = sixteen_bit_levels((8, 8))
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode == "I;16"  # really 16 bits on disk
+    want = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert want[0, 3, 0] == 128  # mid-grey stays mid-grey
+    np.testing.assert_array_equal(image_folder.decode(tmp_path / "grey.png", 8), want)
+    halved = Image.fromarray(want).resize((4, 4), Image.Resampling.LANCZOS)  # after the scaling
+    np.testing.assert_array_equal(image_folder.decode(tmp_path / "grey.png", 4), halved)
+
+
+def test_image_folder_16_bit_colour_pngs_keep_the_high_byte(tmp_path: Path) -> None:
+    rgb, grey_alpha = sixteen_bit_levels((8, 8, 3)), sixteen_bit_levels((8, 8, 2))
+    png16(tmp_path / "rgb.png", rgb)
+    png16(tmp_path / "grey-alpha.png", grey_alpha)
+    Image.fromarray(sixteen_bit_levels((8, 8))).save(tmp_path / "grey.png")
+    ds = open_ds("image-folder", tmp_path, "dataset.image_size=8", "dataset.val_count=1")
+    every = np.concatenate([np.asarray(ds.load(s)) for s in ds.splits])
+    idx = np.random.RandomState(0).permutation(3)
+    names = np.array(["grey-alpha.png", "grey.png", "rgb.png"])[idx]  # sorted, then permuted
+    decoded = dict(zip(names, every, strict=True))
+    np.testing.assert_array_equal(decoded["rgb.png"], rgb >> 8)
+    alpha_dropped = np.repeat(grey_alpha[..., :1] >> 8, 3, axis=2)
+    np.testing.assert_array_equal(decoded["grey-alpha.png"], alpha_dropped)
+    grey = np.asarray(Image.open(tmp_path / "grey.png"))
+    np.testing.assert_array_equal(decoded["grey.png"], np.repeat(grey[..., None] >> 8, 3, axis=2))
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(HvaeError, match="PNG or JPEG"):
         open_ds("image-folder", tmp_path)
@@ -831,3 +1041,90 @@ def test_num_bits_reduction_is_exact_in_memory_and_lazy(
         assert isinstance(lazy, LazyImages) and isinstance(lazy.base, np.memmap)
         np.testing.assert_array_equal(np.asarray(lazy), np.asarray(full.load(split)) >> 3)
     assert np.asarray(full.load("test")).max() > 31  # the memmap itself is untouched
+
+
+# --------------------------------------------------------------------------------------------
+# A dataset that takes its image size from its files
+
+
+@dataclass
+class NpzOptions:
+    image_size: int | None = option(None, "side of the images; null: the file's")
+
+
+@pytest.fixture
+def npz_dataset(tmp_path: Path) -> Iterator[tuple[Path, list[int]]]:
+    """A dataset 'npz-test' reading ``images.npz`` from the data folder, registered for the
+    test; yields the folder and a list that grows by one whenever the factory runs."""
+    opened: list[int] = []
+
+    def load_npz(options: NpzOptions, data: Any) -> InMemoryDataset:
+        opened.append(1)
+        with np.load(Path(data.data_dir) / "images.npz") as files:
+            images = files["images"]
+        return InMemoryDataset({"train": images[:-4], "val": images[-4:]}, num_bits=8)
+
+    with get_registry().temporary("dataset", "npz-test", load_npz, options=NpzOptions):
+        yield tmp_path, opened
+
+
+def write_npz(folder: Path, size: int, width: int | None = None) -> None:
+    images = random_images(20, size, seed=3)[:, :, : width or size]
+    np.savez(folder / "images.npz", images=images)
+
+
+def test_dataset_without_image_size_takes_it_from_its_files(npz_dataset, tmp_path: Path) -> None:
+    from hvae_core.training import rundir
+
+    folder, opened = npz_dataset
+    write_npz(folder, 16)
+    cfg = resolve_config("tiny", {"dataset": "npz-test", "data_dir": str(folder)})
+    assert (cfg.image_size, cfg.num_scales, cfg.options("dataset").image_size) == (16, 5, 16)
+    assert len(cfg.model.z_width) == 5  # per-scale options expanded to the data's scales
+    assert open_dataset(cfg).image_shape == (16, 16, 3)
+    assert len(opened) == 1  # resolving the config opened it; open_dataset did not again
+    rundir.write_config(tmp_path, cfg)
+    again = load_run_config(tmp_path / "config.yaml")
+    assert again.image_size == 16 and len(opened) == 1  # the run's config records the size
+
+
+@pytest.mark.slow
+def test_dataset_without_image_size_trains_an_epoch(npz_dataset) -> None:
+    folder, opened = npz_dataset
+    write_npz(folder, 16)
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--config", "tiny", "--dataset", "npz-test", "--data-dir", str(folder)]
+        + ["--epochs", "1", "--save-dir", str(folder / "runs"), "--quiet"]
+        + ["--set", "run.jit=false", "--set", "training.batch_size=8"],
+    )
+    assert result.exit_code == 0, result.output
+    [run] = (folder / "runs").iterdir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and np.isfinite(rows[0]["train_bpd"])
+    assert len(opened) == 1
+    assert load_run_config(run / "config.yaml").options("dataset").image_size == 16
+
+
+def test_configured_image_size_is_a_check_against_the_files(npz_dataset) -> None:
+    folder, _ = npz_dataset
+    write_npz(folder, 16)
+    assert open_ds("npz-test", folder, "dataset.image_size=16").image_shape == (16, 16, 3)
+    with pytest.raises(ConfigError) as err:
+        open_ds("npz-test", folder, "dataset.image_size=8")
+    line = err.value.one_line()
+    assert "16x16 images but dataset.image_size is 8" in line and "(hint: " in line
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "fragment"), [(12, None, "power of two"), (16, 8, "square")]
+)
+def test_a_size_from_the_files_that_cannot_be_modelled_is_one_line(
+    npz_dataset, size: int, width: int | None, fragment: str
+) -> None:
+    folder, _ = npz_dataset
+    write_npz(folder, size, width)
+    with pytest.raises(ConfigError) as err:
+        resolve_config(flags={"dataset": "npz-test", "data_dir": str(folder)})
+    line = err.value.one_line()
+    assert f"{size}x{width or size} images" in line and fragment in line and "(hint: " in line

@@ -91,6 +91,8 @@ def test_example_dataset_loads_real_files(example_env, tmp_path) -> None:
     assert dataset.image_shape == (8, 8, 3) and dataset.num_bits == 8
     assert [len(dataset.load(s)) for s in ("train", "val", "test")] == [16, 2, 2]
     np.testing.assert_array_equal(np.concatenate([dataset.load(s) for s in dataset.splits]), images)
+    unsized = resolve_config(flags={"dataset": "example-npy", "data_dir": str(tmp_path)})
+    assert unsized.image_size == 8  # no dataset.image_size: the file's
     (tmp_path / "images.npy").unlink()
     with pytest.raises(HvaeError, match="images.npy does not exist"):
         spec.load()(cfg.options("dataset"), cfg.data)

@@ -15,7 +15,8 @@ Splits, exactly VDVAE's (``data.py`` of openai/vdvae):
 * ``test`` is the official ``test_batch`` (10,000 images), in file order.
 
 The batches are pickles, and unpickling runs whatever a pickle asks for: they are read with
-:mod:`.safe_pickle`, which admits only what a pickled numpy array needs.
+:mod:`.safe_pickle`, which admits only what pickled plain data and numpy arrays need (as Python 2
+wrote the release, and as Python 3 writes re-packaged copies with protocols 0 to 5).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Any folder tree of PNG/JPEG images (FFHQ, your own photos), as square RGB images.
 
-Files: every ``.png``, ``.jpg`` and ``.jpeg`` (any case) under the folder, recursively; hidden
+Files: every ``.png``, ``.jpg`` and ``.jpeg`` (any case) under the folder, recursively, following
+symbolic links but reading each real folder once (a link back up the tree is skipped); hidden
 files and folders (names starting with ".") are skipped. Images are decoded with Pillow, turned
 upright by their EXIF orientation, converted to RGB (grey, palette and alpha images included;
-alpha is dropped), their shorter side resized to ``dataset.image_size`` (Lanczos), then
-centre-cropped to a square. An unreadable file is an error naming it.
+alpha is dropped; 16-bit images keep each value's high byte, ``value >> 8``: 32768 becomes 128),
+their shorter side resized to ``dataset.image_size`` (Lanczos), then centre-cropped to a square.
+An unreadable file is an error naming it.
 
 Splits: the files are sorted by relative path; ``idx = np.random.RandomState(split_seed)
 .permutation(N)`` assigns them: ``val`` is ``idx[-n_val:]``, ``test`` the ``n_test`` before it
@@ -49,9 +51,13 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 CACHE_FORMAT = "hvae-image-folder-cache"
-CACHE_VERSION = 1
-PREPROCESS = "exif-transpose, RGB, shorter side to size (Lanczos), centre crop"
+CACHE_VERSION = 2  # 2: 16-bit grey scaled by its high byte (1 clipped it at 255)
+PREPROCESS = (
+    "exif-transpose, 16-bit to 8 by the high byte, RGB, shorter side to size (Lanczos), centre crop"
+)
 OBTAIN = "point dataset.path (or --data-dir) at a folder of PNG or JPEG images"
+# Pillow's modes for 16-bit grey PNGs ("I" is how older Pillow opens them).
+SIXTEEN_BIT_GREY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 DECODE_WINDOW = 256  # images decoded ahead of the writer: bounds memory while threads work
 
 
@@ -109,21 +115,52 @@ def split_counts(n: int, options: Any) -> tuple[int, int]:
 
 
 def list_images(folder: Path) -> list[tuple[str, int]]:
-    """(relative POSIX path, byte size) of every image under ``folder``, sorted by path."""
+    """(relative POSIX path, byte size) of every image under ``folder``, sorted by path.
+
+    Symbolic links are followed, but every real folder is read once: a link back up the tree
+    (a loop) or to a folder already read is skipped, as is a link that cannot be resolved.
+    Folders are walked in name order, so which path names a folder reached twice does not
+    depend on the file system.
+    """
     found: list[tuple[str, int]] = []
+    visited: set[tuple[int, int]] = set()
 
     def walk(directory: Path, prefix: str) -> None:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
+        identity = real_folder(directory)
+        if identity in visited:
+            log.info("skipping %s: a link to a folder already read (or a loop)", directory)
+            return
+        visited.add(identity)
+        for entry in sorted_entries(directory):
+            if entry.name.startswith("."):
+                continue
+            try:
                 if entry.is_dir():
                     walk(Path(entry.path), f"{prefix}{entry.name}/")
                 elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in EXTENSIONS:
                     found.append((prefix + entry.name, entry.stat().st_size))
+            except OSError as exc:  # e.g. a link to itself: ELOOP before anything is read
+                log.info("skipping %s: %s", entry.path, exc.strerror or exc)
 
     walk(folder, "")
     return sorted(found)
+
+
+def real_folder(directory: Path) -> tuple[int, int]:
+    """What identifies a folder however it is reached: (device, inode) of its target."""
+    info = directory.stat()
+    return info.st_dev, info.st_ino
+
+
+def sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot list image folder {directory}: {exc.strerror or exc}",
+            hint="make the folder readable, or move it out of the image folder",
+        ) from None
 
 
 def decode(path: Path, size: int) -> np.ndarray:
@@ -132,7 +169,7 @@ def decode(path: Path, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            image = eight_bit(ImageOps.exif_transpose(opened)).convert("RGB")
         w, h = image.size
         scale = size / min(w, h)
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
@@ -145,6 +182,21 @@ def decode(path: Path, size: int) -> np.ndarray:
             f"cannot read image {path}: {type(exc).__name__}: {exc}",
             hint="replace or delete the file (image-folder reads PNG and JPEG with Pillow)",
         ) from None
+
+
+def eight_bit(image: Any) -> Any:
+    """A 16-bit grey image as 8-bit grey, keeping each value's high byte (``value >> 8``).
+
+    Pillow's own ``convert`` clips 16-bit grey at 255 (mid-grey 32768 would become white),
+    while it reads 16-bit colour PNGs by their high byte: the same rule for grey keeps both
+    alike. Other modes pass through unchanged.
+    """
+    from PIL import Image
+
+    if image.mode not in SIXTEEN_BIT_GREY:
+        return image
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
 
 
 def decode_into(out: np.ndarray, paths: list[Path], size: int) -> None:

@@ -10,7 +10,9 @@ import hvae_core as hvae
 @dataclass
 class NpyOptions:
     file: str = hvae.option("images.npy", "file in the data directory: uint8 (N, H, W, C)")
-    image_size: int = hvae.option(32, "height and width of the images in the file")
+    image_size: int | None = hvae.option(
+        None, "height and width of the images in the file (a check); null: the file's"
+    )
     val_fraction: float = hvae.option(0.1, "fraction of the images held out for validation")
     test_fraction: float = hvae.option(0.1, "fraction of the images held out for testing")
     num_bits: int = hvae.option(8, "bit depth of the pixel values")

@@ -14,10 +14,11 @@ def NpyDataset(options: Any, data: Any) -> InMemoryDataset:  # noqa: N802 - a fa
     if not path.is_file():
         raise HvaeError(f"{path} does not exist", hint="save your images with numpy.save there")
     images = np.load(path, mmap_mode="r", allow_pickle=False)
-    size = options.image_size
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:3] != (size, size):
+    # The image size is the file's: hvae checks it against dataset.image_size where one is set.
+    if images.dtype != np.uint8 or images.ndim != 4:
         raise HvaeError(
-            f"{path}: expected uint8 (N, {size}, {size}, C), got {images.dtype} {images.shape}"
+            f"{path}: expected uint8 (N, H, W, C), got {images.dtype} {images.shape}",
+            hint="save the images as one uint8 NHWC array",
         )
     n_val = int(len(images) * options.val_fraction)
     n_test = int(len(images) * options.test_fraction)
