@@ -93,14 +93,18 @@ class TrainedModel:
         for start in range(0, n, size):
             rows = min(size, n - start)
 
-            def generate(rows: int = rows) -> Any:
+            def generate(layer_temps: Any, rows: int = rows) -> Any:
+                per_layer = [layer_temps[i] for i in range(len(temps))]
                 x = self.model.generate(
-                    rows, temperature=temps, output_temperature=output_temperature
+                    rows, temperature=per_layer, output_temperature=output_temperature
                 )
                 return to_levels(x, self.num_bits)
 
-            key = ("sample", rows, tuple(temps), output_temperature)
-            parts.append(to_numpy(self.runner.run(key, generate)))
+            # The temperatures are an input, not part of the key: one compiled sampler serves
+            # them all (the output temperature stays a key: 0 takes another code path).
+            key = ("sample", rows, output_temperature)
+            layer_temps = np.asarray(temps, dtype=np.float32)
+            parts.append(to_numpy(self.runner.run(key, generate, layer_temps)))
         return np.concatenate(parts).astype(np.uint8)
 
     def reconstruct(
@@ -125,19 +129,19 @@ class TrainedModel:
                 f"latent_layers must lie in 0..{self.num_latent_layers}, got {latent_layers}"
             )
 
-        def reconstruct(batch: Any) -> Any:
+        def reconstruct(batch: Any, layers: Any, temp: Any) -> Any:
             x = self._unit(batch)
             if latent_layers is None:
                 out = self.model.reconstruct(x, output_temperature=output_temperature)
             else:
-                out = self.model.reconstruct_from_top(
-                    x, int(latent_layers), temperature, output_temperature
-                )
+                out = self.model.reconstruct_from_top(x, layers, temp, output_temperature)
             return to_levels(out, self.num_bits)
 
-        key = ("reconstruct", output_temperature, latent_layers, temperature)
+        # The depth and the temperature are inputs: one compiled pass serves every j and t.
+        key = ("reconstruct", output_temperature, latent_layers is None)
+        layers = np.int32(self.num_latent_layers if latent_layers is None else latent_layers)
         parts = [
-            to_numpy(self.runner.run(key, reconstruct, batch))
+            to_numpy(self.runner.run(key, reconstruct, batch, layers, np.float32(temperature)))
             for batch in self._batches(images, batch_size)
         ]
         return np.concatenate(parts).astype(np.uint8)

@@ -124,3 +124,43 @@ def test_a_plugin_the_run_used_must_be_installed() -> None:
     assert check_plugins(older) == [
         "the run used dataset 'digits' from hvae 0.0.9; installed is hvae 0.1.0"
     ]
+
+
+def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> None:
+    # Temperatures and the top-down depth are inputs of the compiled passes, not part of their
+    # keys: `hvae analyze` and a user's temperature sweep compile each pass once. Fixed noise
+    # (all ones) makes the draws deterministic, so the values can be checked exactly.
+    from hvae_core.model import decoder
+
+    noise = {"value": 1.0}
+    monkeypatch.setattr(
+        decoder.TopDownBlock,
+        "noise",
+        lambda self, like, groups: keras.ops.ones_like(like) * noise["value"],
+    )
+    cfg = resolve_config("tiny")
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    runner = make_runner(model, jit=True)
+    keys = []
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda key, *a: keys.append(key) or run(key, *a))
+    trained = TrainedModel(model, cfg, RunDirectory("."), {}, runner)
+    images = digits_images()[:4]
+    layers = trained.num_latent_layers
+
+    cold, warm = (trained.sample(4, t, output_temperature=0.0) for t in (0.0, 1.0))
+    depths = [
+        trained.reconstruct(images, latent_layers=j, temperature=t)
+        for j in range(layers + 1)
+        for t in (0.0, 1.0)
+    ]
+    assert len(set(keys)) == 2  # one sampler, one top-down pass
+    assert not np.array_equal(cold, warm)  # the temperature reached the compiled sampler
+    # Depth 0 at temperature t is the prior's sample at t; all layers, the reconstruction.
+    np.testing.assert_array_equal(depths[0], cold)
+    np.testing.assert_array_equal(depths[1], warm)
+    full = trained.reconstruct(images)
+    np.testing.assert_array_equal(depths[-1], full)
+    np.testing.assert_array_equal(depths[-2], full)
+    assert len({d.tobytes() for d in depths[::2]}) > 1  # the depth reached the compiled pass

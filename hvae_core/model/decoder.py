@@ -305,9 +305,8 @@ class Decoder(keras.layers.Layer):
                 # Stacked, not converted: a temperature may be a tensor (one per image).
                 per_layer = {"temperature": ops.stack([ops.cast(t, "float32") for t in temps])}
                 if posterior_layers is not None and activation is not None:
-                    per_layer["posterior"] = ops.convert_to_tensor(
-                        [float(first + i < posterior_layers) for i in range(len(run))], "float32"
-                    )
+                    indices = ops.arange(first, first + len(run), dtype="int32")
+                    per_layer["posterior"] = _kept(indices, posterior_layers)
                 state, (run_zs, run_stats) = run(
                     inputs, per_layer=per_layer, noise_groups=noise_groups, training=training
                 )
@@ -323,7 +322,7 @@ class Decoder(keras.layers.Layer):
                 t = 1.0 if temperatures is None else temperatures[block.index]
                 keep = None
                 if posterior_layers is not None and activation is not None:
-                    keep = float(block.index < posterior_layers)
+                    keep = _kept(block.index, posterior_layers)
                 state, z, block_stats = block(
                     state,
                     activation,
@@ -342,3 +341,10 @@ class Decoder(keras.layers.Layer):
             if on_scale is not None:
                 on_scale(r, state)
         return state, zs, stats
+
+
+def _kept(index: Any, posterior_layers: Any) -> Any:
+    """1.0 where latent layer ``index`` takes the posterior's z (it is among the first
+    ``posterior_layers``), else 0.0; ``posterior_layers`` may be a traced scalar."""
+    limit = ops.cast(posterior_layers, "int32")
+    return ops.cast(ops.less(ops.cast(index, "int32"), limit), "float32")

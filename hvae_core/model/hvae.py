@@ -269,7 +269,8 @@ class HVAE(keras.Model):
             return [float(temperature)] * self.num_latent_layers
         if not isinstance(temperature, Sequence):  # a tensor, e.g. one value per image
             return [temperature] * self.num_latent_layers
-        temps = [float(t) for t in temperature]
+        # A list may hold tensors: a compiled sampler takes its temperatures as inputs.
+        temps = [t if ops.is_tensor(t) else float(t) for t in temperature]
         if len(temps) != self.num_latent_layers:
             raise ConfigError(
                 f"expected one temperature or {self.num_latent_layers} (one per latent layer), "
@@ -299,19 +300,20 @@ class HVAE(keras.Model):
     def reconstruct_from_top(
         self,
         x: Any,
-        layers: int,
-        temperature: float = 1.0,
+        layers: Any,
+        temperature: Any = 1.0,
         output_temperature: float = 0.0,
     ) -> Any:
         """Images decoded with the posterior's z in the first (top) ``layers`` latent layers
         and draws from the prior at ``temperature`` below: what the top of the hierarchy
-        encodes (0 layers: a sample; all: a reconstruction)."""
+        encodes (0 layers: a sample; all: a reconstruction). ``layers`` and ``temperature``
+        may be scalar tensors, so one compiled pass serves every depth and temperature."""
         activations = self.encoder(x)
         state, zs, _ = self.decoder(
             activations=activations,
             batch_size=ops.shape(x)[0],
-            temperatures=[float(temperature)] * self.num_latent_layers,
-            posterior_layers=int(layers),
+            temperatures=[temperature] * self.num_latent_layers,
+            posterior_layers=layers,
         )
         return self._sample_pixels(self.head(state, zs), output_temperature)
 
