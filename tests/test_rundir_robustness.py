@@ -420,6 +420,7 @@ def test_a_checkpoint_without_a_fingerprint_still_resumes(trainer, tmp_path) -> 
     restore_from(trainer, run_dir)  # nothing to compare with: as before fingerprints
 
 
+@pytest.mark.slow  # loads the model: 8 s on 2 cores
 def test_loading_a_run_whose_config_was_edited_warns(trainer, tmp_path) -> None:
     import hvae_core
 
