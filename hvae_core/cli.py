@@ -338,8 +338,6 @@ def train(
     **flags: Any,
 ) -> None:
     """Train an HVAE; writes a run directory under run.save_dir."""
-    from hvae_core.run import RunDirectory
-
     launch = {
         parallel_env.COORDINATOR_ENV: coordinator,
         parallel_env.NUM_PROCESSES_ENV: num_processes,
@@ -348,6 +346,37 @@ def train(
     for name, value in launch.items():
         if value is not None:  # the flags win over the environment
             os.environ[name] = str(value)
+    try:
+        with contextlib.ExitStack() as held:
+            trainer, rows = _train(config, overrides, resume, quiet, verbose, flags, held)
+    except parallel_env.Relaunch as relaunch:  # after the lock is released: the workers take it
+        sys.exit(_relaunch_with_torchrun(relaunch.processes))
+    if not trainer.parallel.is_chief:
+        return
+    last = rows[-1] if rows else {}
+    val = last.get("val_bpd")
+    where = trainer.run_dir if trainer.config.run.save else "nothing saved"
+    click.echo(
+        f"done: {where} (epoch {last.get('epoch', 0)}"
+        + (f", val {val:.4f} bpd)" if val is not None else ")")
+    )
+
+
+def _train(
+    config: str | None,
+    overrides: tuple[str, ...],
+    resume: str | None,
+    quiet: bool,
+    verbose: bool,
+    flags: dict[str, Any],
+    held: contextlib.ExitStack,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Build and run the trainer of a new or resumed run; the run directory stays locked
+    (``held``) while this process may write it."""
+    from hvae_core.run import RunDirectory
+    from hvae_core.training import rundir
+
+    writes = parallel_env.chief_from_env()  # only process 0 writes, and locks
     if resume is not None:
         run = RunDirectory.open(resume)
         cfg = run.resume_config(config, overrides, flags)
@@ -356,33 +385,30 @@ def train(
                 "run.save is false, but --resume continues a run directory by writing to it",
                 hint="drop --set run.save=false",
             )
+        if writes:
+            held.enter_context(run.writing(_warning))
+        run.resumable_meta(cfg)  # a missing or unfitting checkpoint: before the model is built
     else:
         cfg = _resolve(config, overrides, **flags)
-    try:
-        trainer = _trainer(cfg, quiet, verbose)
-    except parallel_env.Relaunch as relaunch:
-        sys.exit(_relaunch_with_torchrun(relaunch.processes))
-    chief = trainer.parallel.is_chief  # only process 0 writes
+        if writes and cfg.run.save:
+            rundir.prepare_save_dir(cfg.run.save_dir)  # its errors: before the model is built
+    trainer = _trainer(cfg, quiet, verbose)
+    held.callback(trainer.parallel.close)
+    chief = trainer.parallel.is_chief
     if resume is not None:
         trainer.run_dir = run.path
         trainer.restore()
         if chief:
             run.write_config(cfg)
     elif chief and cfg.run.save:
-        trainer.run_dir = RunDirectory.create(cfg.run.save_dir, cfg).path
-    try:
-        rows = trainer.fit()
-    finally:
-        trainer.parallel.close()
-    if not chief:
-        return
-    last = rows[-1] if rows else {}
-    val = last.get("val_bpd")
-    where = trainer.run_dir if cfg.run.save else "nothing saved"
-    click.echo(
-        f"done: {where} (epoch {last.get('epoch', 0)}"
-        + (f", val {val:.4f} bpd)" if val is not None else ")")
-    )
+        run = RunDirectory.create(cfg.run.save_dir, cfg, _warning)
+        held.callback(run.unlock)
+        trainer.run_dir = run.path
+    return trainer, trainer.fit()
+
+
+def _warning(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _relaunch_with_torchrun(processes: int) -> int:
@@ -735,7 +761,7 @@ def export(
     show_default=True,
     help="prior temperature below the conditioned layers in the top-down figure",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="of every random draw")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="of every random draw")
 @click.option("--force", is_flag=True, help="replace the figures of an earlier analysis")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
 @loaded_run_options

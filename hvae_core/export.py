@@ -27,6 +27,7 @@ from keras import ops
 from hvae_core.errors import HvaeError
 from hvae_core.model.hvae import HVAE, is_noise_seed
 from hvae_core.model.likelihood import to_levels
+from hvae_core.trained import checked_seed
 from hvae_core.training.engine import to_unit_range
 
 FORMATS = ("keras", "savedmodel")
@@ -127,6 +128,8 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
         "num_bits": trained.num_bits,
     }
     seed = options.get("seed")
+    if seed is not None:
+        seed = checked_seed(seed)
     sampler = Sampler(
         **common,
         output_temperature=float(options.get("output_temperature", 1.0)),

@@ -7,13 +7,17 @@ happen to them. Nothing here imports a Keras backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvae_core.errors import HvaeError, PluginError
+from hvae_core.errors import HvaeError, PluginError, RunWarning
+
+Warn = Callable[[str], None]
 
 # Config sections a resumed run may change: how it trains and runs, never the model or data.
 RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer", "tracker")
@@ -76,14 +80,46 @@ class RunDirectory:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, save_dir: str | os.PathLike[str], config: Any) -> RunDirectory:
+    def create(
+        cls, save_dir: str | os.PathLike[str], config: Any, warn: Warn | None = None
+    ) -> RunDirectory:
         """A new directory under ``save_dir`` named after the dataset and the time (an
-        existing directory is never reused), holding ``config``."""
-        from hvae_core.training import rundir
+        existing directory is never reused), locked by this process (see :meth:`unlock`) and
+        holding ``config``. When that cannot be written, nothing is left behind."""
+        from hvae_core.training import rundir, runlock
 
         run = cls(rundir.create_run_dir(save_dir, config.data.dataset))
-        run.write_config(config)
+        try:
+            runlock.acquire(run.lock_path, warn or _warn)
+            run.write_config(config)
+        except BaseException:
+            run.unlock()
+            with contextlib.suppress(OSError):  # empty here: failed writes remove their files
+                run.path.rmdir()
+            raise
         return run
+
+    def lock(self, warn: Warn | None = None) -> None:
+        """Become the one process that writes this run (one line naming the holder when
+        another one is), and remove what interrupted writes left behind."""
+        from hvae_core.training import runlock
+
+        runlock.acquire(self.lock_path, warn or _warn)
+        runlock.remove_stale_temporaries(self.path)
+
+    def unlock(self) -> None:
+        from hvae_core.training import runlock
+
+        runlock.release(self.lock_path)
+
+    @contextlib.contextmanager
+    def writing(self, warn: Warn | None = None) -> Iterator[RunDirectory]:
+        """Hold the run's lock (:meth:`lock`) for the ``with`` block, whatever ends it."""
+        self.lock(warn)
+        try:
+            yield self
+        finally:
+            self.unlock()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> RunDirectory:
@@ -102,6 +138,12 @@ class RunDirectory:
                 hint="give a directory that 'hvae train' created",
             )
         return run
+
+    @property
+    def lock_path(self) -> Path:
+        from hvae_core.training import runlock
+
+        return self.path / runlock.LOCK
 
     @property
     def checkpoint_path(self) -> Path:
@@ -156,6 +198,20 @@ class RunDirectory:
 
         path = Path(checkpoint) if checkpoint is not None else self.checkpoint_path
         return rundir.read_checkpoint_meta(path)
+
+    def resumable_meta(self, config: Any) -> dict[str, Any]:
+        """The checkpoint's metadata when ``config`` may continue it: one line, before any
+        model is built, when the checkpoint is missing or invalid or was trained with another
+        model or data config."""
+        from hvae_core.training import checkpoint_meta
+
+        meta = self.checkpoint_meta()
+        checkpoint_meta.refuse_other_config(meta, config, self.checkpoint_path)
+        return meta
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RunWarning, stacklevel=3)
 
 
 def is_run_file(path: str | os.PathLike[str]) -> bool:

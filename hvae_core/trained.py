@@ -230,8 +230,9 @@ class TrainedModel:
         }
 
     def reseed(self, seed: int) -> None:
-        """Set every noise stream of the model (latent layers, pixel sampling) from ``seed``."""
-        self.model.reseed(seed)
+        """Set every noise stream of the model (latent layers, pixel sampling) from ``seed``
+        (an integer in 0..2**32 - 1, like NumPy's and the backends' seeds)."""
+        self.model.reseed(checked_seed(seed))
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ def load(
     backend's native libraries log as they start (default: as $HVAE_LOG_LEVEL says)."""
     from hvae_core import logs
     from hvae_core.backend import import_backend, select_backend
-    from hvae_core.training import rundir
+    from hvae_core.training import checkpoint_meta, rundir
 
     run = RunDirectory.open(run_dir)
     path = Path(checkpoint) if checkpoint is not None else run.checkpoint_path
@@ -319,6 +320,14 @@ def load(
     for message in check_plugins(meta.get("plugins", []), registry):
         warnings.warn(message, RunWarning, stacklevel=2)
     config = run.config(registry, trackers=False)  # a model logs nothing: none need be installed
+    changed = checkpoint_meta.differences(meta, config)
+    if changed:
+        warnings.warn(
+            f"the run's config.yaml differs from the config its checkpoint was trained with "
+            f"(in {', '.join(changed[:5])}); loading it as config.yaml says",
+            RunWarning,
+            stacklevel=2,
+        )
     if "image_shape" not in meta or "num_bits" not in meta:
         raise HvaeError(
             f"checkpoint {path} records no image shape or bit depth",
@@ -375,6 +384,23 @@ def to_numpy(values: Any) -> Any:
     from hvae_core.training.engine import to_numpy as convert
 
     return convert(values)
+
+
+MAX_SEED = 2**32 - 1
+
+
+def checked_seed(seed: Any) -> int:
+    """``seed`` when it is an integer in 0..2**32 - 1, else one line of :class:`InputError`."""
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, int | np.integer)
+        or not 0 <= seed <= MAX_SEED
+    ):
+        raise InputError(
+            f"seed must be an integer in 0..2**32 - 1 ({MAX_SEED}), got {seed!r}",
+            hint="give a seed in that range, or None for the model's own noise streams",
+        )
+    return int(seed)
 
 
 def _count(value: Any, what: str) -> int:

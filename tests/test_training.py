@@ -778,9 +778,13 @@ def test_checkpoints_round_trip_every_shape(tmp_path) -> None:
         "strided": np.arange(10.0)[::2],
     }
     path = tmp_path / "c.safetensors"
-    rundir.save_checkpoint(path, arrays, {"position": {"epoch": 3}})
+    # Metadata as the trainer writes it: the schema refuses anything less.
+    position = {"epoch": 3, "batch": 0, "step": 69, "consecutive_skips": 0, "best_val": None}
+    position.update(bad_epochs=0, epoch_seconds=0.0, sums={})
+    written = {"position": position, "num_bits": 4, "image_shape": [8, 8, 1]}
+    rundir.save_checkpoint(path, arrays, written)
     loaded, meta = rundir.load_checkpoint(path)
-    assert meta == {"position": {"epoch": 3}}
+    assert meta == written
     for key, value in arrays.items():
         assert loaded[key].shape == value.shape
         np.testing.assert_array_equal(loaded[key], value)

@@ -87,6 +87,15 @@ class Launch:
         return self.num_processes > 1
 
 
+def chief_from_env(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process will be process 0, the one that writes the run directory, as the
+    environment says before any backend starts (a multi-host launch's process id, torchrun's
+    rank)."""
+    env = os.environ if environ is None else environ
+    rank = env.get("RANK", "0").strip() or "0"
+    return launch_from_env(env).process_id == 0 and rank == "0"
+
+
 def launch_from_env(environ: dict[str, str] | None = None) -> Launch:
     """The multi-host settings in the environment (``KERAS_DISTRIBUTION_*``, which Keras'
     ``keras.distribution.initialize`` reads too); one process when they are absent."""

@@ -11,6 +11,7 @@ Layout (users and scripts depend on it)::
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from hvae_core.errors import HvaeError
+from hvae_core.training import checkpoint_meta
 
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG = "config.yaml"
@@ -30,8 +32,7 @@ METRICS = "metrics.jsonl"
 
 def create_run_dir(save_dir: str | os.PathLike[str], stem: str) -> Path:
     """A new directory under ``save_dir``; an existing one is never reused."""
-    root = Path(save_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_save_dir(save_dir)
     base = f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     for attempt in range(1000):
         path = root / (base if attempt == 0 else f"{base}-{attempt}")
@@ -39,8 +40,53 @@ def create_run_dir(save_dir: str | os.PathLike[str], stem: str) -> Path:
             path.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise save_dir_error(root, exc) from None
         return path
-    raise HvaeError(f"could not create a new run directory under {root}")
+    raise HvaeError(
+        f"could not create a new run directory under {root}",
+        hint="remove old run directories or choose another --save-dir",
+    )
+
+
+def prepare_save_dir(save_dir: str | os.PathLike[str]) -> Path:
+    """``save_dir``, created if need be, once it is known to be a writable folder: what
+    stops a new run there is one line before any model is built."""
+    root = Path(save_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise save_dir_error(root, exc) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise save_dir_error(root, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+    return root
+
+
+def save_dir_error(root: Path, exc: OSError) -> HvaeError:
+    """One line for a save directory that cannot hold a new run."""
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), root)
+        return HvaeError(
+            f"cannot create the run directory under {root}: {blocker} is a file",
+            hint="give --save-dir (run.save_dir) a folder, or a path where one can be created",
+        )
+    return HvaeError(
+        f"cannot create the run directory under {root}: {exc.strerror or exc}",
+        hint=_write_hint(exc, " (--save-dir)"),
+    )
+
+
+def write_error(path: Path, exc: OSError) -> HvaeError:
+    """One line for a file that could not be written (full or read-only disk, ...)."""
+    return HvaeError(f"could not write {path}: {exc.strerror or exc}", hint=_write_hint(exc))
+
+
+def _write_hint(exc: OSError, option: str = "") -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free some disk space or choose another location{option}, then try again"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"choose a writable location{option}, or fix the folder's permissions"
+    return "check the folder and the disk, then try again"
 
 
 def _file_mode() -> int:
@@ -54,18 +100,28 @@ FILE_MODE = _file_mode()  # what open() would give; mkstemp's files are private 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
-    a crash leaves either the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    a crash leaves either the old file or the new one, never a torn one. An OSError (a full or
+    read-only disk) is one line of :class:`HvaeError`."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        _write_and_replace(fd, tmp, path, data)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
+
+
+def _write_and_replace(fd: int, tmp: str, path: Path, data: bytes) -> None:
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
 
 
 def write_config(run_dir: Path, config: Any) -> None:
@@ -87,10 +143,13 @@ def _json_value(value: Any) -> Any:
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     clean = json_row(row)
-    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise write_error(run_dir / METRICS, exc) from None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -123,12 +182,18 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, A
     atomic_write_bytes(path, data)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    return _read_checkpoint(path, arrays=True)
+def load_checkpoint(
+    path: Path, batches_per_epoch: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A checkpoint's arrays and its validated metadata (see
+    :mod:`hvae_core.training.checkpoint_meta`; ``batches_per_epoch``: the epoch length its
+    position must lie within)."""
+    values, meta = _read_checkpoint(path, arrays=True)
+    return values, checkpoint_meta.validate(meta, path, batches_per_epoch)
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint's metadata alone (its arrays are not read)."""
+    """A checkpoint's validated metadata alone (its arrays are not read)."""
     return _read_checkpoint(path, arrays=False)[1]
 
 
@@ -142,14 +207,14 @@ def _read_checkpoint(path: Path, arrays: bool) -> tuple[dict[str, np.ndarray], d
         )
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = dict(json.loads((f.metadata() or {})["hvae"]))
+            text = (f.metadata() or {}).get("hvae")
             values = {k: f.get_tensor(k) for k in f.keys()} if arrays else {}  # noqa: SIM118
     except Exception as exc:
         raise HvaeError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})",
             hint="resume from an intact copy or start a new run",
         ) from None
-    return values, meta
+    return values, checkpoint_meta.parse(text, path)
 
 
 def grid_pixels(images: np.ndarray, columns: int | None = None) -> np.ndarray:

@@ -21,7 +21,7 @@ from hvae_core import __version__
 from hvae_core.backend import set_random_seed
 from hvae_core.errors import HvaeError, Interrupted
 from hvae_core.run import plugins_used
-from hvae_core.training import rundir
+from hvae_core.training import checkpoint_meta, rundir
 from hvae_core.training.progress import Reporter
 
 SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
@@ -104,7 +104,8 @@ class Trainer:
                 hint="lower --batch-size",
             )
         set_random_seed(training.seed)  # the same seed, the same initial weights
-        with self.parallel.scope():
+        building = out_of_memory_is_one_line(BUILD_OOM_HINT, "building the model")
+        with self.parallel.scope(), building:
             self.model = HVAE(
                 config,
                 self.dataset.image_shape,
@@ -149,12 +150,15 @@ class Trainer:
                 "image_shape": list(self.dataset.image_shape),
                 "hvae_version": __version__,
                 "plugins": [asdict(use) for use in self.plugins],
+                **checkpoint_meta.fingerprint_fields(self.config),
             },
         )
         self._last_save = time.monotonic()
 
     def restore(self) -> None:
-        arrays, meta = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINT)
+        path = self.run_dir / rundir.CHECKPOINT
+        arrays, meta = rundir.load_checkpoint(path, self.steps_per_epoch)
+        checkpoint_meta.refuse_other_config(meta, self.config, path)
         try:
             self.engine.load_state(arrays)
         except ValueError as exc:
@@ -197,10 +201,10 @@ class Trainer:
             if not is_out_of_memory(exc):
                 raise
             self.reporter.close()
-            raise HvaeError(
-                f"out of memory in the train step at batch size {training.batch_size} "
-                f"({type(exc).__name__})",
-                hint="lower --batch-size, or raise training.batch_size_div to accumulate "
+            raise out_of_memory_error(
+                exc,
+                f"in the train step at batch size {training.batch_size}",
+                "lower --batch-size, or raise training.batch_size_div to accumulate "
                 "gradients over smaller micro-batches",
             ) from None
         except KeyboardInterrupt:
@@ -571,6 +575,29 @@ def is_out_of_memory(exc: BaseException) -> bool:
         or "RESOURCE_EXHAUSTED" in text
         or "out of memory" in text.lower()
     )
+
+
+BUILD_OOM_HINT = (
+    "make the model smaller (model.*_width, model.*_num_blocks) or give it a device with "
+    "more memory"
+)
+
+
+def out_of_memory_error(exc: BaseException, where: str, hint: str) -> HvaeError:
+    """The one line for a backend's allocation failure ``where`` (see
+    :func:`is_out_of_memory`)."""
+    return HvaeError(f"out of memory {where} ({type(exc).__name__})", hint=hint)
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(hint: str, doing: str) -> Iterator[None]:
+    """Turn an allocation failure of the block into :func:`out_of_memory_error`."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_error(exc, doing, hint) from None
 
 
 def to_uint8(levels: np.ndarray, bits: int) -> np.ndarray:

@@ -149,5 +149,19 @@ def assign_saved(arrays: dict[str, np.ndarray], prefix: str, variables: list[Any
                 f"{name}: shape {arrays[name].shape} in the checkpoint, "
                 f"{tuple(v.shape)} in the model"
             )
+        saved = keras.backend.standardize_dtype(arrays[name].dtype)
+        wanted = keras.backend.standardize_dtype(v.dtype)
+        if _dtype_family(saved) != _dtype_family(wanted):
+            raise ValueError(f"{name}: dtype {saved} in the checkpoint, {wanted} in the model")
     for name, v in zip(names, variables, strict=True):
         v.assign(arrays[name])
+
+
+def _dtype_family(dtype: str) -> str:
+    """float, integer or bool: a checkpoint's array must be of its variable's family. Widths
+    may differ (JAX without x64 keeps int64 counters as int32) and are cast on assignment."""
+    if "float" in dtype:  # bfloat16 too
+        return "float"
+    if dtype.startswith(("int", "uint")):
+        return "integer"
+    return dtype
