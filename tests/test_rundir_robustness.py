@@ -114,6 +114,27 @@ def test_a_stale_lock_and_stale_temporary_files_are_cleared_on_resume(
     assert not (run_dir / runlock.LOCK).exists()  # released on the error
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_lock_held_by_a_killed_but_unreaped_process_is_taken_over(tmp_path) -> None:
+    # Right after `kill -9` the trainer is a zombie until its parent waits for it: it answers
+    # signal 0 but holds nothing any more.
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process.kill()
+        stat = Path(f"/proc/{process.pid}/stat")
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":
+            pass
+        run_dir = RunDirectory(config_only_run(tmp_path))
+        run_dir.lock_path.write_text(f"{process.pid} {socket.gethostname()}\n")
+        warnings = []
+        run_dir.lock(warnings.append)
+        assert len(warnings) == 1 and f"process {process.pid}" in warnings[0]
+        assert run_dir.lock_path.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        run_dir.unlock()
+    finally:
+        process.wait()
+
+
 def test_the_lock_is_released_on_errors_and_ctrl_c(tmp_path) -> None:
     run_dir = RunDirectory(config_only_run(tmp_path))
     for exc in (HvaeError("boom"), KeyboardInterrupt()):

@@ -45,7 +45,18 @@ def _alive(pid: int) -> bool:
         return True
     except (OverflowError, ValueError):  # not a pid this system can have
         return False
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but is not yet reaped (Linux): a killed trainer whose parent
+    has not waited for it still answers signal 0, but holds nothing any more."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or the process is gone
+        return False
+    # "pid (command) state ...": the command may hold spaces and parentheses.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _create(path: Path) -> bool:
