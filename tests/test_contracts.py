@@ -8,6 +8,7 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,15 +17,17 @@ import numpy as np
 import pytest
 from backends import run_on_backend
 from click.testing import CliRunner
-from conftest import FIRST_PARTY_ENTRY_POINTS
+from conftest import FIRST_PARTY_ENTRY_POINTS, ROOT
 from keras import ops
 
 import hvae_core
+from hvae_core import api
 from hvae_core.api import LayerStats, ModelOutputs
 from hvae_core.cli import cli
-from hvae_core.config import SELECTOR, resolve_config
+from hvae_core.config import MULTI_SELECTOR, PLUGIN_SECTION, SELECTOR, resolve_config
 from hvae_core.data import InMemoryDataset, open_dataset
 from hvae_core.errors import HvaeError, PluginError
+from hvae_core.hookspecs import HOOK_FOR_KIND, KINDS
 from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model.blocks import ResidualBlock
 from hvae_core.model.hvae import HVAE
@@ -235,13 +238,18 @@ def test_a_regularizer_gets_the_documented_outputs(strict_trainer) -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (3, 8, 8, 1)).astype("float32") / 127.5 - 1.0
     reg = DocumentedFieldsRegularizer()
-    for flow in flows:  # a flow that moves z: latents are z_K, q is its base q_0
+    initial = [w.numpy() for w in model.trainable_weights]
+    # Weights away from their initialisation (there the posterior and the prior nearly agree),
+    # and a flow that moves z: latents are z_K, q is its base q_0.
+    for w in model.trainable_weights:
+        w.assign(w + rng.normal(0.0, 0.2, w.shape).astype("float32"))
+    for flow in flows:
         flow.a.assign(0.3)
     try:
         terms = model.losses_for(x, training=True, regularizer=reg)
     finally:
-        for flow in flows:
-            flow.a.assign(0.0)
+        for w, value in zip(model.trainable_weights, initial, strict=True):
+            w.assign(value)
     [(outputs, images)] = reg.seen
     assert isinstance(outputs, ModelOutputs) and images is x
     mixtures = strict_trainer.config.model.num_output_mixtures
@@ -448,3 +456,58 @@ def test_the_cli_prints_one_line_and_with_debug_the_traceback(monkeypatch) -> No
         assert "unexpected keyword argument 'root'" in result.stderr
         assert "in dataset" in result.stderr  # the plugin's own frame
         assert result.stderr.strip().splitlines()[-1] == line
+
+
+# --- the README's plugin contract says what the code does ------------------------------------
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
+
+
+def table_rows(section: str, first_cell: str, second_cell: str = ".*") -> dict[str, list[str]]:
+    """The rows of the README's tables whose first two cells match these patterns, by their
+    first cell."""
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if (
+            line.startswith("| `")
+            and re.fullmatch(first_cell, cells[0])
+            and re.fullmatch(second_cell, cells[1])
+        ):
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_the_readme_says_how_every_kind_is_chosen() -> None:
+    choose = table_rows(readme_section("Writing a plugin"), r"`[a-z-]+`", r"`register_\w+`")
+    assert sorted(choose) == sorted(KINDS)
+    defaults = resolve_config()
+    for kind, (hook, flags, key, default, section) in choose.items():
+        assert hook == f"`{HOOK_FOR_KIND[kind]}`", kind
+        selector = SELECTOR.get(kind) or MULTI_SELECTOR[kind]
+        assert key.startswith(f"`{'.'.join(selector)}`"), kind
+        if kind in SELECTOR:
+            assert f"`--use {kind}=NAME`" in flags, kind
+            assert default == f"`{defaults.selected(kind)}`" or (
+                default == "none" and defaults.selected(kind) is None
+            ), kind
+        nested = ".NAME" if kind in MULTI_SELECTOR else ""
+        assert section == f"`{PLUGIN_SECTION[kind]}{nested}`", kind
+
+
+def test_the_readme_documents_the_public_names_and_every_outputs_field() -> None:
+    section = readme_section("Writing a plugin")
+    imports = section[section.index("**What a plugin may import.**") :]
+    imports = imports[: imports.index("\n\n")]
+    assert [n for n in api.__all__ if f"`{n}`" not in imports] == []
+    fields = table_rows(section, r"`outputs\..*")
+    documented = " ".join(fields)
+    for name in (f.name for f in dataclasses.fields(ModelOutputs)):
+        assert f"outputs.{name}" in documented, name
+    for name in (f.name for f in dataclasses.fields(LayerStats)):
+        assert re.search(rf"\.{name}\b", documented), name
