@@ -12,8 +12,9 @@ Registration (light)::
 
 Contracts: :class:`Dataset`, :class:`PosteriorFlow`, :class:`Attention`, :class:`Regularizer`,
 :class:`Tracker`, :data:`BlockFactory`, :data:`LrScheduleFactory`, :data:`BetaScheduleFactory`
-(what each kind's registered factory is called with and must return), and
-:data:`CORE_METRICS` (names a regularizer's loss terms must not take).
+(what each kind's registered factory is called with and must return),
+:class:`ModelOutputs` and :class:`LayerStats` (what a regularizer's ``loss_terms`` receives),
+and :data:`CORE_METRICS` (names a regularizer's loss terms must not take).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from hvae_core.interfaces import (
     BetaScheduleFactory,
     BlockFactory,
     Dataset,
+    LayerStats,
     LrScheduleFactory,
+    ModelOutputs,
     PosteriorFlow,
     Regularizer,
     Tensor,
@@ -67,8 +70,10 @@ __all__ = [
     "HvaeError",
     "ImageArray",
     "InMemoryDataset",
+    "LayerStats",
     "LazyImages",
     "LrScheduleFactory",
+    "ModelOutputs",
     "NoOptions",
     "PluginError",
     "PosteriorFlow",

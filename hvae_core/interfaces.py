@@ -15,6 +15,7 @@ needs no defaults and no ``**kwargs``. Plugins import these names from :mod:`hva
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -122,6 +123,52 @@ class Attention(Protocol):
         ...
 
 
+@dataclass(frozen=True, eq=False)
+class LayerStats:
+    """One latent layer's posterior and prior, for the B images of a batch.
+
+    ``R`` is the layer's resolution and ``Z`` its latent width (``model.z_width`` at that
+    scale). Every field is a float32 tensor that gradients flow through.
+    """
+
+    kl: Tensor
+    """(B,), nats per image: KL(q(z | z_above, x) || p(z | z_above)) summed over the layer's
+    R * R * Z dimensions. With a posterior flow, the one-sample estimate
+    log q(z_K | x) - log p(z_K) at this pass's draw (which can be negative)."""
+
+    q_mean: Tensor
+    """(B, R, R, Z): mean of the Gaussian posterior q(z | z_above, x); with a flow, of the
+    flow's base distribution q_0 (the flow's input)."""
+
+    q_scale: Tensor
+    """(B, R, R, Z): standard deviation (> 0) of that Gaussian."""
+
+    p_mean: Tensor
+    """(B, R, R, Z): mean of the Gaussian prior p(z | z_above)."""
+
+    p_scale: Tensor
+    """(B, R, R, Z): standard deviation (> 0) of the prior."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelOutputs:
+    """What one posterior pass of the model gives for a batch ``x`` of B images (H, W, C):
+    what :meth:`Regularizer.loss_terms` receives. Latent layers are in top-down order, the top
+    (1x1) first; ``latents[l]`` and ``layers[l]`` are the same layer. It exists only inside
+    the loss (within the backend's traced step), so its tensors may be symbolic there."""
+
+    params: Tensor
+    """(B, H, W, P): the pixel likelihood's raw parameters (a discretized mixture of
+    ``model.num_output_mixtures`` = M logistics: P = M + 2 M C + M C (C - 1) / 2), in the
+    model's compute dtype (bfloat16 under ``model.precision: mixed_bfloat16``)."""
+
+    latents: tuple[Tensor, ...]
+    """Per layer, the posterior sample z, (B, R, R, Z) float32 (with a flow, z_K: after it)."""
+
+    layers: tuple[LayerStats, ...]
+    """Per layer, its posterior and prior (see :class:`LayerStats`)."""
+
+
 @runtime_checkable
 class Regularizer(Protocol):
     """A training regularizer. Factory: ``(options, training: TrainingConfig) -> Regularizer``.
@@ -138,9 +185,14 @@ class Regularizer(Protocol):
         """Rewrite a uint8 NHWC batch before the step; the result has the same batch size."""
         ...
 
-    def loss_terms(self, outputs: Any, images: Tensor) -> Mapping[str, Tensor]:
-        """Named scalar terms (nats per image) added to the loss and logged by name; no name
-        may be one of :data:`CORE_METRICS`."""
+    def loss_terms(self, outputs: ModelOutputs, images: Tensor) -> Mapping[str, Tensor]:
+        """Named scalar loss terms for a training batch: ``outputs`` is the model's posterior
+        pass over ``images`` (B, H, W, C), the batch after :meth:`transform_batch`, as floats
+        in [-1, 1]. Each term is in nats per image (a mean over the batch, like the ELBO's
+        parts): the core divides it by H * W * C * ln 2 and adds it to the loss, which is in
+        bits per dimension, and logs it in bits per dimension under its name (in
+        ``metrics.jsonl``: its mean over the epoch's training steps). No name may be one of
+        :data:`CORE_METRICS`."""
         ...
 
 

@@ -243,12 +243,12 @@ def test_with_gamma_zero_the_model_equals_the_plain_model(no_noise) -> None:
     copy_shared_weights(plain, model)
     x = images(4)
     expected, got = plain.losses_for(x), model.losses_for(x)
-    np.testing.assert_array_equal(np_(got["outputs"]["params"]), np_(expected["outputs"]["params"]))
+    np.testing.assert_array_equal(np_(got["outputs"].params), np_(expected["outputs"].params))
     for key in ("loss", "recon_bpd", "kl_bpd", "kl_layers_bpd"):
         np.testing.assert_array_equal(np_(got[key]), np_(expected[key]), err_msg=key)
     # The reads are live: a non-zero gamma changes the output.
     set_gammas(model, 0.5)
-    moved, before = np_(model(x)["params"]), np_(expected["outputs"]["params"])
+    moved, before = np_(model.posterior_pass(x).params), np_(expected["outputs"].params)
     # (A fresh model's likelihood parameters are all small: compare relative to them.)
     assert np.abs(moved - before).max() > 0.01 * np.abs(before).max()
 

@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import inspect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 import pytest
+from backends import run_on_backend
 from click.testing import CliRunner
-from conftest import FIRST_PARTY_ENTRY_POINTS
+from conftest import FIRST_PARTY_ENTRY_POINTS, ROOT
 from keras import ops
 
 import hvae_core
+from hvae_core import api
+from hvae_core.api import LayerStats, ModelOutputs
 from hvae_core.cli import cli
-from hvae_core.config import SELECTOR, resolve_config
+from hvae_core.config import MULTI_SELECTOR, PLUGIN_SECTION, SELECTOR, resolve_config
 from hvae_core.data import InMemoryDataset, open_dataset
 from hvae_core.errors import HvaeError, PluginError
+from hvae_core.hookspecs import HOOK_FOR_KIND, KINDS
 from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model.blocks import ResidualBlock
 from hvae_core.model.hvae import HVAE
@@ -122,7 +128,7 @@ class StrictRegularizer:
 
     def loss_terms(self, outputs, images):
         calls["loss_terms"] += 1
-        return {"strict_term": ops.mean(outputs["stats"][0]["kl"]) * 0.0}
+        return {"strict_term": ops.mean(outputs.layers[0].kl) * 0.0}
 
 
 def strict_regularizer(options, training):
@@ -201,6 +207,129 @@ def test_the_core_calls_every_kind_exactly_as_its_contract_says(strict_trainer) 
     assert set(terms) - {"strict_term"} <= CORE_METRICS
 
 
+# --- what a regularizer receives: ModelOutputs, field by field as documented ----------------
+
+
+class DocumentedFieldsRegularizer:
+    """A third party's regularizer, written against ModelOutputs' documented fields only."""
+
+    def __init__(self):
+        self.seen: list[tuple[ModelOutputs, object]] = []
+
+    def transform_batch(self, images, rng):
+        return images
+
+    def loss_terms(self, outputs: ModelOutputs, images):
+        self.seen.append((outputs, images))
+        # Nats per image, as the contract asks: logged in bits per dimension, like kl_bpd.
+        return {"layers_kl": ops.mean(sum(layer.kl for layer in outputs.layers))}
+
+
+def np_log_normal(z, mean, scale) -> np.ndarray:
+    """Oracle in float64: log N(z; mean, scale^2) summed over all but the batch axis."""
+    z, mean, scale = (np.asarray(ops.convert_to_numpy(t), np.float64) for t in (z, mean, scale))
+    log_p = -0.5 * ((z - mean) / scale) ** 2 - np.log(scale) - 0.5 * np.log(2 * np.pi)
+    return log_p.reshape(len(z), -1).sum(axis=1)
+
+
+def test_a_regularizer_gets_the_documented_outputs(strict_trainer) -> None:
+    model = strict_trainer.model
+    flows = [block.flow for block in model.decoder.blocks]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 8, 8, 1)).astype("float32") / 127.5 - 1.0
+    reg = DocumentedFieldsRegularizer()
+    initial = [w.numpy() for w in model.trainable_weights]
+    # Weights away from their initialisation (there the posterior and the prior nearly agree),
+    # and a flow that moves z: latents are z_K, q is its base q_0.
+    for w in model.trainable_weights:
+        w.assign(w + rng.normal(0.0, 0.2, w.shape).astype("float32"))
+    for flow in flows:
+        flow.a.assign(0.3)
+    try:
+        terms = model.losses_for(x, training=True, regularizer=reg)
+    finally:
+        for w, value in zip(model.trainable_weights, initial, strict=True):
+            w.assign(value)
+    [(outputs, images)] = reg.seen
+    assert isinstance(outputs, ModelOutputs) and images is x
+    mixtures = strict_trainer.config.model.num_output_mixtures
+    assert tuple(outputs.params.shape) == (3, 8, 8, 3 * mixtures)  # C = 1: P = 3 M
+    assert len(outputs.latents) == len(outputs.layers) == model.num_latent_layers
+    for block, z, layer in zip(model.decoder.blocks, outputs.latents, outputs.layers, strict=True):
+        r, width = block.scale.resolution, block.scale.z_width
+        assert isinstance(layer, LayerStats)
+        for name in ("q_mean", "q_scale", "p_mean", "p_scale"):
+            assert tuple(getattr(layer, name).shape) == (3, r, r, width), name
+        assert tuple(z.shape) == (3, r, r, width) and tuple(layer.kl.shape) == (3,)
+        # The flow's one-sample KL: log N(z_0; q) - log|det| - log N(z_K; p), z_0 = z_K e^-a.
+        z0 = ops.convert_to_numpy(z) * np.exp(-0.3)
+        log_det = 0.3 * r * r * width
+        oracle = (
+            np_log_normal(z0, layer.q_mean, layer.q_scale)
+            - log_det
+            - np_log_normal(z, layer.p_mean, layer.p_scale)
+        )
+        np.testing.assert_allclose(ops.convert_to_numpy(layer.kl), oracle, rtol=1e-4, atol=1e-3)
+    # Nats per image in, bits per dimension out: the sum of the layers' KL is the KL term.
+    assert float(terms["layers_kl"]) == pytest.approx(float(terms["kl_bpd"]), rel=1e-6)
+    loss = terms["recon_bpd"] + terms["kl_bpd"] + terms["layers_kl"]
+    assert float(terms["loss"]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_the_outputs_are_immutable(strict_trainer) -> None:
+    reg = DocumentedFieldsRegularizer()
+    strict_trainer.model.losses_for(np.zeros((2, 8, 8, 1), "float32"), regularizer=reg)
+    [(outputs, _)] = reg.seen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outputs.layers[0].kl = None
+    assert isinstance(outputs.latents, tuple) and isinstance(outputs.layers, tuple)
+
+
+COMPILED_STEP = """
+from keras import ops
+from hvae_core.api import gaussian_kl, sum_per_example
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+
+class DocumentedFields:
+    def transform_batch(self, images, rng):
+        return images
+
+    def loss_terms(self, outputs, images):
+        layers = outputs.layers
+        closed = sum(
+            sum_per_example(gaussian_kl(q.q_mean, q.q_scale, q.p_mean, q.p_scale)) for q in layers
+        )
+        return {
+            "layers_kl": ops.mean(sum(layer.kl for layer in layers)),
+            "closed_kl": ops.mean(closed),
+            "latents": 0.0 * ops.mean(sum(ops.mean(z) for z in outputs.latents)),
+        }
+
+cfg = resolve_config("tiny", overrides=["training.batch_size=8", "run.jit=true"])
+model = HVAE(cfg, (8, 8, 1), 8, seed=0)
+model.build_weights()
+engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg, DocumentedFields())
+steps = [engine.train_step(inputs["images"], 1.0) for _ in range(2)]
+for key in ("layers_kl", "closed_kl", "kl_bpd", "latents"):
+    outputs[key] = np.array([s[key] for s in steps])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_the_outputs_reach_a_regularizer_in_each_backends_compiled_step(backend, tmp_path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+    out = run_on_backend(backend, COMPILED_STEP, {"images": images}, tmp_path)
+    assert np.all(out["kl_bpd"] > 0.0) and out["kl_bpd"][0] != out["kl_bpd"][1]
+    np.testing.assert_allclose(out["layers_kl"], out["kl_bpd"], rtol=1e-5)
+    np.testing.assert_allclose(out["closed_kl"], out["kl_bpd"], rtol=1e-4)
+    assert np.all(out["latents"] == 0.0)
+
+
 # --- a regularizer cannot overwrite a core metric --------------------------------------------
 
 
@@ -209,7 +338,7 @@ class ClashingRegularizer:
         return images
 
     def loss_terms(self, outputs, images):
-        return {"kl_bpd": ops.mean(outputs["stats"][0]["kl"])}
+        return {"kl_bpd": ops.mean(outputs.layers[0].kl)}
 
 
 def test_a_regularizer_term_named_like_a_core_metric_is_an_error_naming_the_plugin(
@@ -327,3 +456,58 @@ def test_the_cli_prints_one_line_and_with_debug_the_traceback(monkeypatch) -> No
         assert "unexpected keyword argument 'root'" in result.stderr
         assert "in dataset" in result.stderr  # the plugin's own frame
         assert result.stderr.strip().splitlines()[-1] == line
+
+
+# --- the README's plugin contract says what the code does ------------------------------------
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
+
+
+def table_rows(section: str, first_cell: str, second_cell: str = ".*") -> dict[str, list[str]]:
+    """The rows of the README's tables whose first two cells match these patterns, by their
+    first cell."""
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if (
+            line.startswith("| `")
+            and re.fullmatch(first_cell, cells[0])
+            and re.fullmatch(second_cell, cells[1])
+        ):
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_the_readme_says_how_every_kind_is_chosen() -> None:
+    choose = table_rows(readme_section("Writing a plugin"), r"`[a-z-]+`", r"`register_\w+`")
+    assert sorted(choose) == sorted(KINDS)
+    defaults = resolve_config()
+    for kind, (hook, flags, key, default, section) in choose.items():
+        assert hook == f"`{HOOK_FOR_KIND[kind]}`", kind
+        selector = SELECTOR.get(kind) or MULTI_SELECTOR[kind]
+        assert key.startswith(f"`{'.'.join(selector)}`"), kind
+        if kind in SELECTOR:
+            assert f"`--use {kind}=NAME`" in flags, kind
+            assert default == f"`{defaults.selected(kind)}`" or (
+                default == "none" and defaults.selected(kind) is None
+            ), kind
+        nested = ".NAME" if kind in MULTI_SELECTOR else ""
+        assert section == f"`{PLUGIN_SECTION[kind]}{nested}`", kind
+
+
+def test_the_readme_documents_the_public_names_and_every_outputs_field() -> None:
+    section = readme_section("Writing a plugin")
+    imports = section[section.index("**What a plugin may import.**") :]
+    imports = imports[: imports.index("\n\n")]
+    assert [n for n in api.__all__ if f"`{n}`" not in imports] == []
+    fields = table_rows(section, r"`outputs\..*")
+    documented = " ".join(fields)
+    for name in (f.name for f in dataclasses.fields(ModelOutputs)):
+        assert f"outputs.{name}" in documented, name
+    for name in (f.name for f in dataclasses.fields(LayerStats)):
+        assert re.search(rf"\.{name}\b", documented), name

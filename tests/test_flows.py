@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import fields
 
 import keras
 import numpy as np
@@ -386,7 +387,7 @@ def flow_blocks_on_one_image(model: HVAE, n: int) -> list[dict[str, np.ndarray]]
             object.__setattr__(block, "flow", recorders[block.index])  # no Keras tracking
     image = digits_images()[:1].astype("float32") * (2.0 / 15.0) - 1.0
     try:
-        out = model(np.repeat(image, n, axis=0))
+        out = model.posterior_pass(np.repeat(image, n, axis=0))
     finally:
         for block in model.decoder.blocks:
             if block.index in recorders:
@@ -394,7 +395,8 @@ def flow_blocks_on_one_image(model: HVAE, n: int) -> list[dict[str, np.ndarray]]
     blocks = []
     for index, recorder in recorders.items():
         [(z0, zk, log_det)] = recorder.seen
-        stats = {k: keras.ops.convert_to_numpy(v) for k, v in out["stats"][index].items()}
+        layer = out.layers[index]
+        stats = {f.name: keras.ops.convert_to_numpy(getattr(layer, f.name)) for f in fields(layer)}
         blocks.append({"index": index, "z0": z0, "zk": zk, "log_det": log_det, **stats})
     assert blocks, "the model has no flow blocks"
     return blocks

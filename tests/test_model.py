@@ -136,15 +136,15 @@ def test_structure_follows_the_per_scale_options() -> None:
     )
     assert [len(stage) for stage in model.encoder.stages] == [2, 0, 1, 1]
     assert model.num_latent_layers == 4
-    out = model(images(3))
+    out = model.posterior_pass(images(3))
     # Top (1x1) first; no block at 2x2.
-    assert [tuple(z.shape) for z in out["latents"]] == [
+    assert [tuple(z.shape) for z in out.latents] == [
         (3, 1, 1, 4),
         (3, 4, 4, 2),
         (3, 4, 4, 2),
         (3, 8, 8, 1),
     ]
-    assert tuple(out["params"].shape) == (3, 8, 8, 3 * 2)  # grayscale: 3 per mixture
+    assert tuple(out.params.shape) == (3, 8, 8, 3 * 2)  # grayscale: 3 per mixture
     # Width changes between scales go through 1x1 convolutions.
     assert [p.conv is not None for p in model.encoder.pools] == [True, True, False]
     assert sorted(model.decoder.unpools, key=int) == ["2", "4", "8"]
@@ -188,7 +188,7 @@ def test_both_output_heads_give_likelihood_parameters() -> None:
     x = images(2)
     for head in ("decoder", "aggregate"):
         model = build(f"model.output_head={head}")
-        assert tuple(model(x)["params"].shape) == (2, 8, 8, 6)
+        assert tuple(model.posterior_pass(x).params.shape) == (2, 8, 8, 6)
     rgb = build("model.num_output_mixtures=3", channels=3)
     assert tuple(rgb(images(2, channels=3))["params"].shape) == (2, 8, 8, 30)
 
@@ -209,7 +209,7 @@ def test_loss_parts_and_bits_per_dimension() -> None:
     out, dims = result["outputs"], 8 * 8 * 1
     recon_nats = -np_(
         dmol_log_prob(
-            out["params"],
+            out.params,
             x,
             num_mixtures=2,
             num_bits=8,
@@ -217,10 +217,10 @@ def test_loss_parts_and_bits_per_dimension() -> None:
         )
     )
     kl_nats = sum(
-        np_gaussian_kl(np_(s["q_mean"]), np_(s["q_scale"]), np_(s["p_mean"]), np_(s["p_scale"]))
+        np_gaussian_kl(np_(s.q_mean), np_(s.q_scale), np_(s.p_mean), np_(s.p_scale))
         .reshape(4, -1)
         .sum(axis=1)
-        for s in out["stats"]
+        for s in out.layers
     )
     to_bpd = 1 / (dims * LN2)
     assert float(result["recon_bpd"]) == pytest.approx(recon_nats.mean() * to_bpd, rel=1e-5)
@@ -242,13 +242,13 @@ def test_scale_fn_reaches_the_latents_and_the_likelihood() -> None:
     x = images(4)
     out_soft, out_exp = soft.losses_for(x), exp.losses_for(x)
     # The top block's posterior sees no latent yet: the same raw output r in both models.
-    r = np.log(np_(out_exp["outputs"]["stats"][0]["q_scale"]))  # exp: q_scale = e^r
+    r = np.log(np_(out_exp["outputs"].layers[0].q_scale))  # exp: q_scale = e^r
     np.testing.assert_allclose(
-        np_(out_soft["outputs"]["stats"][0]["q_scale"]),
+        np_(out_soft["outputs"].layers[0].q_scale),
         np.logaddexp(0.0, LN2 * r) / LN2 + 1e-5,
         rtol=1e-4,
     )
-    params = out_exp["outputs"]["params"]
+    params = out_exp["outputs"].params
     kw = dict(num_mixtures=2, num_bits=8, gradient_smoothing=LN2)
     to_bpd = 1 / (8 * 8 * LN2)
     recon = {
@@ -306,11 +306,11 @@ def test_reconstruction_and_latents() -> None:
 def test_shared_noise_groups_give_identical_halves() -> None:
     model = build()
     x = images(3)
-    out = model(np.concatenate([x, x]), noise_groups=2)
-    for z in out["latents"]:
+    out = model.posterior_pass(np.concatenate([x, x]), noise_groups=2)
+    for z in out.latents:
         np.testing.assert_allclose(np_(z)[:3], np_(z)[3:], atol=1e-5)
-    independent = model(np.concatenate([x, x]))
-    last = np_(independent["latents"][-1])
+    independent = model.posterior_pass(np.concatenate([x, x]))
+    last = np_(independent.latents[-1])
     assert np.abs(last[:3] - last[3:]).max() > 0.1
 
 
@@ -354,21 +354,21 @@ def test_flow_hook_kl_estimate_is_unbiased(log_scale, shift) -> None:
     for block in model.decoder.blocks:  # the posterior branch grew by the context channels
         assert block.posterior.out_width == 2 * block.scale.z_width + 2
     x = np.repeat(images(1), 4000, axis=0)
-    out = model(x)
+    out = model.posterior_pass(x)
     for flow, block in zip(flows, model.decoder.blocks, strict=True):
         r = block.scale.resolution
         assert flow.context_shapes[-1] == (4000, r, r, 2)
     a = math.exp(log_scale)
-    for stats in out["stats"]:
+    for stats in out.layers:
         # The flow maps N(m, s) to N(m a + t, (s a)^2): the exact KL per copy is Gaussian.
         exact = np_gaussian_kl(
-            np_(stats["q_mean"]) * a + shift,
-            np_(stats["q_scale"]) * a,
-            np_(stats["p_mean"]),
-            np_(stats["p_scale"]),
+            np_(stats.q_mean) * a + shift,
+            np_(stats.q_scale) * a,
+            np_(stats.p_mean),
+            np_(stats.p_scale),
         )
         exact = exact.reshape(len(x), -1).sum(axis=1)
-        estimate = np_(stats["kl"])
+        estimate = np_(stats.kl)
         diff = estimate - exact
         assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(x)) + 1e-3
 
@@ -403,8 +403,8 @@ def test_attention_hook_reads_on_both_branches() -> None:
             model = build("model.attention=test-const")
         model.set_weights(plain.get_weights())
         attention.reads.clear()
-        out = model(x)
-        expected = np_(plain(x)["params"])
+        out = model.posterior_pass(x)
+        expected = np_(plain.posterior_pass(x).params)
         layers = model.num_latent_layers
         assert sorted(attention.reads) == sorted(
             (b.index, b.scale.resolution, branch)
@@ -412,15 +412,15 @@ def test_attention_hook_reads_on_both_branches() -> None:
             for branch in ("prior", "posterior")
         )
         assert attention.updates >= layers
-        same = np.allclose(np_(out["params"]), expected, atol=1e-5)
+        same = np.allclose(np_(out.params), expected, atol=1e-5)
         assert same == (value == 0.0)
 
 
 class SquaredMeanRegularizer:
     def loss_terms(self, outputs, images):
         total = sum(
-            ops.mean(ops.sum(ops.reshape(s["q_mean"] ** 2, (ops.shape(images)[0], -1)), axis=1))
-            for s in outputs["stats"]
+            ops.mean(ops.sum(ops.reshape(s.q_mean**2, (ops.shape(images)[0], -1)), axis=1))
+            for s in outputs.layers
         )
         return {"squared_mean": total}
 

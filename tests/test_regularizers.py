@@ -17,6 +17,7 @@ from hvae_plugins.datasets.digits import digits_images
 from hvae_plugins.regularizers.augment import translate_and_flip
 from hvae_plugins.regularizers.cr_vae import TERM, consistency_kl, make_cr_vae
 
+from hvae_core.api import LayerStats, ModelOutputs
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError, HvaeError
@@ -222,8 +223,8 @@ def test_identical_copies_with_shared_noise_cost_exactly_nothing(model) -> None:
         assert float(result[TERM]) == 0.0
         # ... although the noise is on: the latents are samples, not the posterior means.
         out = result["outputs"]
-        for z, stats in zip(out["latents"], out["stats"], strict=True):
-            assert np.abs(np_(z) - np_(stats["q_mean"])).max() > 1e-3
+        for z, layer in zip(out.latents, out.layers, strict=True):
+            assert np.abs(np_(z) - np_(layer.q_mean)).max() > 1e-3
 
 
 def np_kl(mq, sq, mp, sp) -> np.ndarray:
@@ -243,22 +244,32 @@ def test_the_kl_runs_from_the_augmented_posterior_to_the_original_summed_over_la
         m, s = layer["q_mean"], layer["q_scale"]
         forward += np_kl(m[3:], s[3:], m[:3], s[:3]).reshape(3, -1).sum(axis=1)
         backward += np_kl(m[:3], s[:3], m[3:], s[3:]).reshape(3, -1).sum(axis=1)
-    tensors = [{k: keras.ops.convert_to_tensor(v, "float32") for k, v in s.items()} for s in stats]
-    got = np_(consistency_kl(tensors))
+    layers = tuple(
+        LayerStats(
+            kl=keras.ops.zeros((6,)),
+            q_mean=keras.ops.convert_to_tensor(s["q_mean"], "float32"),
+            q_scale=keras.ops.convert_to_tensor(s["q_scale"], "float32"),
+            p_mean=keras.ops.zeros(s["q_mean"].shape),
+            p_scale=keras.ops.ones(s["q_mean"].shape),
+        )
+        for s in stats
+    )
+    got = np_(consistency_kl(layers))
     np.testing.assert_allclose(got, forward, rtol=1e-5)
     assert np.abs(forward - backward).max() > 0.1  # the oracle tells the directions apart
     reg = regularizer(cr_lambda=0.25)
-    term = reg.loss_terms({"stats": tensors}, None)[TERM]
+    outputs = ModelOutputs(params=None, latents=(), layers=layers)
+    term = reg.loss_terms(outputs, None)[TERM]
     assert float(term) == pytest.approx(0.25 * forward.mean(), rel=1e-5)
 
 
 def test_the_term_enters_the_loss_in_bits_per_dimension(model) -> None:
     reg = regularizer(batch_size=16, cr_max_shift=1, cr_lambda=0.5)
     [result] = step_terms(model, reg, digits_images()[:16])
-    stats = result["outputs"]["stats"]
+    stats = result["outputs"].layers
     per_pair = sum(
         np_kl(m[8:], s[8:], m[:8], s[:8]).reshape(8, -1).sum(axis=1)
-        for m, s in ((np_(layer["q_mean"]), np_(layer["q_scale"])) for layer in stats)
+        for m, s in ((np_(layer.q_mean), np_(layer.q_scale)) for layer in stats)
     )
     assert per_pair.max() > 0
     to_bpd = 1.0 / (8 * 8 * 1 * np.log(2.0))
@@ -281,7 +292,7 @@ def test_without_shared_noise_identical_copies_drift_apart_below_the_top(model) 
     assert reg.noise_groups == 1
     [result] = step_terms(model, reg, digits_images()[:16])
     assert float(result[TERM]) > 0.0
-    per_layer = [np_(consistency_kl([s])) for s in result["outputs"]["stats"]]
+    per_layer = [np_(consistency_kl([s])) for s in result["outputs"].layers]
     # The top layer sees only the image, the same in both copies; the layers below see the
     # latents above them, sampled with different noise.
     assert np.all(per_layer[0] == 0.0)
@@ -294,7 +305,7 @@ def test_gradients_flow_from_the_term_into_the_encoder(model) -> None:
     x = to_unit_range(batch, BITS)
     encoder = model.encoder.trainable_variables
     with tf.GradientTape() as tape:
-        term = reg.loss_terms(model(x, training=True, noise_groups=2), x)[TERM]
+        term = reg.loss_terms(model.posterior_pass(x, training=True, noise_groups=2), x)[TERM]
     grads = tape.gradient(term, encoder)
     assert float(term) > 0.0
     norms = [0.0 if g is None else float(tf.norm(g)) for g in grads]

@@ -12,7 +12,7 @@ import numpy as np
 from keras import ops
 
 from hvae_core.errors import ConfigError, PluginError
-from hvae_core.interfaces import CORE_METRICS
+from hvae_core.interfaces import CORE_METRICS, LayerStats, ModelOutputs
 from hvae_core.model.decoder import Decoder
 from hvae_core.model.distributions import gaussian_log_prob, sum_per_example
 from hvae_core.model.encoder import Encoder
@@ -169,7 +169,8 @@ class HVAE(keras.Model):
         return int(total)
 
     def call(self, x: Any, training: bool = False, noise_groups: int = 1) -> dict[str, Any]:
-        """The posterior pass: likelihood parameters, every layer's z and statistics."""
+        """Keras's entry point: the posterior pass as nested dicts and lists, the form Keras
+        traces and builds with. Everything else takes it typed, from :meth:`posterior_pass`."""
         activations = self.encoder(x)
         state, zs, stats = self.decoder(
             activations=activations,
@@ -178,6 +179,25 @@ class HVAE(keras.Model):
             training=training,
         )
         return {"params": self.head(state, zs), "latents": zs, "stats": stats}
+
+    def posterior_pass(self, x: Any, training: bool = False, noise_groups: int = 1) -> ModelOutputs:
+        """The posterior pass over ``x``: the likelihood's parameters, every layer's z and
+        every layer's posterior and prior (what a regularizer receives)."""
+        out = self(x, training=training, noise_groups=noise_groups)
+        return ModelOutputs(
+            params=out["params"],
+            latents=tuple(out["latents"]),
+            layers=tuple(
+                LayerStats(
+                    kl=s["kl"],
+                    q_mean=s["q_mean"],
+                    q_scale=s["q_scale"],
+                    p_mean=s["p_mean"],
+                    p_scale=s["p_scale"],
+                )
+                for s in out["stats"]
+            ),
+        )
 
     def build(self, input_shape: Any) -> None:
         # Eagerly and by shape: runs of repeated blocks stack their blocks' initial weights,
@@ -207,9 +227,9 @@ class HVAE(keras.Model):
         ``loss`` = (recon + beta * KL + regularizer terms) / (H W C ln 2); ``elbo_bpd`` is the
         negative ELBO (beta = 1). A regularizer's terms are also reported under their names.
         """
-        out = self(x, training=training, noise_groups=noise_groups)
-        recon = -self._pixel_log_prob(out["params"], x)
-        kl_layers = ops.stack([s["kl"] for s in out["stats"]], axis=1)
+        out = self.posterior_pass(x, training=training, noise_groups=noise_groups)
+        recon = -self._pixel_log_prob(out.params, x)
+        kl_layers = ops.stack([layer.kl for layer in out.layers], axis=1)
         kl = ops.sum(kl_layers, axis=1)
         to_bpd = 1.0 / (self.num_dims * math.log(2.0))
         loss_nats = recon + beta * kl
@@ -258,7 +278,7 @@ class HVAE(keras.Model):
             for key in ("elbo_bpd", "recon_bpd", "kl_bpd", "kl_flow_bpd", "kl_layers_bpd")
             if key in result
         }
-        means = [ops.cast(s["q_mean"], "float32") for s in result["outputs"]["stats"]]
+        means = [layer.q_mean for layer in result["outputs"].layers]
         terms[MEAN_SUM] = [ops.sum(m, axis=0) for m in means]
         terms[SQUARE_SUM] = [ops.sum(ops.square(m), axis=0) for m in means]
         terms["count"] = n
@@ -295,7 +315,7 @@ class HVAE(keras.Model):
 
     def reconstruct(self, x: Any, output_temperature: float = 0.0) -> Any:
         """Images decoded from latents drawn from the posterior of ``x``."""
-        return self._sample_pixels(self(x)["params"], output_temperature)
+        return self._sample_pixels(self.posterior_pass(x).params, output_temperature)
 
     def reconstruct_from_top(
         self,
@@ -319,16 +339,16 @@ class HVAE(keras.Model):
 
     def latents(self, x: Any) -> list[Any]:
         """Every layer's posterior sample z for ``x``, top (1x1) first."""
-        return self(x)["latents"]
+        return list(self.posterior_pass(x).latents)
 
     def encode(self, x: Any) -> list[dict[str, Any]]:
         """Every layer's posterior for ``x``, top (1x1) first: ``mean`` (of the Gaussian the
         layer's posterior draws from; with a flow, the flow's input) and ``sample`` (z, after
         the flow where there is one)."""
-        out = self(x)
+        out = self.posterior_pass(x)
         return [
-            {"mean": stats["q_mean"], "sample": ops.cast(z, "float32")}
-            for stats, z in zip(out["stats"], out["latents"], strict=True)
+            {"mean": layer.q_mean, "sample": z}
+            for layer, z in zip(out.layers, out.latents, strict=True)
         ]
 
     def log_importance_weights(self, x: Any) -> Any:
@@ -336,15 +356,14 @@ class HVAE(keras.Model):
         image: the terms of the importance-weighted bound (Burda et al. 2016), whose mean is
         the ELBO. Where a layer has a flow, log q(z_K|x) = log N(z_0; q) - log|det dz_K/dz_0|,
         the single-draw KL the layer already reports."""
-        out = self(x)
-        log_w = self._pixel_log_prob(out["params"], x)
-        for block, stats, z in zip(self.decoder.blocks, out["stats"], out["latents"], strict=True):
+        out = self.posterior_pass(x)
+        log_w = self._pixel_log_prob(out.params, x)
+        for block, layer, z in zip(self.decoder.blocks, out.layers, out.latents, strict=True):
             if block.flow is not None:
-                log_w = log_w - stats["kl"]
+                log_w = log_w - layer.kl
                 continue
-            z = ops.cast(z, "float32")
-            log_q = gaussian_log_prob(z, stats["q_mean"], stats["q_scale"])
-            log_p = gaussian_log_prob(z, stats["p_mean"], stats["p_scale"])
+            log_q = gaussian_log_prob(z, layer.q_mean, layer.q_scale)
+            log_p = gaussian_log_prob(z, layer.p_mean, layer.p_scale)
             log_w = log_w - sum_per_example(log_q - log_p)
         return log_w
 

@@ -29,13 +29,20 @@ the batch out as that many chunks, each ``[originals_k; augmented(originals_k)]`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from keras import ops
 
-from hvae_core.api import ConfigError, HvaeError, gaussian_kl, sum_per_example
+from hvae_core.api import (
+    ConfigError,
+    HvaeError,
+    LayerStats,
+    ModelOutputs,
+    gaussian_kl,
+    sum_per_example,
+)
 
 from .augment import translate_and_flip
 from .options import CrVaeOptions
@@ -44,12 +51,12 @@ TERM = "consistency_bpd"
 """The name the consistency term is added to the loss and logged under (metrics.jsonl)."""
 
 
-def consistency_kl(stats: Sequence[Mapping[str, Any]]) -> Any:
-    """Per pair, sum over layers of KL(q(z|t(x)) || q(z|x)), shape (B/2,), in nats; ``stats``
+def consistency_kl(layers: Sequence[LayerStats]) -> Any:
+    """Per pair, sum over layers of KL(q(z|t(x)) || q(z|x)), shape (B/2,), in nats; ``layers``
     are the model's per-layer statistics of a batch ``[originals; augmentations]``."""
     total = None
-    for layer in stats:
-        mean, scale = layer["q_mean"], layer["q_scale"]
+    for layer in layers:
+        mean, scale = layer.q_mean, layer.q_scale
         half = ops.shape(mean)[0] // 2
         kl = sum_per_example(gaussian_kl(mean[half:], scale[half:], mean[:half], scale[:half]))
         total = kl if total is None else total + kl
@@ -93,9 +100,9 @@ class CrVaeRegularizer:
         chunks = zip(np.split(originals, div), np.split(augmented, div), strict=True)
         return np.concatenate([part for pair in chunks for part in pair])
 
-    def loss_terms(self, outputs: Mapping[str, Any], images: Any) -> dict[str, Any]:
+    def loss_terms(self, outputs: ModelOutputs, images: Any) -> dict[str, Any]:
         # Nats per pair; the core divides by H*W*C*ln 2 and adds it to the per-image mean loss.
-        return {TERM: self.cr_lambda * ops.mean(consistency_kl(outputs["stats"]))}
+        return {TERM: self.cr_lambda * ops.mean(consistency_kl(outputs.layers))}
 
 
 def check_batch_size(batch_size: int, batch_size_div: int) -> None:
