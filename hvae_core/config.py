@@ -515,6 +515,12 @@ def parse_use(item: str) -> tuple[str, str]:
             f"--use {item}: expected KIND=NAME",
             hint=f"e.g. --use flow=conv-sylvester; kinds: {kinds}",
         )
+    if kind in MULTI_SELECTOR:  # several may be chosen, so each has a repeatable flag
+        raise ConfigError(
+            f"--use {item}: a {kind} is not chosen with --use",
+            hint=f"use --{kind} {name} (repeatable), or --set {'.'.join(MULTI_SELECTOR[kind])}"
+            "=[...]",
+        )
     if kind not in SELECTOR:
         close = difflib.get_close_matches(kind, list(SELECTOR), n=1)
         raise ConfigError(

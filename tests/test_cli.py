@@ -341,6 +341,10 @@ def test_use_none_drops_an_optional_plugin_and_set_still_wins() -> None:
             "--use flow: expected KIND=NAME (hint: e.g. --use flow=conv-sylvester; kinds: ",
         ),
         (["--use", "=cosd"], "expected KIND=NAME"),
+        (
+            ["--use", "tracker=tensorboard"],
+            "a tracker is not chosen with --use (hint: use --tracker tensorboard (repeatable)",
+        ),
         (["--use", "flow=frobnicate"], "unknown flow 'frobnicate'"),
         (
             ["--flow", "conv-sylvester", "--use", "flow=none"],
