@@ -245,8 +245,8 @@ class RunConfig:
     jit: bool = option(True, "compile the train step (XLA on jax/tensorflow)")
     torch_compile: bool = option(
         False,
-        "torch backend: run the train step's loss and gradients through torch.compile (on a "
-        "CPU it takes minutes to compile and does not pay, see README; the other backends "
+        "torch backend: run the train step's loss and gradients through torch.compile "
+        "(faster steps, but minutes of compiling on a CPU: see README; other backends "
         "ignore it)",
     )
     remat_blocks: bool = option(
