@@ -243,6 +243,12 @@ class RunConfig:
         None, "Keras backend (default: $KERAS_BACKEND, else jax if installed, else tensorflow)"
     )
     jit: bool = option(True, "compile the train step (XLA on jax/tensorflow)")
+    torch_compile: bool = option(
+        False,
+        "torch backend: run the train step's loss and gradients through torch.compile "
+        "(faster steps, but minutes of compiling on a CPU: see README; other backends "
+        "ignore it)",
+    )
     remat_blocks: bool = option(
         True,
         "in a compiled step, recompute each repeated block's activations in the backward pass "
@@ -278,6 +284,12 @@ class RunConfig:
     )
 
     def validate(self, section: str) -> None:
+        if self.torch_compile and not self.jit:
+            raise ConfigError(
+                f"{section}.torch_compile is true but {section}.jit is false (jit false runs "
+                "every step eagerly)",
+                hint=f"drop {section}.torch_compile, or set {section}.jit: true",
+            )
         _non_negative(section, self, "devices")
         _non_negative(section, self, "images_minutes")
         _positive(section, self, "connect_timeout")

@@ -21,7 +21,11 @@ def require_backend(name: str) -> None:
 
 
 def run_on_backend(
-    backend: str, script: str, inputs: dict[str, np.ndarray], workdir: Path
+    backend: str,
+    script: str,
+    inputs: dict[str, np.ndarray],
+    workdir: Path,
+    timeout: int = 600,
 ) -> dict[str, np.ndarray]:
     """Run ``script`` with KERAS_BACKEND=backend. It finds ``inputs`` (a dict of arrays) in the
     variable ``inputs`` and must store its results in the dict ``outputs``."""
@@ -43,7 +47,7 @@ def run_on_backend(
         text=True,
         env=env,
         check=False,
-        timeout=600,
+        timeout=timeout,
     )
     assert done.returncode == 0, f"{backend} run failed:\n{done.stderr[-4000:]}"
     return dict(np.load(dst))

@@ -131,6 +131,19 @@ def test_batch_size_must_divide_by_batch_size_div() -> None:
     assert build_config({"training": {"batch_size": 32, "batch_size_div": 4}}).training
 
 
+def test_torch_compile_is_off_by_default_and_needs_jit() -> None:
+    assert build_config({}).run.torch_compile is False
+    assert build_config({"run": {"torch_compile": True}}).run.torch_compile is True
+    with pytest.raises(ConfigError) as err:
+        build_config({"run": {"torch_compile": "yes"}})
+    assert "run.torch_compile: expected true or false, got 'yes'" in err.value.one_line()
+    with pytest.raises(ConfigError) as err:
+        build_config({"run": {"torch_compile": True, "jit": False}})
+    line = err.value.one_line()
+    assert "run.torch_compile is true but run.jit is false" in line
+    assert "\n" not in line and line.endswith(")") and "(hint: " in line
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
     cfg = resolve_config(
         "tiny",

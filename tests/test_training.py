@@ -159,6 +159,75 @@ def test_the_skip_threshold_can_change_from_step_to_step_on_torch(tmp_path) -> N
     assert out["skipped"].tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
+TORCH_COMPILE_SCRIPT = """
+import contextlib, io
+import keras, torch
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+from hvae_core.plugins import get_registry
+from hvae_core.training.engine import make_engine
+from hvae_core.training.optim import make_optimizer
+
+def engine(*overrides):
+    cfg = resolve_config("tiny", overrides=[
+        "training.batch_size=8", "training.batch_size_div=2", "training.scheduler=constant",
+        *overrides])
+    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    model.build_weights()
+    return make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
+
+def fail_after_a_step(module, **options):
+    def run(*args):  # fails late: noise drawn, gradients accumulated
+        module(*args)["loss"].backward()
+        raise RuntimeError("cannot compile this model\\nsecond line")
+    return run
+
+if inputs["broken"]:
+    torch.compile = fail_after_a_step
+tried, eager = engine("run.torch_compile=true"), engine()
+eager.model.set_weights(tried.model.get_weights())  # the noise seeds' states too
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    steps = [tried.train_step(inputs["images"], b) for b in (1.0, 0.5, 0.25)]
+reference = [eager.train_step(inputs["images"], b) for b in (1.0, 0.5, 0.25)]
+for key in ("loss", "grad_norm"):
+    outputs[key] = [[s[key] for s in steps], [s[key] for s in reference]]
+for i, (v, w) in enumerate(zip(tried.trainable, eager.trainable)):
+    outputs[f"weight_{i}"] = keras.ops.convert_to_numpy(v.value)
+    outputs[f"reference_{i}"] = keras.ops.convert_to_numpy(w.value)
+outputs["stderr"] = err.getvalue()
+"""
+
+
+def torch_compile_against_eager(tmp_path: Path, broken: bool) -> dict[str, np.ndarray]:
+    inputs = {"images": digits_images()[:8], "broken": np.array(broken)}
+    out = run_on_backend("torch", TORCH_COMPILE_SCRIPT, inputs, tmp_path, timeout=1800)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(out[key][0], out[key][1], rtol=1e-4, err_msg=key)
+    weights = [k for k in out if k.startswith("weight_")]
+    assert weights
+    for key in weights:
+        reference = out[key.replace("weight_", "reference_")]
+        np.testing.assert_allclose(out[key], reference, rtol=1e-4, atol=1e-6, err_msg=key)
+    return out
+
+
+def test_a_failing_torch_compile_warns_once_and_trains_eagerly(tmp_path) -> None:
+    out = torch_compile_against_eager(tmp_path, broken=True)
+    lines = str(out["stderr"]).splitlines()
+    assert lines == [
+        "warning: torch.compile failed (RuntimeError: cannot compile this model); "
+        "the train step runs eagerly"
+    ]
+
+
+# torch.compile traces Keras' Python for minutes on a 2-core CPU (README: performance).
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_losses(tmp_path) -> None:
+    out = torch_compile_against_eager(tmp_path, broken=False)
+    assert "Traceback" not in str(out["stderr"])
+
+
 def test_skipping_on_the_norm_waits_for_skipnorm_warmup_epochs(tmp_path) -> None:
     trainer = train_run(
         tmp_path,

@@ -3,12 +3,18 @@
 Data parallelism is one process per device (``torchrun``, or ``hvae train --devices N``, which
 starts torchrun itself), joined by ``torch.distributed`` (NCCL on GPUs, gloo on CPUs), with the
 loss computed through ``DistributedDataParallel`` so that its reducer averages the gradients.
+
+With ``run.torch_compile`` the loss's forward and backward go through ``torch.compile``. Keras
+draws seeded noise with a ``torch.Generator``, which Dynamo cannot trace (Keras runs that draw
+outside the graph, ``torch.compiler.disable``): every latent noise draw splits the graph, and
+the draws stay the eager ones, so compiled and eager steps compute the same numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -84,8 +90,15 @@ class _LossModule(torch.nn.Module):
 
 
 class TorchEngine(Engine):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        config: Any,
+        regularizer: Any = None,
+        parallel: Parallel | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, config, regularizer, parallel)
         self.params = [v.value for v in self.trainable]
         self.module: Any = _LossModule(self)
         self.groups = batch_groups(self.regularizer)
@@ -97,6 +110,9 @@ class TorchEngine(Engine):
                 self.module, broadcast_buffers=False, find_unused_parameters=True
             )
             self.decorrelate_noise()
+        # torch.compile is tried on the first micro-batch (see first_compiled).
+        self.compile_pending = bool(config.run.torch_compile and config.run.jit)
+        self.compiled: Any = None
 
     def decorrelate_noise(self) -> None:
         rank = self.parallel.process_index  # one process per replica
@@ -117,8 +133,7 @@ class TorchEngine(Engine):
             last = i == len(chunks) - 1
             sync = contextlib.nullcontext() if last or replicas == 1 else self.module.no_sync()
             with sync:
-                terms = self.module(chunk, beta)
-                (terms["loss"] / self.div).backward()
+                terms = self.micro_batch(chunk, beta)
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / self.div
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
@@ -140,6 +155,45 @@ class TorchEngine(Engine):
         totals["grad_norm"] = norm
         totals["skipped"] = skip.float()
         return totals
+
+    def micro_batch(self, chunk: Any, beta: float) -> dict[str, Any]:
+        """The loss terms of one micro-batch, whose gradients (over ``batch_size_div``) are
+        added to the parameters' ``.grad``: compiled where ``run.torch_compile`` asks for it."""
+        if self.compile_pending:
+            return self.first_compiled(chunk, beta)
+        if self.compiled is not None:
+            # A tensor, not a float: Dynamo specializes on floats and would recompile the step
+            # for every new beta of a warm-up.
+            return self.backward(self.compiled, chunk, torch.tensor(beta, dtype=torch.float32))
+        return self.backward(self.module, chunk, beta)
+
+    def backward(self, module: Any, chunk: Any, beta: Any) -> dict[str, Any]:
+        terms = module(chunk, beta)
+        (terms["loss"] / self.div).backward()
+        return terms
+
+    def first_compiled(self, chunk: Any, beta: float) -> dict[str, Any]:
+        """The first micro-batch through ``torch.compile``; where compiling fails, one warning
+        line, and this micro-batch and every later one run eagerly from the same state."""
+        self.compile_pending = False
+        seeds = noise_seed_variables(self.model)
+        saved = [np.array(ops.convert_to_numpy(v.value), copy=True) for v in seeds]
+        try:
+            self.compiled = torch.compile(self.module)
+            return self.micro_batch(chunk, beta)
+        except Exception as exc:  # Dynamo's and Inductor's errors have no common base class
+            self.compiled = None
+            for p in self.params:  # the first micro-batch of the run: nothing else to keep
+                p.grad = None
+            self.restore_noise(seeds, saved)
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(
+                f"warning: torch.compile failed ({type(exc).__name__}: {reason}); "
+                "the train step runs eagerly",
+                file=sys.stderr,
+                flush=True,
+            )
+            return self.micro_batch(chunk, beta)
 
     def eval_step(self, images: np.ndarray) -> dict[str, Any]:
         # Every process scores the whole batch: evaluation is cheap next to training, and
