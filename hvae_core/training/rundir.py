@@ -33,6 +33,10 @@ METRICS = "metrics.jsonl"
 def create_run_dir(save_dir: str | os.PathLike[str], stem: str) -> Path:
     """A new directory under ``save_dir``; an existing one is never reused."""
     root = prepare_save_dir(save_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise save_dir_error(root, exc) from None
     base = f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     for attempt in range(1000):
         path = root / (base if attempt == 0 else f"{base}-{attempt}")
@@ -50,14 +54,14 @@ def create_run_dir(save_dir: str | os.PathLike[str], stem: str) -> Path:
 
 
 def prepare_save_dir(save_dir: str | os.PathLike[str]) -> Path:
-    """``save_dir``, created if need be, once it is known to be a writable folder: what
-    stops a new run there is one line before any model is built."""
+    """``save_dir`` once it is known that a new run can be created there (it is a folder, or
+    can be made one, and is writable): what stops a new run there is one line before any
+    model is built. Creates nothing: a run that stops while setting up leaves no trace."""
     root = Path(save_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise save_dir_error(root, exc) from None
-    if not os.access(root, os.W_OK | os.X_OK):
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise save_dir_error(root, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise save_dir_error(root, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     return root
 
