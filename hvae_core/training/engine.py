@@ -108,6 +108,7 @@ class Engine:
         self.training = config.training
         self.jit = config.run.jit
         self.remat = config.run.remat_blocks
+        self.torch_compile = config.run.torch_compile and config.run.jit
         # Set by an engine whose steps XLA compiles for a CPU (see conv_gradients).
         self.cpu_compiled = False
         self.regularizer = regularizer

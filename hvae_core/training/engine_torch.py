@@ -90,15 +90,8 @@ class _LossModule(torch.nn.Module):
 
 
 class TorchEngine(Engine):
-    def __init__(
-        self,
-        model: Any,
-        optimizer: Any,
-        config: Any,
-        regularizer: Any = None,
-        parallel: Parallel | None = None,
-    ) -> None:
-        super().__init__(model, optimizer, config, regularizer, parallel)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.params = [v.value for v in self.trainable]
         self.module: Any = _LossModule(self)
         self.groups = batch_groups(self.regularizer)
@@ -111,7 +104,7 @@ class TorchEngine(Engine):
             )
             self.decorrelate_noise()
         # torch.compile is tried on the first micro-batch (see first_compiled).
-        self.compile_pending = bool(config.run.torch_compile and config.run.jit)
+        self.compile_pending = bool(self.torch_compile)
         self.compiled: Any = None
 
     def decorrelate_noise(self) -> None:
