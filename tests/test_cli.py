@@ -178,6 +178,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
     assert cfg["run"] == {
         "backend": "jax",
         "jit": True,
+        "torch_compile": False,
         "remat_blocks": True,
         "images_minutes": 5.0,
         "save_dir": str(tmp_path / "runs"),
