@@ -72,6 +72,8 @@ def test_sampling_and_per_layer_temperatures_match_block_by_block() -> None:
         np.testing.assert_allclose(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y))
 
 
+# Run directories of older hvae versions: slow (a whole training and resume), so `-m slow`.
+@pytest.mark.slow
 def test_a_checkpoint_of_one_weight_set_per_block_resumes_exactly() -> None:
     # Checkpoints written before blocks were stacked: weights, EMA, Adam moments and noise
     # seeds all continue where they were, and the stacked step is the block-by-block step.

@@ -714,6 +714,8 @@ def test_resume_refuses_another_model_config(trained) -> None:
     )
 
 
+# Run directories of older hvae versions: slow (a whole training and resume), so `-m slow`.
+@pytest.mark.slow
 def test_an_old_run_resumes_on_the_bits_scale_and_a_new_run_uses_nats(tmp_path) -> None:
     trainer = train_run(tmp_path, "old", epochs=1)
     trainer.fit()
