@@ -120,15 +120,22 @@ def validate(meta: Any, path: Path, batches_per_epoch: int | None = None) -> dic
     if not isinstance(meta, dict):
         raise invalid(path, f"expected a JSON object, got {type(meta).__name__}")
     _check_fields(meta, META, "", path)
-    position = meta["position"]
-    _check_fields(position, POSITION, "position.", path)
-    if batches_per_epoch is not None and position["batch"] > batches_per_epoch:
+    _check_fields(meta["position"], POSITION, "position.", path)
+    if batches_per_epoch is not None:
+        check_position(meta, path, batches_per_epoch)
+    return meta
+
+
+def check_position(meta: Mapping[str, Any], path: Path, batches_per_epoch: int) -> None:
+    """One line when validated metadata ``meta`` stands past the end of an epoch of
+    ``batches_per_epoch`` batches (the run's epoch length now)."""
+    batch = meta["position"]["batch"]
+    if batch > batches_per_epoch:
         raise HvaeError(
-            f"checkpoint {path} stands at batch {position['batch']} of an epoch, which now has "
+            f"checkpoint {path} stands at batch {batch} of an epoch, which now has "
             f"{batches_per_epoch} batches",
             hint="resume with the training.batch_size the run was trained with",
         )
-    return meta
 
 
 def parse(text: str | None, path: Path) -> dict[str, Any]:

@@ -192,8 +192,10 @@ def load_checkpoint(
     """A checkpoint's arrays and its validated metadata (see
     :mod:`hvae_core.training.checkpoint_meta`; ``batches_per_epoch``: the epoch length its
     position must lie within)."""
-    values, meta = _read_checkpoint(path, arrays=True)
-    return values, checkpoint_meta.validate(meta, path, batches_per_epoch)
+    values, meta = _read_checkpoint(path, arrays=True)  # its metadata validated on reading
+    if batches_per_epoch is not None:
+        checkpoint_meta.check_position(meta, path, batches_per_epoch)
+    return values, meta
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
