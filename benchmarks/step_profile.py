@@ -193,11 +193,11 @@ def profile(args: argparse.Namespace, variant: str, depth: float) -> dict[str, A
     import keras
     import numpy as np
 
-    from hvae_core.backend import set_random_seed
+    from hvae_core.backends.engine import make_engine
+    from hvae_core.backends.select import set_random_seed
     from hvae_core.config import resolve_config
     from hvae_core.model.hvae import HVAE
     from hvae_core.plugins import get_registry
-    from hvae_core.training.engine import make_engine
     from hvae_core.training.optim import make_optimizer
 
     flags = {"batch_size": args.batch_size, "backend": args.backend}

@@ -87,10 +87,10 @@ def conv_layout(name: str) -> Iterator[None]:
 
 
 def build_engine(config: Any, shape: tuple[int, int, int]) -> Any:
-    from hvae_core.backend import set_random_seed
+    from hvae_core.backends.engine import make_engine
+    from hvae_core.backends.select import set_random_seed
     from hvae_core.model.hvae import HVAE
     from hvae_core.plugins import get_registry
-    from hvae_core.training.engine import make_engine
     from hvae_core.training.optim import make_optimizer
 
     set_random_seed(0)  # the same weights for every engine of a model

@@ -91,11 +91,11 @@ def main() -> None:
             channels = 3
     import keras
 
-    from hvae_core.backend import set_random_seed
+    from hvae_core.backends.engine import make_engine, setup_parallel
+    from hvae_core.backends.parallel import Relaunch, launch_from_env
+    from hvae_core.backends.select import set_random_seed
     from hvae_core.model.hvae import HVAE
-    from hvae_core.training.engine import make_engine, setup_parallel
     from hvae_core.training.optim import make_optimizer
-    from hvae_core.training.parallel import Relaunch, launch_from_env
 
     try:
         parallel = setup_parallel(args.devices, launch_from_env(), 120)

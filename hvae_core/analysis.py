@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hvae_core.model.evaluation import usage_line
-from hvae_core.training.rundir import atomic_write_bytes
+from hvae_core.run.files import atomic_write_bytes
 
 USAGE, TOP_DOWN, TEMPERATURES = "latent_usage.png", "top_down.png", "temperatures.png"
 TIMES = "scale_times.png"
@@ -128,7 +128,7 @@ def write_figures(
             f"posterior in the top j layers, prior (t = {temperature:g}) below",
         )
         written.append(out / TOP_DOWN)
-        from hvae_core.training.engine import to_unit_range
+        from hvae_core.backends.engine import to_unit_range
 
         batch = images[: model.batch_size]
         times = scale_times(model.model, to_unit_range(batch, model.num_bits))

@@ -17,10 +17,10 @@ from typing import Any
 import click
 
 from hvae_core import __version__
+from hvae_core.backends import parallel as parallel_env
+from hvae_core.backends.native_logs import LOG_LEVEL_ENV
 from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.hookspecs import KINDS
-from hvae_core.logs import LOG_LEVEL_ENV
-from hvae_core.training import parallel as parallel_env
 
 BACKENDS = ("tensorflow", "jax", "torch")
 EXPORT_FORMATS = ("keras", "savedmodel")
@@ -374,7 +374,7 @@ def _train(
     """Build and run the trainer of a new or resumed run; the run directory stays locked
     (``held``) while this process may write it."""
     from hvae_core.run import RunDirectory
-    from hvae_core.training import rundir
+    from hvae_core.run import files as rundir
 
     writes = parallel_env.chief_from_env()  # only process 0 writes, and locks
     if resume is not None:
@@ -429,8 +429,8 @@ def _relaunch_with_torchrun(processes: int) -> int:
 
 
 def _trainer(cfg: Any, quiet: bool, verbose: bool) -> Any:
-    from hvae_core import logs
-    from hvae_core.backend import import_backend, select_backend
+    from hvae_core.backends import native_logs as logs
+    from hvae_core.backends.select import import_backend, select_backend
 
     quiet_logs = logs.log_level(verbose) == logs.QUIET
     if quiet_logs:
@@ -648,7 +648,7 @@ def sample(
     """Draw samples from a trained run (EMA weights); needs no dataset."""
     import numpy as np
 
-    from hvae_core.training import rundir
+    from hvae_core.run import files as rundir
     from hvae_core.training.trainer import to_uint8
 
     temps = _temperature_list(

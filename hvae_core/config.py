@@ -714,7 +714,7 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
     training = build_section(TrainingConfig, raw.get("training"), "training", num_scales)
     run = build_section(RunConfig, raw.get("run"), "run", num_scales)
     if run.backend is None:
-        from hvae_core.backend import default_backend
+        from hvae_core.backends.select import default_backend
 
         env = os.environ.get("KERAS_BACKEND") or default_backend()
         run.backend = build_section(RunConfig, {"backend": env}, "KERAS_BACKEND", None).backend

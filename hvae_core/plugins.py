@@ -316,7 +316,7 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
     ``allow`` (default: the ``HVAE_LOAD_PLUGINS`` comma-separated list, when set) restricts the
     entry points loaded to those whose entry-point name or distribution name it contains.
     """
-    from hvae_core import builtins
+    from hvae_core import core_plugins
 
     if allow is None:
         allow = _allow_list()
@@ -350,7 +350,7 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
             return
         sources[id(module)] = (package, version, ep_name)
 
-    add_source(builtins, CORE_PACKAGE, _core_version(), "core")
+    add_source(core_plugins, CORE_PACKAGE, _core_version(), "core")
     installed: dict[str, list[str]] = {}  # distribution -> its entry points in the group
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         package = ep.dist.name if ep.dist is not None else "unknown"

@@ -290,7 +290,7 @@ class TrainedModel:
         return batch.astype(np.uint8)
 
     def _unit(self, batch: Any) -> Any:
-        from hvae_core.training.engine import to_unit_range
+        from hvae_core.backends.engine import to_unit_range
 
         return to_unit_range(batch, self.num_bits)
 
@@ -310,9 +310,10 @@ def load(
     $KERAS_BACKEND, else the run's); Keras cannot switch backends within a process.
     ``jit``: compile the computations (default: the run's ``run.jit``). ``verbose``: let the
     backend's native libraries log as they start (default: as $HVAE_LOG_LEVEL says)."""
-    from hvae_core import logs
-    from hvae_core.backend import import_backend, select_backend
-    from hvae_core.training import checkpoint_meta, rundir
+    from hvae_core.backends import native_logs as logs
+    from hvae_core.backends.select import import_backend, select_backend
+    from hvae_core.run import checkpoint as checkpoint_meta
+    from hvae_core.run import files as rundir
 
     run = RunDirectory.open(run_dir)
     path = Path(checkpoint) if checkpoint is not None else run.checkpoint_path
@@ -343,7 +344,7 @@ def load(
     import_backend(quiet)
     arrays, _ = rundir.load_checkpoint(path)
     model = _build(config, meta, arrays, registry)
-    from hvae_core.training.engine import make_runner
+    from hvae_core.backends.engine import make_runner
 
     runner = make_runner(model, config.run.jit if jit is None else bool(jit))
     return TrainedModel(model, config, run, meta, runner)
@@ -362,7 +363,7 @@ def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], reg
         seed=config.training.seed,
     )
     model.build_weights()
-    from hvae_core.training.weights_layout import assign_saved, in_model_layout
+    from hvae_core.model.weights import assign_saved, in_model_layout
 
     has_ema = any(k.startswith("ema/") for k in arrays)
     try:
@@ -381,7 +382,7 @@ def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], reg
 def to_numpy(values: Any) -> Any:
     """Tensors (or nestings of them) as numpy arrays. Imported when called: importing this
     module must not import Keras before :func:`load` has chosen the backend."""
-    from hvae_core.training.engine import to_numpy as convert
+    from hvae_core.backends.engine import to_numpy as convert
 
     return convert(values)
 

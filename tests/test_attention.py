@@ -26,7 +26,7 @@ from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
-from hvae_core.training import rundir
+from hvae_core.run import files as rundir
 
 ATTENTION = "model.attention=depthwise"
 # Two blocks at most scales, so that blocks also read entries of their own resolution.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hvae_core import backend
+from hvae_core.backends import select as backend
 
 FLAG = backend.GPU_XLA_FLAGS[0].split("=", 1)[0]
 
@@ -34,7 +34,7 @@ def test_hvae_xla_defaults_0_leaves_xla_flags_alone(monkeypatch) -> None:
 
 SELECT = """
 import os
-from hvae_core import backend
+from hvae_core.backends import select as backend
 backend.nvidia_gpu_present = lambda: {gpu}
 backend.select_backend({name!r})
 print(os.environ.get("XLA_FLAGS", "<unset>"))

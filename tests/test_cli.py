@@ -273,7 +273,7 @@ def test_run_gpus_refuses_anything_but_indices(value) -> None:
 
 GPUS_PROBE = """
 import os, sys
-from hvae_core.backend import select_backend
+from hvae_core.backends.select import select_backend
 from hvae_core.errors import HvaeError
 select_backend("jax", "1,0")
 print("visible", os.environ["CUDA_VISIBLE_DEVICES"], "jax" in sys.modules)

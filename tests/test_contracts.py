@@ -23,6 +23,7 @@ from keras import ops
 import hvae_core
 from hvae_core import api
 from hvae_core.api import LayerStats, ModelOutputs
+from hvae_core.backends.engine import METRIC_KEYS
 from hvae_core.cli import cli
 from hvae_core.config import MULTI_SELECTOR, PLUGIN_SECTION, SELECTOR, resolve_config
 from hvae_core.data import InMemoryDataset, open_dataset
@@ -32,7 +33,6 @@ from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model.blocks import ResidualBlock
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry, load_registry
-from hvae_core.training.engine import METRIC_KEYS
 from hvae_core.training.trainer import Trainer
 
 # --- strict doubles: each signature is exactly its contract's (no defaults, no **kwargs) ------
@@ -291,7 +291,7 @@ from hvae_core.api import gaussian_kl, sum_per_example
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 
 class DocumentedFields:

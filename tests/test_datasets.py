@@ -465,7 +465,7 @@ def test_cifar10_preset_starts_training_on_release_files_from_the_cli(tmp_path: 
     assert "interrupted; the run was checkpointed" in out
     [run_dir] = tmp_path.glob("cifar10-*")
     assert "enc_num_blocks: [12, 7, 7, 4, 0, 3]" in (run_dir / "config.yaml").read_text()
-    from hvae_core.training import rundir
+    from hvae_core.run import files as rundir
 
     _, meta = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
     assert (meta["position"]["step"], meta["position"]["batch"]) == (1, 1)
@@ -1074,7 +1074,7 @@ def write_npz(folder: Path, size: int, width: int | None = None) -> None:
 
 
 def test_dataset_without_image_size_takes_it_from_its_files(npz_dataset, tmp_path: Path) -> None:
-    from hvae_core.training import rundir
+    from hvae_core.run import files as rundir
 
     folder, opened = npz_dataset
     write_npz(folder, 16)

@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
     trainer = Trainer(cfg, quiet=True)
     trainer.run_dir = tmp_path_factory.mktemp("export") / "run"
     trainer.run_dir.mkdir()
-    from hvae_core.training import rundir
+    from hvae_core.run import files as rundir
 
     rundir.write_config(trainer.run_dir, cfg)
     trainer.save()

@@ -28,7 +28,7 @@ from hvae_core.errors import ConfigError
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.layout import scales
 from hvae_core.plugins import get_registry
-from hvae_core.training import rundir
+from hvae_core.run import files as rundir
 from hvae_core.training.trainer import Trainer
 
 FLOWS = ("orthogonal-sylvester", "conv-sylvester")

@@ -56,7 +56,7 @@ SEEDED_BODY = """
 import os
 os.environ["KERAS_BACKEND"] = {backend!r}
 import keras
-from hvae_core.backend import set_random_seed
+from hvae_core.backends.select import set_random_seed
 
 def draws():
     set_random_seed(7)

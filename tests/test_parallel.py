@@ -12,14 +12,14 @@ import pytest
 from backends import require_backend, run_on_backend
 from hvae_plugins.datasets.digits import digits_images
 
-from hvae_core.errors import ConfigError, HvaeError
-from hvae_core.training.parallel import (
+from hvae_core.backends.parallel import (
     Launch,
     check_batch,
     check_devices,
     launch_from_env,
     replica_slice,
 )
+from hvae_core.errors import ConfigError, HvaeError
 
 # --- backend-neutral ----------------------------------------------------------------------
 
@@ -87,8 +87,8 @@ from hvae_core.config import resolve_config
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine, setup_parallel
-from hvae_core.training.parallel import Launch, Parallel
+from hvae_core.backends.engine import make_engine, setup_parallel
+from hvae_core.backends.parallel import Launch, Parallel
 
 # No latent noise: replicas draw their own noise, so only a noiseless step can match exactly.
 decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
@@ -192,7 +192,7 @@ def test_torch_ddp_step_over_two_gloo_processes_equals_the_single_device_step(tm
 
 
 def test_replicas_keep_regularizer_pairs_together_with_or_without_shared_noise() -> None:
-    from hvae_core.training.parallel import batch_groups
+    from hvae_core.backends.parallel import batch_groups
 
     class Pairs:
         noise_groups = 1  # no shared noise, but still [originals; augmentations]
@@ -225,7 +225,7 @@ def finish(process: subprocess.Popen, timeout: int = 900) -> str:
 
 
 def resume_on_one_device(run_dir, backend: str) -> list[dict]:
-    from hvae_core.training import rundir
+    from hvae_core.run import files as rundir
 
     finish(hvae("--resume", str(run_dir), "--epochs", "2", "--devices", "1", backend=backend))
     rows = rundir.read_metrics(run_dir)
@@ -358,9 +358,9 @@ import keras
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine, setup_parallel
+from hvae_core.backends.engine import make_engine, setup_parallel
 from hvae_core.training.optim import make_optimizer
-from hvae_core.training.parallel import Launch
+from hvae_core.backends.parallel import Launch
 
 parallel = setup_parallel(2, Launch(), 60)
 cfg = resolve_config("tiny", overrides=["training.batch_size=8"])
@@ -406,9 +406,9 @@ import keras
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
-from hvae_core.training.parallel import Parallel
+from hvae_core.backends.parallel import Parallel
 
 # Each process is one replica; replica r's draws are the noise that process r would draw.
 cfg = resolve_config("tiny", overrides=["training.batch_size=8"])

@@ -18,12 +18,12 @@ from hvae_plugins.regularizers.augment import translate_and_flip
 from hvae_plugins.regularizers.cr_vae import TERM, consistency_kl, make_cr_vae
 
 from hvae_core.api import LayerStats, ModelOutputs
+from hvae_core.backends.engine import to_unit_range
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.model.hvae import HVAE
-from hvae_core.training import rundir
-from hvae_core.training.engine import to_unit_range
+from hvae_core.run import files as rundir
 
 BITS = 4  # the digits' bit depth
 
@@ -396,7 +396,7 @@ ENGINE_STEP = """
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 from hvae_plugins.regularizers.cr_vae import make_cr_vae
 

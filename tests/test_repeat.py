@@ -8,15 +8,15 @@ import pytest
 from backends import run_on_backend
 from hvae_plugins.datasets.digits import digits_images
 
-from hvae_core.backend import set_random_seed
+from hvae_core.backends.engine import make_engine
+from hvae_core.backends.select import set_random_seed
 from hvae_core.config import resolve_config
 from hvae_core.model.blocks import ResidualBlock
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.repeat import RepeatedLayers
+from hvae_core.model.weights import runs_of
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
 from hvae_core.training.optim import make_optimizer
-from hvae_core.training.weights_layout import runs_of
 
 # Several identical blocks per scale, VDVAE's pooling block, both heads' ingredients.
 DEEP = [
@@ -108,11 +108,11 @@ def test_a_run_refuses_layers_of_different_structure() -> None:
 
 COMPILED_SCRIPT = """
 import keras
-from hvae_core.backend import set_random_seed
+from hvae_core.backends.select import set_random_seed
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 
 for stack in (True, False):
@@ -126,7 +126,7 @@ for stack in (True, False):
     model.build_weights()
     engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
     if keras.backend.backend() == "tensorflow":  # its loop, which a CPU step would unroll
-        from hvae_core.training.engine_tensorflow import _scan
+        from hvae_core.backends.engine_tensorflow import _scan
 
         engine.block_loop = lambda: _scan
     for step in range(2):
@@ -160,7 +160,7 @@ def test_compiled_loops_give_the_block_by_block_steps(backend, overrides, tmp_pa
 
 
 def test_replica_noise_offsets_apply_to_every_row_of_a_stacked_seed_state() -> None:
-    from hvae_core.training.engine import replica_seed_state
+    from hvae_core.backends.engine import replica_seed_state
 
     rows = np.array([[5, 0], [9, 3], [2**31 - 1, 7]], dtype="uint32")
     stacked = replica_seed_state(rows, 3)
@@ -195,11 +195,11 @@ def test_every_weight_is_a_torch_parameter(tmp_path) -> None:
 
 MIXED_SCRIPT = """
 import jax
-from hvae_core.backend import set_random_seed
+from hvae_core.backends.select import set_random_seed
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 
 cfg = resolve_config("tiny", overrides=[*inputs["overrides"]])

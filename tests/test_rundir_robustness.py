@@ -25,7 +25,9 @@ from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError, InputError, RunWarning
 from hvae_core.run import RunDirectory
-from hvae_core.training import checkpoint_meta, rundir, runlock
+from hvae_core.run import checkpoint as checkpoint_meta
+from hvae_core.run import files as rundir
+from hvae_core.run import lock as runlock
 
 FAST = ["run.jit=false", "training.batch_size=64"]
 

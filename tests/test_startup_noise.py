@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from hvae_core import logs
+from hvae_core.backends import native_logs as logs
 from hvae_core.cli import cli
 from hvae_core.errors import HvaeError
 
@@ -74,7 +74,7 @@ def test_tensorflow_logs_show_only_with_verbose(verbose) -> None:
 
 FILTERED = """
 import os, sys, warnings
-from hvae_core.logs import native_log_filter
+from hvae_core.backends.native_logs import native_log_filter
 
 print("before", file=sys.stderr, flush=True)
 with native_log_filter():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hvae_plugins.datasets.digits import digits_images
 
+from hvae_core.backends.engine import make_runner, to_unit_range
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.likelihood import dmol_log_prob
 from hvae_core.run import RunDirectory
 from hvae_core.trained import TrainedModel
-from hvae_core.training.engine import make_runner, to_unit_range
 
 # One latent layer of one dimension (1x1x1, at the top): log p(x) = log of a 1-d integral over
 # the prior's noise, which a fine grid computes to far better than the tolerances below.

@@ -20,14 +20,14 @@ from hvae_plugins.datasets.digits import digits_images
 from PIL import Image
 from tracking import FailingTracker, events, factory_for, scalars
 
+from hvae_core.backends.engine import clip_and_skip, make_engine
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training import rundir
-from hvae_core.training.engine import clip_and_skip, make_engine
+from hvae_core.run import files as rundir
 from hvae_core.training.optim import make_optimizer
 from hvae_core.training.trainer import Trainer
 
@@ -84,7 +84,7 @@ from hvae_core.config import resolve_config
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import clip_and_skip, make_engine
+from hvae_core.backends.engine import clip_and_skip, make_engine
 from hvae_core.training.optim import make_optimizer
 
 decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
@@ -142,7 +142,7 @@ SKIPNORM_SCRIPT = """
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import clip_and_skip, make_engine
+from hvae_core.backends.engine import clip_and_skip, make_engine
 from hvae_core.training.optim import make_optimizer
 
 cfg = resolve_config("tiny", overrides=["training.batch_size=8", "training.gradient_skipnorm=1e-9"])
@@ -165,7 +165,7 @@ import keras, torch
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 
 def engine(*overrides):
@@ -382,7 +382,7 @@ EMA_SWAP_SCRIPT = """
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 
 cfg = resolve_config("tiny", overrides=["run.jit=true", "training.batch_size=8"])
@@ -1005,7 +1005,7 @@ import keras
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
-from hvae_core.training.engine import make_engine
+from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 
 engines = []

@@ -1,7 +1,7 @@
 """A training run: epochs of compiled steps, validation with EMA weights, checkpoints, outputs.
 
 Everything here is backend-neutral; the backend lives in the engine
-(:func:`hvae_core.training.engine.make_engine`).
+(:func:`hvae_core.backends.engine.make_engine`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from hvae_core import __version__
-from hvae_core.backend import set_random_seed
+from hvae_core.backends.select import set_random_seed
 from hvae_core.errors import HvaeError, Interrupted
+from hvae_core.run import checkpoint as checkpoint_meta
+from hvae_core.run import files as rundir
 from hvae_core.run import plugins_used
-from hvae_core.training import checkpoint_meta, rundir
 from hvae_core.training.progress import Reporter
 
 SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
@@ -48,12 +49,12 @@ class Trainer:
     def __init__(
         self, config: Any, run_dir: Path | None = None, quiet: bool = False, registry: Any = None
     ) -> None:
+        from hvae_core.backends.engine import make_engine, setup_parallel
+        from hvae_core.backends.parallel import batch_groups, check_batch, launch_from_env
         from hvae_core.data import BatchStream, batch_transform, open_dataset
         from hvae_core.model.hvae import HVAE
         from hvae_core.plugins import get_registry
-        from hvae_core.training.engine import make_engine, setup_parallel
         from hvae_core.training.optim import make_optimizer
-        from hvae_core.training.parallel import batch_groups, check_batch, launch_from_env
 
         setup_started = time.monotonic()
         self.config = config
@@ -523,8 +524,8 @@ class Trainer:
         runs its ops on all processes), the chief saves them."""
         import keras
 
+        from hvae_core.backends.engine import to_unit_range
         from hvae_core.model.likelihood import to_levels
-        from hvae_core.training.engine import to_unit_range
 
         bits = self.dataset.num_bits
         samples = self.sample(NUM_SAMPLES, SAMPLE_TEMPERATURE)

@@ -9,12 +9,66 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvae_core.errors import HvaeError
-from hvae_core.run import RESUMABLE_SECTIONS
+from hvae_core.errors import HvaeError, PluginError
+
+# Config sections a resumed run may change: how it trains and runs, never the model or data.
+RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer", "tracker")
+
+
+@dataclass(frozen=True)
+class PluginUse:
+    """One plugin a run used, as its checkpoint records it."""
+
+    kind: str
+    name: str
+    package: str
+    version: str
+
+
+def plugins_used(config: Any, registry: Any = None) -> list[PluginUse]:
+    """The plugins ``config`` selects (one per kind at most), with the installed package and
+    version of each: what a run records so that whoever loads it knows what to install."""
+    from hvae_core.config import SELECTOR
+    from hvae_core.plugins import get_registry
+
+    registry = registry or get_registry()
+    used = []
+    for kind in SELECTOR:
+        name = config.selected(kind)
+        if name is not None:
+            spec = registry.get(kind, name)
+            used.append(PluginUse(kind, name, spec.package, spec.version))
+    return used
+
+
+def check_plugins(recorded: Sequence[Mapping[str, str]], registry: Any = None) -> list[str]:
+    """Raise a :class:`PluginError` naming the package to install when a plugin the run used
+    is not installed; return one warning per plugin now installed at another version."""
+    from hvae_core.plugins import get_registry
+
+    registry = registry or get_registry()
+    warnings = []
+    for row in recorded:
+        use = PluginUse(**{k: str(row[k]) for k in ("kind", "name", "package", "version")})
+        if use.name not in registry.names(use.kind):
+            raise PluginError(
+                f"this run used the {use.kind} plugin '{use.name}' from the package "
+                f"{use.package} {use.version}, which is not installed",
+                hint=f"pip install '{use.package}=={use.version}'",
+            )
+        spec = registry.get(use.kind, use.name)
+        if spec.package != use.package or spec.version != use.version:
+            warnings.append(
+                f"the run used {use.kind} '{use.name}' from {use.package} {use.version}; "
+                f"installed is {spec.package} {spec.version}"
+            )
+    return warnings
+
 
 Check = Callable[[Any], bool]
 

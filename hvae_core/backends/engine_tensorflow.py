@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hvae_core.errors import HvaeError
-from hvae_core.training.engine import (
+from hvae_core.backends.engine import (
     Engine,
     Runner,
     clip_and_skip,
@@ -18,13 +17,14 @@ from hvae_core.training.engine import (
     replica_seed_state,
     to_numpy,
 )
-from hvae_core.training.parallel import (
+from hvae_core.backends.parallel import (
     Launch,
     Parallel,
     batch_groups,
     check_devices,
     replica_slice,
 )
+from hvae_core.errors import HvaeError
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:

@@ -22,9 +22,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from hvae_core.backends.conv_gradients import canonical_conv_gradients
+from hvae_core.backends.parallel import Launch, Parallel
 from hvae_core.model.repeat import Scan, loop_with
-from hvae_core.training.conv_gradients import canonical_conv_gradients
-from hvae_core.training.parallel import Launch, Parallel
 
 METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
 NOISE_STREAM_STRIDE = 1_000_003  # between the seeds of neighbouring replicas' noise streams
@@ -267,7 +267,7 @@ class Engine:
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore from ``state()``'s arrays; a checkpoint written before repeated blocks were
         stacked (one set of weights per block) is converted to this model's layout."""
-        from hvae_core.training.weights_layout import assign_saved, in_model_layout
+        from hvae_core.model.weights import assign_saved, in_model_layout
 
         arrays = in_model_layout(arrays, self.model, self.optimizer, bool(self.ema))
         assign_saved(arrays, "model", self.model.variables)
@@ -341,7 +341,7 @@ def backend_module() -> Any:
     backend = keras.backend.backend()
     if backend not in ("jax", "tensorflow", "torch"):
         raise ValueError(f"unsupported Keras backend {backend}")
-    return importlib.import_module(f"hvae_core.training.engine_{backend}")
+    return importlib.import_module(f"hvae_core.backends.engine_{backend}")
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:

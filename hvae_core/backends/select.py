@@ -8,12 +8,12 @@ import importlib.util
 import os
 import sys
 
+from hvae_core.backends.native_logs import native_log_filter
 from hvae_core.errors import HvaeError
-from hvae_core.logs import native_log_filter
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 EXTRA = {"tensorflow": "hvae", "jax": "hvae[jax]", "torch": "hvae[torch]"}
-# Their native libraries log through absl, some of it while they load (hvae_core.logs).
+# Their native libraries log through absl, some of it while they load (backends.native_logs).
 ABSL_LOGGING = ("tensorflow", "jax")
 # XLA flags set for GPU runs unless $XLA_FLAGS already names them. Only flags NVIDIA's own JAX
 # containers set by default: XLA aborts the process on a flag it does not know, so each must be
@@ -72,7 +72,7 @@ def with_gpu_xla_flags(xla_flags: str) -> str:
 
 def import_backend(quiet_logs: bool = True) -> None:
     """Import Keras, and with it the backend ``select_backend`` chose. ``quiet_logs``: drop the
-    log lines the backend's native libraries print as they load (``hvae_core.logs``)."""
+    log lines the backend's native libraries print as they load (``native_logs``)."""
     if "keras" in sys.modules:
         return
     filtered = quiet_logs and os.environ.get("KERAS_BACKEND", "tensorflow") in ABSL_LOGGING

@@ -1,7 +1,7 @@
 """A run directory's life: created once and never reused, resumed under fixed rules, opened
 again to load the trained model.
 
-The files and their formats are :mod:`hvae_core.training.rundir`'s; this module says what may
+The files and their formats are :mod:`hvae_core.run.files`'s; this module says what may
 happen to them. Nothing here imports a Keras backend.
 """
 
@@ -11,70 +11,20 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvae_core.errors import HvaeError, PluginError, RunWarning
+from hvae_core.errors import HvaeError, RunWarning
+from hvae_core.run import checkpoint as checkpoint_meta
+from hvae_core.run import files as rundir
+from hvae_core.run import lock as runlock
+from hvae_core.run.checkpoint import RESUMABLE_SECTIONS
 
 Warn = Callable[[str], None]
 
-# Config sections a resumed run may change: how it trains and runs, never the model or data.
-RESUMABLE_SECTIONS = ("training", "run", "lr_schedule", "beta_schedule", "regularizer", "tracker")
-
-
-@dataclass(frozen=True)
-class PluginUse:
-    """One plugin a run used, as its checkpoint records it."""
-
-    kind: str
-    name: str
-    package: str
-    version: str
-
-
-def plugins_used(config: Any, registry: Any = None) -> list[PluginUse]:
-    """The plugins ``config`` selects (one per kind at most), with the installed package and
-    version of each: what a run records so that whoever loads it knows what to install."""
-    from hvae_core.config import SELECTOR
-    from hvae_core.plugins import get_registry
-
-    registry = registry or get_registry()
-    used = []
-    for kind in SELECTOR:
-        name = config.selected(kind)
-        if name is not None:
-            spec = registry.get(kind, name)
-            used.append(PluginUse(kind, name, spec.package, spec.version))
-    return used
-
-
-def check_plugins(recorded: Sequence[Mapping[str, str]], registry: Any = None) -> list[str]:
-    """Raise a :class:`PluginError` naming the package to install when a plugin the run used
-    is not installed; return one warning per plugin now installed at another version."""
-    from hvae_core.plugins import get_registry
-
-    registry = registry or get_registry()
-    warnings = []
-    for row in recorded:
-        use = PluginUse(**{k: str(row[k]) for k in ("kind", "name", "package", "version")})
-        if use.name not in registry.names(use.kind):
-            raise PluginError(
-                f"this run used the {use.kind} plugin '{use.name}' from the package "
-                f"{use.package} {use.version}, which is not installed",
-                hint=f"pip install '{use.package}=={use.version}'",
-            )
-        spec = registry.get(use.kind, use.name)
-        if spec.package != use.package or spec.version != use.version:
-            warnings.append(
-                f"the run used {use.kind} '{use.name}' from {use.package} {use.version}; "
-                f"installed is {spec.package} {spec.version}"
-            )
-    return warnings
-
 
 class RunDirectory:
-    """One run's directory (see :mod:`hvae_core.training.rundir` for its files)."""
+    """One run's directory (see :mod:`hvae_core.run.files` for its files)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -86,8 +36,6 @@ class RunDirectory:
         """A new directory under ``save_dir`` named after the dataset and the time (an
         existing directory is never reused), locked by this process (see :meth:`unlock`) and
         holding ``config``. When that cannot be written, nothing is left behind."""
-        from hvae_core.training import rundir, runlock
-
         run = cls(rundir.create_run_dir(save_dir, config.data.dataset))
         try:
             runlock.acquire(run.lock_path, warn or _warn)
@@ -102,14 +50,10 @@ class RunDirectory:
     def lock(self, warn: Warn | None = None) -> None:
         """Become the one process that writes this run (one line naming the holder when
         another one is), and remove what interrupted writes left behind."""
-        from hvae_core.training import runlock
-
         runlock.acquire(self.lock_path, warn or _warn)
         runlock.remove_stale_temporaries(self.path)
 
     def unlock(self) -> None:
-        from hvae_core.training import runlock
-
         runlock.release(self.lock_path)
 
     @contextlib.contextmanager
@@ -124,8 +68,6 @@ class RunDirectory:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> RunDirectory:
         """An existing run directory; one line of error when ``path`` is not one."""
-        from hvae_core.training import rundir
-
         run = cls(path)
         if not run.path.is_dir():
             raise HvaeError(
@@ -141,26 +83,19 @@ class RunDirectory:
 
     @property
     def lock_path(self) -> Path:
-        from hvae_core.training import runlock
-
         return self.path / runlock.LOCK
 
     @property
     def checkpoint_path(self) -> Path:
-        from hvae_core.training import rundir
-
         return self.path / rundir.CHECKPOINT
 
     def config(self, registry: Any = None, *, trackers: bool = True) -> Any:
         """The run's resolved config, as it trained (see ``load_run_config``)."""
         from hvae_core.config import load_run_config
-        from hvae_core.training import rundir
 
         return load_run_config(self.path / rundir.CONFIG, registry, trackers=trackers)
 
     def write_config(self, config: Any) -> None:
-        from hvae_core.training import rundir
-
         rundir.write_config(self.path, config)
 
     def resume_config(
@@ -194,8 +129,6 @@ class RunDirectory:
 
     def checkpoint_meta(self, checkpoint: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """The metadata of the run's checkpoint (or of ``checkpoint``), without its arrays."""
-        from hvae_core.training import rundir
-
         path = Path(checkpoint) if checkpoint is not None else self.checkpoint_path
         return rundir.read_checkpoint_meta(path)
 
@@ -203,8 +136,6 @@ class RunDirectory:
         """The checkpoint's metadata when ``config`` may continue it: one line, before any
         model is built, when the checkpoint is missing or invalid or was trained with another
         model or data config."""
-        from hvae_core.training import checkpoint_meta
-
         meta = self.checkpoint_meta()
         checkpoint_meta.refuse_other_config(meta, config, self.checkpoint_path)
         return meta
@@ -217,7 +148,5 @@ def _warn(message: str) -> None:
 def is_run_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` lies in a run directory (a folder holding a run's config): such files
     belong to the run and are never overwritten by other commands."""
-    from hvae_core.training import rundir
-
     folder = Path(path).resolve().parent
     return (folder / rundir.CONFIG).is_file() or (folder / rundir.CHECKPOINT).is_file()

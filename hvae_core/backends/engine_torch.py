@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 from keras import ops
 
-from hvae_core.errors import HvaeError
-from hvae_core.training.engine import (
+from hvae_core.backends.engine import (
     Engine,
     Runner,
     clip_and_skip,
@@ -32,7 +31,7 @@ from hvae_core.training.engine import (
     replica_seed_state,
     to_numpy,
 )
-from hvae_core.training.parallel import (
+from hvae_core.backends.parallel import (
     Launch,
     Parallel,
     Relaunch,
@@ -40,6 +39,7 @@ from hvae_core.training.parallel import (
     check_devices,
     replica_slice,
 )
+from hvae_core.errors import HvaeError
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:

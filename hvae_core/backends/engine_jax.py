@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from hvae_core.backends.engine import Engine, Runner, clip_and_skip, to_numpy
+from hvae_core.backends.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 from hvae_core.errors import HvaeError
-from hvae_core.training.engine import Engine, Runner, clip_and_skip, to_numpy
-from hvae_core.training.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:

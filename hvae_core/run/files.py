@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from hvae_core.errors import HvaeError
-from hvae_core.training import checkpoint_meta
+from hvae_core.run import checkpoint as checkpoint_meta
 
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG = "config.yaml"
@@ -190,7 +190,7 @@ def load_checkpoint(
     path: Path, batches_per_epoch: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A checkpoint's arrays and its validated metadata (see
-    :mod:`hvae_core.training.checkpoint_meta`; ``batches_per_epoch``: the epoch length its
+    :mod:`hvae_core.run.checkpoint`; ``batches_per_epoch``: the epoch length its
     position must lie within)."""
     values, meta = _read_checkpoint(path, arrays=True)  # its metadata validated on reading
     if batches_per_epoch is not None:
