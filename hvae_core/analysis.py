@@ -128,7 +128,7 @@ def write_figures(
             f"posterior in the top j layers, prior (t = {temperature:g}) below",
         )
         written.append(out / TOP_DOWN)
-        from hvae_core.backends.engine import to_unit_range
+        from hvae_core.model.pixels import to_unit_range
 
         batch = images[: model.batch_size]
         times = scale_times(model.model, to_unit_range(batch, model.num_bits))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from hvae_core.data import ImageArray, InMemoryDataset, LazyImages, resolve_data_dir
+from hvae_core.data.arrays import ImageArray, InMemoryDataset, LazyImages, resolve_data_dir
 from hvae_core.errors import ConfigError, HvaeError, PluginError
 from hvae_core.hookspecs import Register, hookimpl
 from hvae_core.interfaces import (

@@ -648,8 +648,9 @@ def sample(
     """Draw samples from a trained run (EMA weights); needs no dataset."""
     import numpy as np
 
+    from hvae_core import figures
+    from hvae_core.model.pixels import to_uint8
     from hvae_core.run import files as rundir
-    from hvae_core.training.trainer import to_uint8
 
     temps = _temperature_list(
         temperature,
@@ -665,7 +666,7 @@ def sample(
     levels = model.sample(
         num, temps[0] if len(temps) == 1 else temps, output_temperature, seed=seed
     )
-    rundir.save_grid(to_uint8(levels, model.num_bits), out_path)
+    figures.save_grid(to_uint8(levels, model.num_bits), out_path)
     if npz_path is not None:
         buffer = io.BytesIO()
         np.savez(buffer, samples=levels, num_bits=np.array(model.num_bits))

@@ -18,13 +18,14 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from hvae_core.data import sources
 from hvae_core.errors import ConfigError
 from hvae_core.hookspecs import KINDS
 from hvae_core.options import build_section, clipped, option, per_scale, section_to_dict
@@ -373,7 +374,6 @@ class Config:
     plugin_options: dict[str, Any]  # kind -> the chosen plugin's options instance
     image_size: int
     # The dataset, where resolving the config had to open it to learn its image size.
-    opened_dataset: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_scales(self) -> int:
@@ -633,52 +633,6 @@ def _none_if_none(value: Any) -> Any:
     return None if isinstance(value, str) and value.lower() == "none" else value
 
 
-def _image_size(spec: Any, options: Any) -> int | None:
-    """The image size the dataset's options or registration declare; None when its
-    ``image_size`` option is left null for the images to say."""
-    size = getattr(options, "image_size", None) or spec.info.get("image_size")
-    if size is None:
-        if hasattr(options, "image_size"):
-            return None
-        raise ConfigError(
-            f"dataset '{spec.name}' ({spec.package}) declares no image_size",
-            hint="its plugin must register image_size=N, or have an option image_size "
-            "(null: taken from its images)",
-        )
-    _check_power_of_two(size, f"dataset.image_size: got {size}")
-    return int(size)
-
-
-def _check_power_of_two(size: int, what: str) -> None:
-    if size < 1 or size & (size - 1):
-        raise ConfigError(
-            f"{what}, expected a power of two (scales halve down to 1x1)",
-            hint="e.g. 32 or 64; pad or resize the images to such a size",
-        )
-
-
-def _size_from_data(spec: Any, options: Any, data: DataConfig) -> tuple[Any, int]:
-    """(the opened dataset, its image size), for a dataset whose ``image_size`` option is null.
-
-    This is the one case where resolving a config opens a dataset; the :class:`Config` keeps it,
-    so ``open_dataset`` does not read the files again. The size goes into the option, so a run's
-    ``config.yaml`` records it and a trained model is rebuilt without the data.
-    """
-    from hvae_core.data import create_dataset
-
-    dataset = create_dataset(spec, options, data)
-    height, width, _ = tuple(dataset.image_shape)
-    what = f"dataset '{spec.name}' ({spec.package}) has {height}x{width} images"
-    if height != width:
-        raise ConfigError(
-            f"{what}; hvae models square images",
-            hint="crop or pad the images to a square whose side is a power of two",
-        )
-    _check_power_of_two(height, what)
-    options.image_size = height
-    return dataset, height
-
-
 def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None) -> Config:
     """Validate a raw nested mapping into a :class:`Config`."""
     registry = registry or get_registry()
@@ -704,10 +658,7 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
     dataset_spec = registry.get("dataset", data.dataset)
     with dataset_spec.reported("options"):
         dataset_options = build_section(dataset_spec.options, raw.get("dataset"), "dataset", None)
-    image_size = _image_size(dataset_spec, dataset_options)
-    opened_dataset = None
-    if image_size is None:
-        opened_dataset, image_size = _size_from_data(dataset_spec, dataset_options, data)
+    image_size = sources.image_size(dataset_spec, dataset_options, data)
     num_scales = int(math.log2(image_size)) + 1
 
     model = build_section(ModelConfig, raw.get("model"), "model", num_scales)
@@ -764,7 +715,6 @@ def build_config(raw: Mapping[str, Any], registry: PluginRegistry | None = None)
         run=run,
         plugin_options=plugin_options,
         image_size=image_size,
-        opened_dataset=opened_dataset,
     )
 
 

@@ -24,10 +24,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from hvae_core.backends.engine import to_unit_range
 from hvae_core.errors import HvaeError
 from hvae_core.model.hvae import HVAE, is_noise_seed
-from hvae_core.model.likelihood import to_levels
+from hvae_core.model.pixels import to_levels, to_unit_range
 from hvae_core.trained import checked_seed
 
 FORMATS = ("keras", "savedmodel")

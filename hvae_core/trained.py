@@ -81,7 +81,7 @@ class TrainedModel:
         prior's noise: one value, or one per latent layer (top first); ``output_temperature``
         the pixel likelihood's (0: the mode of each pixel's chosen component). ``seed`` makes
         the draw repeatable (None: the model's noise streams continue)."""
-        from hvae_core.model.likelihood import to_levels
+        from hvae_core.model.pixels import to_levels
 
         n = _count(n, "n")
         temps = self._temperatures(temperature)
@@ -120,7 +120,7 @@ class TrainedModel:
         ``latent_layers`` = j, only the top j layers take the posterior's latents and the
         layers below draw from the prior at ``temperature`` (0: a sample, all layers: a
         reconstruction): what each part of the hierarchy encodes."""
-        from hvae_core.model.likelihood import to_levels
+        from hvae_core.model.pixels import to_levels
 
         output_temperature = _non_negative(output_temperature, "output_temperature")
         temperature = _non_negative(temperature, "temperature")
@@ -290,7 +290,7 @@ class TrainedModel:
         return batch.astype(np.uint8)
 
     def _unit(self, batch: Any) -> Any:
-        from hvae_core.backends.engine import to_unit_range
+        from hvae_core.model.pixels import to_unit_range
 
         return to_unit_range(batch, self.num_bits)
 

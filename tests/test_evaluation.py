@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hvae_plugins.datasets.digits import digits_images
 
-from hvae_core.backends.engine import to_unit_range
 from hvae_core.config import resolve_config
 from hvae_core.model import decoder
 from hvae_core.model.evaluation import MEAN_SUM, SQUARE_SUM, add_terms, summarise, usage_line
 from hvae_core.model.hvae import HVAE
+from hvae_core.model.pixels import to_unit_range
 
 
 def test_active_units_are_the_dimensions_whose_posterior_mean_varies_over_images() -> None:

@@ -24,9 +24,8 @@ from hvae_core.model.likelihood import (
     dmol_log_prob,
     dmol_num_params,
     dmol_sample,
-    from_levels,
-    to_levels,
 )
+from hvae_core.model.pixels import from_levels, to_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = float(np.log(2.0))  # softplus_beta(0) == 1
@@ -599,7 +598,8 @@ PARITY_SCRIPT = textwrap.dedent(
     import sys
     import numpy as np
     import keras
-    from hvae_core.model.likelihood import dmol_log_prob, dmol_sample, to_levels
+    from hvae_core.model.likelihood import dmol_log_prob, dmol_sample
+    from hvae_core.model.pixels import to_levels
 
     sys.path.insert(0, sys.argv[3])  # this test module's helpers, for the gradients
     from test_likelihood import extreme_case, value_and_grad

@@ -18,11 +18,11 @@ from hvae_plugins.regularizers.augment import translate_and_flip
 from hvae_plugins.regularizers.cr_vae import TERM, consistency_kl, make_cr_vae
 
 from hvae_core.api import LayerStats, ModelOutputs
-from hvae_core.backends.engine import to_unit_range
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.model.hvae import HVAE
+from hvae_core.model.pixels import to_unit_range
 from hvae_core.run import files as rundir
 
 BITS = 4  # the digits' bit depth

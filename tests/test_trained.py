@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from hvae_plugins.datasets.digits import digits_images
 
-from hvae_core.backends.engine import make_runner, to_unit_range
+from hvae_core.backends.engine import make_runner
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.likelihood import dmol_log_prob
+from hvae_core.model.pixels import to_unit_range
 from hvae_core.run import RunDirectory
 from hvae_core.trained import TrainedModel
 

@@ -24,6 +24,7 @@ from keras import ops
 
 from hvae_core.backends.conv_gradients import canonical_conv_gradients
 from hvae_core.backends.parallel import Launch, Parallel
+from hvae_core.model.pixels import to_unit_range
 from hvae_core.model.repeat import Scan, loop_with
 
 METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
@@ -47,11 +48,6 @@ def noise_seed_variables(model: Any) -> list[Any]:
 def to_numpy(values: Any) -> Any:
     """Backend tensors, or any nesting of them, as numpy arrays."""
     return keras.tree.map_structure(lambda v: np.asarray(keras.ops.convert_to_numpy(v)), values)
-
-
-def to_unit_range(images: Any, num_bits: int) -> Any:
-    """uint8 levels -> float32 in [-1, 1] on the grid the likelihood scores."""
-    return ops.cast(images, "float32") * (2.0 / (2**num_bits - 1)) - 1.0
 
 
 def global_norm(grads: list[Any]) -> Any:

@@ -20,8 +20,9 @@ import math
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
+
+from hvae_core.model.pixels import from_levels, to_levels, top_level
 
 # Smallest component scale (PixelCNN++ clamps log s at -7).
 MIN_LOG_SCALE = -7.0
@@ -39,37 +40,6 @@ def dmol_num_params(channels: int, num_mixtures: int) -> int:
     """
     c, m = channels, num_mixtures
     return m + 2 * m * c + m * c * (c - 1) // 2
-
-
-def _top_level(num_bits: int) -> int:
-    """Highest level; the grid table below keeps bit depths to what images use."""
-    if not 1 <= num_bits <= 16:
-        raise ValueError(f"num_bits must be between 1 and 16, got {num_bits}")
-    return 2**num_bits - 1
-
-
-def to_levels(x: Any, num_bits: int) -> Any:
-    """Grid values in [-1, 1] -> integer levels ``0 .. 2**num_bits - 1`` (int32).
-
-    Rounds to the nearest level and clips, so values a float error off the grid map safely.
-    """
-    top = _top_level(num_bits)
-    x = ops.cast(x, "float32")
-    levels = ops.clip(ops.round((x + 1.0) * (top / 2.0)), 0.0, float(top))
-    return ops.cast(levels, "int32")
-
-
-def from_levels(levels: Any, num_bits: int) -> Any:
-    """Integer levels -> grid values ``2 k / (2**num_bits - 1) - 1`` (float32).
-
-    Looked up in a table of the correctly rounded float32 values: arithmetic would differ by an
-    ulp between backends (XLA turns the division into a multiplication by the reciprocal), and
-    sampling quantises through this function, so samples are bit-identical on every backend.
-    """
-    top = _top_level(num_bits)
-    table = (2.0 * np.arange(top + 1, dtype=np.float64) / top - 1.0).astype(np.float32)
-    levels = ops.clip(ops.cast(levels, "int32"), 0, top)
-    return ops.take(ops.convert_to_tensor(table), levels)
 
 
 def _quantise(x: Any, num_bits: int) -> Any:
@@ -135,7 +105,7 @@ def _discretized_logistic_log_prob(x: Any, mean: Any, log_scale: Any, num_bits: 
     Every branch is finite (with a finite gradient) wherever it is evaluated, so ``where`` never
     lets a NaN or inf from an unused branch reach the gradient.
     """
-    half = 1.0 / _top_level(num_bits)
+    half = 1.0 / top_level(num_bits)
     inv_scale = ops.exp(-log_scale)
     centred = x - mean
     plus_in = (centred + half) * inv_scale

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core import __version__
+from hvae_core import __version__, figures
 from hvae_core.backends.select import set_random_seed
 from hvae_core.errors import HvaeError, Interrupted
 from hvae_core.run import checkpoint as checkpoint_meta
@@ -461,7 +461,7 @@ class Trainer:
             with self.engine.noise_kept():
                 self.write_images()
         if self.writes:
-            rundir.plot_metrics(self.run_dir)
+            figures.plot_metrics(rundir.read_metrics(self.run_dir), self.run_dir)
         self._last_images = time.monotonic()
 
     # -- evaluation and images (EMA weights) --------------------------------------------------
@@ -504,7 +504,7 @@ class Trainer:
         """``n`` samples from the EMA model as uint8 levels of the dataset's bit depth."""
         import keras
 
-        from hvae_core.model.likelihood import to_levels
+        from hvae_core.model.pixels import to_levels
 
         def generate() -> Any:
             x = self.model.generate(
@@ -524,8 +524,7 @@ class Trainer:
         runs its ops on all processes), the chief saves them."""
         import keras
 
-        from hvae_core.backends.engine import to_unit_range
-        from hvae_core.model.likelihood import to_levels
+        from hvae_core.model.pixels import to_levels, to_uint8, to_unit_range
 
         bits = self.dataset.num_bits
         samples = self.sample(NUM_SAMPLES, SAMPLE_TEMPERATURE)
@@ -542,8 +541,8 @@ class Trainer:
         if not self.writes:
             return
         grids = {
-            "samples": rundir.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png"),
-            "reconstructions": rundir.save_grid(
+            "samples": figures.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png"),
+            "reconstructions": figures.save_grid(
                 np.concatenate([to_uint8(originals, bits), to_uint8(recon, bits)]),
                 self.run_dir / "reconstructions.png",
                 columns=len(originals),
@@ -599,12 +598,6 @@ def out_of_memory_is_one_line(hint: str, doing: str) -> Iterator[None]:
         if not is_out_of_memory(exc):
             raise
         raise out_of_memory_error(exc, doing, hint) from None
-
-
-def to_uint8(levels: np.ndarray, bits: int) -> np.ndarray:
-    """Levels of a ``bits``-bit image as 8-bit pixels, for viewing."""
-    levels = np.asarray(levels).astype(np.float64)
-    return np.rint(levels * 255.0 / (2**bits - 1)).astype(np.uint8)
 
 
 def _device_name(backend: str) -> str:
