@@ -56,12 +56,8 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from hvae_core.backends.engine import make_engine
-    from hvae_core.backends.select import set_random_seed
     from hvae_core.config import resolve_config
-    from hvae_core.model.hvae import HVAE
-    from hvae_core.plugins import get_registry
-    from hvae_core.training.optim import make_optimizer
+    from hvae_core.training.setup import build_engine
 
     images = digits_rgb()
     batches_per_epoch = len(images) // args.batch_size
@@ -69,13 +65,11 @@ def main() -> None:
 
     def build(unit: str, seed: int):
         cfg = resolve_config(
-            "cifar10", {"dataset": "digits"}, [*base, f"training.grad_norm_unit={unit}"]
+            "cifar10",
+            {"dataset": "digits", "seed": seed},
+            [*base, f"training.grad_norm_unit={unit}"],
         )
-        set_random_seed(seed)
-        model = HVAE(cfg, (8, 8, 3), 8, seed=seed)
-        model.build_weights()
-        optimizer = make_optimizer(cfg, batches_per_epoch, get_registry())
-        return cfg, make_engine(model, optimizer, cfg)
+        return cfg, build_engine(cfg, (8, 8, 3), 8, steps_per_epoch=batches_per_epoch)
 
     # One compiled engine per convention; each seed's initial state is loaded into it.
     engines = {unit: build(unit, 0) for unit in args.units}

@@ -87,16 +87,10 @@ def conv_layout(name: str) -> Iterator[None]:
 
 
 def build_engine(config: Any, shape: tuple[int, int, int]) -> Any:
-    from hvae_core.backends.engine import make_engine
-    from hvae_core.backends.select import set_random_seed
-    from hvae_core.model.hvae import HVAE
-    from hvae_core.plugins import get_registry
-    from hvae_core.training.optim import make_optimizer
+    from hvae_core.training import setup
 
-    set_random_seed(0)  # the same weights for every engine of a model
-    model = HVAE(config, shape, 8, seed=0)
-    model.build_weights()
-    return make_engine(model, make_optimizer(config, 1000, get_registry()), config)
+    # The run's seed: the same weights for every engine of a model.
+    return setup.build_engine(config, shape, 8, steps_per_epoch=1000)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -77,7 +77,6 @@ def main() -> None:
     import numpy as np
 
     from hvae_core.config import resolve_config
-    from hvae_core.plugins import get_registry
 
     flags = {"batch_size": args.batch_size, "backend": args.backend}
     cfg = resolve_config(args.config, flags, args.overrides)
@@ -91,11 +90,9 @@ def main() -> None:
             channels = 3
     import keras
 
-    from hvae_core.backends.engine import make_engine, setup_parallel
+    from hvae_core.backends.engine import setup_parallel
     from hvae_core.backends.parallel import Relaunch, launch_from_env
-    from hvae_core.backends.select import set_random_seed
-    from hvae_core.model.hvae import HVAE
-    from hvae_core.training.optim import make_optimizer
+    from hvae_core.training.setup import build_engine
 
     try:
         parallel = setup_parallel(args.devices, launch_from_env(), 120)
@@ -106,12 +103,8 @@ def main() -> None:
         command += [f"--nproc-per-node={relaunch.processes}", *sys.argv]
         sys.exit(subprocess.run(command, check=False).returncode)
     size, batch = cfg.image_size, cfg.training.batch_size
-    set_random_seed(0)  # every process starts from the same weights
-    with parallel.scope():
-        model = HVAE(cfg, (size, size, channels), 8, seed=0)
-        model.build_weights()
-        optimizer = make_optimizer(cfg, 1000, get_registry())
-        engine = make_engine(model, optimizer, cfg, None, parallel)
+    # Every process starts from the same weights (the run's seed).
+    engine = build_engine(cfg, (size, size, channels), 8, steps_per_epoch=1000, parallel=parallel)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -129,7 +122,7 @@ def main() -> None:
         "batch_size_div": cfg.training.batch_size_div,
         "devices": parallel.replicas,
         "image_shape": [size, size, channels],
-        "parameters": model.count_params(),
+        "parameters": engine.model.count_params(),
         "jit": cfg.run.jit,
         "precision": cfg.model.precision,
         "warmup_seconds": round(compile_s, 2),

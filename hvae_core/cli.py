@@ -371,12 +371,14 @@ def _train(
     flags: dict[str, Any],
     held: contextlib.ExitStack,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Build and run the trainer of a new or resumed run; the run directory stays locked
-    (``held``) while this process may write it."""
+    """Build and run the trainer of a new or resumed run, in one pass downward: config -> run
+    (planned: the save directory checked, or the checkpoint read once) -> backend -> parts ->
+    run (begun) -> trainer. The run directory stays locked (``held``) while this process may
+    write it."""
     from hvae_core.run import RunDirectory
-    from hvae_core.run import files as rundir
 
     writes = parallel_env.chief_from_env()  # only process 0 writes, and locks
+    checkpoint = None
     if resume is not None:
         run = RunDirectory.open(resume)
         cfg = run.resume_config(config, overrides, flags)
@@ -387,23 +389,26 @@ def _train(
             )
         if writes:
             held.enter_context(run.writing(_warning))
-        run.resumable_meta(cfg)  # a missing or unfitting checkpoint: before the model is built
+        # Read and checked once, before the model is built: missing, invalid, or another model.
+        checkpoint = run.read_checkpoint(cfg)
     else:
         cfg = _resolve(config, overrides, **flags)
-        if writes and cfg.run.save:
-            rundir.prepare_save_dir(cfg.run.save_dir)  # its errors: before the model is built
-    trainer = _trainer(cfg, quiet, verbose)
-    held.callback(trainer.parallel.close)
-    chief = trainer.parallel.is_chief
-    if resume is not None:
-        trainer.run_dir = run.path
-        trainer.restore()
-        if chief:
-            run.write_config(cfg)
-    elif chief and cfg.run.save:
-        run = RunDirectory.create(cfg.run.save_dir, cfg, _warning)
+        run = RunDirectory.planned(cfg.run.save_dir) if writes and cfg.run.save else None
+    parts = _assemble(cfg, verbose)
+    held.callback(parts.parallel.close)
+    if not parts.parallel.is_chief:
+        run = None
+    elif checkpoint is not None:
+        run.write_config(cfg)
+    elif run is not None:
+        run.begin(cfg, _warning)
         held.callback(run.unlock)
-        trainer.run_dir = run.path
+    from hvae_core.training.trainer import Trainer
+
+    trainer = Trainer(parts, run, quiet=quiet)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        del checkpoint  # its arrays are in the engine now
     return trainer, trainer.fit()
 
 
@@ -428,7 +433,9 @@ def _relaunch_with_torchrun(processes: int) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def _trainer(cfg: Any, quiet: bool, verbose: bool) -> Any:
+def _assemble(cfg: Any, verbose: bool) -> Any:
+    """The run's parts, on the backend it names (started here, its native logs hidden unless
+    ``verbose``)."""
     from hvae_core.backends import native_logs as logs
     from hvae_core.backends.select import import_backend, select_backend
 
@@ -437,9 +444,9 @@ def _trainer(cfg: Any, quiet: bool, verbose: bool) -> Any:
         logs.quiet_native_logs()
     select_backend(cfg.run.backend, cfg.run.gpus)
     import_backend(quiet_logs)
-    from hvae_core.training.trainer import Trainer
+    from hvae_core.training.setup import assemble
 
-    return Trainer(cfg, quiet=quiet)
+    return assemble(cfg)
 
 
 def _load(run_dir: str, checkpoint: str | None, backend: str | None, verbose: bool) -> Any:
@@ -666,7 +673,7 @@ def sample(
     levels = model.sample(
         num, temps[0] if len(temps) == 1 else temps, output_temperature, seed=seed
     )
-    figures.save_grid(to_uint8(levels, model.num_bits), out_path)
+    rundir.atomic_write_bytes(out_path, figures.grid_png(to_uint8(levels, model.num_bits))[0])
     if npz_path is not None:
         buffer = io.BytesIO()
         np.savez(buffer, samples=levels, num_bits=np.array(model.num_bits))

@@ -1,14 +1,12 @@
-"""Every picture hvae writes: image grids and metric plots (PNG, written atomically)."""
+"""Every picture hvae draws: image grids and metric plots, as PNG bytes (whoever owns the
+file writes them: a run directory, ``hvae sample``)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from hvae_core.run.files import atomic_write_bytes
 
 
 def grid_pixels(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -28,9 +26,9 @@ def grid_pixels(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> np.ndarray:
-    """uint8 NHWC images as one PNG grid (grayscale stays grayscale), written atomically;
-    returns the grid's pixels (see :func:`grid_pixels`)."""
+def grid_png(images: np.ndarray, columns: int | None = None) -> tuple[bytes, np.ndarray]:
+    """uint8 NHWC images as one PNG grid (grayscale stays grayscale): (the PNG file's bytes,
+    the grid's pixels; see :func:`grid_pixels`)."""
     import io
 
     from PIL import Image
@@ -39,12 +37,11 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> np.
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-    return grid
+    return buffer.getvalue(), grid
 
 
-def plot_metrics(rows: list[dict[str, Any]], folder: Path) -> None:
-    """loss.png (train and val bpd) and grad_norm.png in ``folder``, from metrics rows."""
+def metric_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """loss.png (train and val bpd) and grad_norm.png from metrics rows: file name -> PNG."""
     import io
 
     import matplotlib
@@ -53,7 +50,7 @@ def plot_metrics(rows: list[dict[str, Any]], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     if not rows:
-        return
+        return {}
     epochs = [r["epoch"] for r in rows]
     unit = rows[-1].get("grad_norm_unit")  # absent from rows written before it existed
     plots = {
@@ -63,6 +60,7 @@ def plot_metrics(rows: list[dict[str, Any]], folder: Path) -> None:
             f"gradient norm ({unit})" if unit else "gradient norm",
         ),
     }
+    pngs = {}
     for name, (keys, label) in plots.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
@@ -76,4 +74,5 @@ def plot_metrics(rows: list[dict[str, Any]], folder: Path) -> None:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
-        atomic_write_bytes(folder / name, buffer.getvalue())
+        pngs[name] = buffer.getvalue()
+    return pngs

@@ -13,7 +13,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -313,11 +312,10 @@ def load(
     from hvae_core.backends import native_logs as logs
     from hvae_core.backends.select import import_backend, select_backend
     from hvae_core.run import checkpoint as checkpoint_meta
-    from hvae_core.run import files as rundir
 
     run = RunDirectory.open(run_dir)
-    path = Path(checkpoint) if checkpoint is not None else run.checkpoint_path
-    meta = run.checkpoint_meta(path)
+    saved = run.read_checkpoint(checkpoint=checkpoint)  # read once: metadata and arrays
+    path, meta = saved.path, saved.meta
     for message in check_plugins(meta.get("plugins", []), registry):
         warnings.warn(message, RunWarning, stacklevel=2)
     config = run.config(registry, trackers=False)  # a model logs nothing: none need be installed
@@ -342,8 +340,7 @@ def load(
     if quiet:
         logs.quiet_native_logs()
     import_backend(quiet)
-    arrays, _ = rundir.load_checkpoint(path)
-    model = _build(config, meta, arrays, registry)
+    model = _build(config, meta, saved.arrays, registry)
     from hvae_core.backends.engine import make_runner
 
     runner = make_runner(model, config.run.jit if jit is None else bool(jit))

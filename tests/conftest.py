@@ -81,3 +81,15 @@ def example_distribution(root: Path) -> Path:
     return write_distribution(
         root, "hvae-example-plugins", "0.1.0", {"example": "hvae_example_plugins"}
     )
+
+
+def trainer_with_run(config, folder: Path):
+    """A Trainer of ``config`` writing to a new run directory ``folder`` (made, config written),
+    as ``hvae train`` would begin it, without the save-dir naming or the lock."""
+    from hvae_core.run import RunDirectory
+    from hvae_core.training.trainer import Trainer
+
+    folder.mkdir(parents=True)
+    run = RunDirectory(folder)
+    run.write_config(config)
+    return Trainer(config, run, quiet=True)

@@ -12,22 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import trainer_with_run
 
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
-from hvae_core.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run directory with an untrained tiny model's checkpoint: what an export reads."""
     cfg = resolve_config("tiny", overrides=["run.jit=false"])
-    trainer = Trainer(cfg, quiet=True)
-    trainer.run_dir = tmp_path_factory.mktemp("export") / "run"
-    trainer.run_dir.mkdir()
-    from hvae_core.run import files as rundir
-
-    rundir.write_config(trainer.run_dir, cfg)
+    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("export") / "run")
     trainer.save()
     return trainer.run_dir
 

@@ -28,6 +28,7 @@ from hvae_core.errors import ConfigError
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.layout import scales
 from hvae_core.plugins import get_registry
+from hvae_core.run import RunDirectory
 from hvae_core.run import files as rundir
 from hvae_core.training.trainer import Trainer
 
@@ -629,8 +630,10 @@ def test_train_with_a_flow(flow, tmp_path) -> None:
     [run_dir] = list(tmp_path.iterdir())
     check_run(run_dir, result.stderr, flow)
     # The trained flows' KL, over many posterior samples of one digit, per block.
-    trainer = Trainer(resolve_config(run_dir / "config.yaml"), run_dir=run_dir, quiet=True)
-    trainer.restore()
+    cfg = resolve_config(run_dir / "config.yaml")
+    run = RunDirectory(run_dir)
+    trainer = Trainer(cfg, run, quiet=True)
+    trainer.restore(run.read_checkpoint(cfg))
     n = 4000
     for b in flow_blocks_on_one_image(trainer.model, n):
         assert_kl_estimates_are_consistent(b)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import trainer_with_run
 from safetensors.numpy import save_file
 from test_hostile_input import assert_one_line_error
 
@@ -43,7 +44,7 @@ def never_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(cli_module, "_trainer", refuse)
+    monkeypatch.setattr(cli_module, "_assemble", refuse)
 
 
 def config_only_run(tmp_path: Path, name: str = "run") -> Path:
@@ -361,13 +362,9 @@ def test_analyze_refuses_a_seed_out_of_range_before_loading(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """A trainer of the tiny preset and its run directory, checkpointed before any step."""
-    from hvae_core.training.trainer import Trainer
 
     cfg = resolve_config("tiny", {"epochs": 1}, FAST)
-    trainer = Trainer(cfg, quiet=True)
-    trainer.run_dir = tmp_path_factory.mktemp("runs") / "run"
-    trainer.run_dir.mkdir()
-    rundir.write_config(trainer.run_dir, cfg)
+    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("runs") / "run")
     trainer.save()
     return trainer
 
@@ -393,12 +390,12 @@ def edit_activation(run_dir: Path) -> None:
 
 
 def restore_from(trainer, run_dir: Path) -> None:
-    saved = trainer.run_dir
-    trainer.run_dir = run_dir
+    saved = trainer.run
+    trainer.run = RunDirectory(run_dir)
     try:
-        trainer.restore()
+        trainer.restore(trainer.run.read_checkpoint(trainer.config))
     finally:
-        trainer.run_dir = saved
+        trainer.run = saved
 
 
 def test_a_checkpoint_records_the_fingerprint_of_its_model_and_data(trainer) -> None:
@@ -431,7 +428,31 @@ def trainer_meta(run_dir: Path) -> dict:
 def test_a_training_option_may_still_change_on_resume(trainer, tmp_path) -> None:
     run_dir = copy_run(trainer, tmp_path)
     cfg = RunDirectory(run_dir).resume_config(None, ["training.learning_rate=0.001"], {})
-    assert RunDirectory(run_dir).resumable_meta(cfg)["fingerprint"]
+    assert RunDirectory(run_dir).read_checkpoint(cfg).meta["fingerprint"]
+
+
+def test_a_resume_reads_the_checkpoint_once(trainer, tmp_path, monkeypatch) -> None:
+    """The checkpoint is read (arrays and metadata) and validated once per resume, before the
+    model is built, and the trainer restores from that one read."""
+    run_dir = copy_run(trainer, tmp_path)
+    reads, parses = [], []
+    real_read, real_parse = rundir._read_checkpoint, checkpoint_meta.parse
+
+    def counted_read(path, arrays):
+        reads.append((Path(path).name, arrays))
+        return real_read(path, arrays)
+
+    def counted_parse(text, path):
+        parses.append(Path(path).name)
+        return real_parse(text, path)
+
+    monkeypatch.setattr(rundir, "_read_checkpoint", counted_read)
+    monkeypatch.setattr(checkpoint_meta, "parse", counted_parse)
+    result = run("train", "--resume", str(run_dir), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert reads == [(rundir.CHECKPOINT, True)]
+    assert parses == [rundir.CHECKPOINT]
+    assert rundir.read_metrics(run_dir)[-1]["epoch"] == 1
 
 
 def test_a_checkpoint_without_a_fingerprint_still_resumes(trainer, tmp_path) -> None:
@@ -484,13 +505,13 @@ def test_a_failed_checkpoint_write_keeps_the_old_one_byte_for_byte(
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(rundir.os, "fsync", fail)
-    saved = trainer.run_dir
-    trainer.run_dir = run_dir
+    saved = trainer.run
+    trainer.run = RunDirectory(run_dir)
     try:
         with pytest.raises(HvaeError, match=f"could not write .*{os.strerror(code)}"):
             trainer.save()
     finally:
-        trainer.run_dir = saved
+        trainer.run = saved
     assert snapshot(run_dir) == before  # and no temporary file is left beside it
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(before)
 

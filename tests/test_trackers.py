@@ -22,6 +22,7 @@ from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError
 from hvae_core.interfaces import Tracker
 from hvae_core.plugins import get_registry
+from hvae_core.run import RunDirectory
 from hvae_core.training.trainer import Trainer
 
 
@@ -231,6 +232,5 @@ def test_a_tracker_that_cannot_start_is_one_clear_error(tmp_path) -> None:
         pytest.raises(HvaeError, match=expected),
     ):
         cfg = resolve_config("tiny", {"epochs": 0, "tracker": ["broken"]}, ["run.jit=false"])
-        trainer = Trainer(cfg, quiet=True)
-        trainer.run_dir = tmp_path
+        trainer = Trainer(cfg, RunDirectory(tmp_path), quiet=True)
         trainer.fit()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from backends import run_hvae, run_on_backend
 from click.testing import CliRunner
+from conftest import trainer_with_run
 from hvae_plugins.datasets.digits import digits_images
 from PIL import Image
 from tracking import FailingTracker, events, factory_for, scalars
@@ -423,11 +424,7 @@ def test_swapping_the_ema_on_jax_exchanges_the_state_arrays(tmp_path) -> None:
 
 def train_run(tmp_path: Path, name: str, *overrides: str, epochs: int = 2) -> Trainer:
     cfg = resolve_config("tiny", {"epochs": epochs}, [*FAST, *overrides])
-    trainer = Trainer(cfg, quiet=True)
-    trainer.run_dir = tmp_path / name
-    trainer.run_dir.mkdir()
-    rundir.write_config(trainer.run_dir, cfg)
-    return trainer
+    return trainer_with_run(cfg, tmp_path / name)
 
 
 @pytest.fixture(scope="module")
@@ -491,9 +488,8 @@ def test_resume_continues_exactly(trained, tmp_path) -> None:
     first = train_run(tmp_path, "halves", epochs=1)
     first.fit()
     cfg = resolve_config("tiny", {"epochs": 2}, FAST)
-    second = Trainer(cfg, quiet=True)
-    second.run_dir = first.run_dir
-    second.restore()
+    second = Trainer(cfg, first.run, quiet=True)
+    second.restore(first.run.read_checkpoint(cfg))
     resumed_rows = second.fit()
     assert len(resumed_rows) == 2
     for a, b in zip(straight_rows, resumed_rows, strict=True):

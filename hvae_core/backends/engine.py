@@ -24,6 +24,7 @@ from keras import ops
 
 from hvae_core.backends.conv_gradients import canonical_conv_gradients
 from hvae_core.backends.parallel import Launch, Parallel
+from hvae_core.errors import HvaeError
 from hvae_core.model.pixels import to_unit_range
 from hvae_core.model.repeat import Scan, loop_with
 
@@ -345,5 +346,36 @@ def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
     return backend_module().setup_parallel(devices, launch, timeout)
 
 
-def nan_to_inf(value: float) -> float:
-    return value if math.isfinite(value) else math.inf
+def device_name() -> str:
+    """The device the active backend computes on, for the start-up line ("CPU", "GPU")."""
+    try:
+        return backend_module().device_name()
+    except Exception:  # the device name is informative only
+        return "unknown device"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure of the host or of the active backend."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        return bool(backend_module().is_out_of_memory(exc))
+    except ValueError:  # no supported backend is active
+        return False
+
+
+def out_of_memory_error(exc: BaseException, where: str, hint: str) -> HvaeError:
+    """The one line for a backend's allocation failure ``where`` (see
+    :func:`is_out_of_memory`)."""
+    return HvaeError(f"out of memory {where} ({type(exc).__name__})", hint=hint)
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(hint: str, doing: str) -> Iterator[None]:
+    """Turn an allocation failure of the block into :func:`out_of_memory_error`."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_error(exc, doing, hint) from None

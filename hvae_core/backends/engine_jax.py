@@ -273,3 +273,13 @@ class JaxRunner(Runner):
 
 ENGINE = JaxEngine
 RUNNER = JaxRunner
+
+
+def device_name() -> str:
+    """What the start-up line calls the device a run computes on."""
+    return str(jax.devices()[0].platform).upper()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """XLA's allocation failure, as JAX raises it."""
+    return "RESOURCE_EXHAUSTED" in str(exc)

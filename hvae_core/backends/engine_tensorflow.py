@@ -306,3 +306,13 @@ class TensorFlowRunner(Runner):
 
 ENGINE = TensorFlowEngine
 RUNNER = TensorFlowRunner
+
+
+def device_name() -> str:
+    """What the start-up line calls the device a run computes on."""
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """TensorFlow's allocation failure (a ResourceExhaustedError, or XLA's status text)."""
+    return type(exc).__name__ == "ResourceExhaustedError" or "RESOURCE_EXHAUSTED" in str(exc)

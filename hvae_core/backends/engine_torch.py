@@ -205,3 +205,13 @@ class TorchRunner(Runner):
 
 ENGINE = TorchEngine
 RUNNER = TorchRunner
+
+
+def device_name() -> str:
+    """What the start-up line calls the device a run computes on."""
+    return "GPU" if torch.cuda.is_available() else "CPU"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failure (its OutOfMemoryError, or the allocator's message)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()

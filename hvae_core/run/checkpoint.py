@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,27 @@ def parse(text: str | None, path: Path) -> dict[str, Any]:
 # -- the fingerprint of what a resume must not change ---------------------------------------
 
 
+def metadata(
+    position: Mapping[str, Any],
+    num_bits: int,
+    image_shape: Sequence[int],
+    plugins: Sequence[PluginUse],
+    config: Any,
+) -> dict[str, Any]:
+    """What a checkpoint records beside its arrays (the schema above): where the run stands,
+    the data's shape and bit depth, the hvae version, the plugins used, the fingerprint."""
+    from hvae_core import __version__
+
+    return {
+        "position": dict(position),
+        "num_bits": int(num_bits),
+        "image_shape": [int(n) for n in image_shape],
+        "hvae_version": __version__,
+        "plugins": [asdict(use) for use in plugins],
+        **fingerprint_fields(config),
+    }
+
+
 def fingerprinted_sections(config: Any) -> dict[str, Any]:
     """The config sections that make the model and its data (all but
     :data:`~hvae_core.run.RESUMABLE_SECTIONS`), in their JSON form."""
@@ -238,10 +259,17 @@ def differences(meta: Mapping[str, Any], config: Any) -> list[str]:
     stored = meta.get("fingerprint_config")
     if not isinstance(stored, dict):
         return ["(the fingerprint; the checkpoint does not say which keys)"]
+    return model_and_data_changes(stored, sections)
+
+
+def model_and_data_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The one rule for "the same model and data?": the dotted keys of the fingerprinted
+    sections (see :func:`fingerprinted_sections`) whose value in ``old`` differs in ``new``.
+    Options only ``new`` has (added by a later hvae, at their default) do not count."""
     changed = []
-    for name in sorted(set(stored) | set(sections)):
-        old, new = stored.get(name) or {}, sections.get(name) or {}
-        changed += [f"{name}.{k}" for k in sorted(old) if old[k] != new.get(k, _ABSENT)]
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name) or {}, new.get(name) or {}
+        changed += [f"{name}.{k}" for k in sorted(before) if before[k] != after.get(k, _ABSENT)]
     return changed
 
 

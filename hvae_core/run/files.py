@@ -31,8 +31,9 @@ METRICS = "metrics.jsonl"
 
 
 def create_run_dir(save_dir: str | os.PathLike[str], stem: str) -> Path:
-    """A new directory under ``save_dir``; an existing one is never reused."""
-    root = prepare_save_dir(save_dir)
+    """A new directory under ``save_dir`` (checked by :func:`prepare_save_dir`); an existing
+    one is never reused."""
+    root = Path(save_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from hvae_core import __version__, figures
-from hvae_core.backends.select import set_random_seed
 from hvae_core.errors import HvaeError, Interrupted
+from hvae_core.run import RunDirectory
 from hvae_core.run import checkpoint as checkpoint_meta
-from hvae_core.run import files as rundir
-from hvae_core.run import plugins_used
+from hvae_core.run.directory import Checkpoint
+from hvae_core.run.files import json_row
 from hvae_core.training.progress import Reporter
 
 SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
@@ -46,82 +45,38 @@ class Position:
 
 
 class Trainer:
-    def __init__(
-        self, config: Any, run_dir: Path | None = None, quiet: bool = False, registry: Any = None
-    ) -> None:
-        from hvae_core.backends.engine import make_engine, setup_parallel
-        from hvae_core.backends.parallel import batch_groups, check_batch, launch_from_env
-        from hvae_core.data import BatchStream, batch_transform, open_dataset
-        from hvae_core.model.hvae import HVAE
-        from hvae_core.plugins import get_registry
-        from hvae_core.training.optim import make_optimizer
+    """The training loop of a run assembled by :func:`hvae_core.training.setup.assemble`
+    (``parts``; a config is assembled here), writing to ``run`` (None: nothing is written,
+    as on every process but the chief, or with ``run.save`` false)."""
 
-        setup_started = time.monotonic()
-        self.config = config
-        self.run_dir: Path = run_dir  # type: ignore[assignment]  # set before fit() or save()
-        registry = registry or get_registry()
-        self.plugins = plugins_used(config, registry)
-        training = config.training
-        # First: the distributed engine must be up before any weight exists.
-        self.parallel = setup_parallel(
-            config.run.devices, launch_from_env(), config.run.connect_timeout
-        )
+    def __init__(
+        self,
+        parts: Any,
+        run: RunDirectory | None = None,
+        *,
+        quiet: bool = False,
+        registry: Any = None,
+    ) -> None:
+        from hvae_core.training.setup import Parts, assemble
+
+        if not isinstance(parts, Parts):
+            parts = assemble(parts, registry)
+        self.parts = parts
+        self.config = config = parts.config
+        self.run = run
+        self.plugins = parts.plugins
+        self.parallel = parts.parallel
         self.reporter = Reporter(quiet, silent=not self.parallel.is_chief)
-        # Only process 0 writes, and only when the run is kept (run.save).
-        self.writes = self.parallel.is_chief and config.run.save
-        # Trackers go with the writing: loaded now, before the model is built, so that one
-        # whose package is missing stops the run at once; started by fit(), on the run dir.
-        tracker_specs = [registry.get("tracker", name) for name in config.run.trackers]
-        self._tracker_factories = [(s, s.load()) for s in tracker_specs if self.writes]
+        self.writes = self.parallel.is_chief and run is not None
+        self._tracker_factories = parts.tracker_factories if self.writes else []
         self.trackers: list[tuple[Any, Any]] = []  # (spec, tracker) of those still working
         self._new_images: dict[str, np.ndarray] = {}  # grids written since the last epoch row
         self.rows: list[dict[str, Any]] = []  # this session's epochs, kept or not
-        self.regularizer = None
-        if training.regularizer is not None:
-            spec = registry.get("regularizer", training.regularizer)
-            self.regularizer = spec.create(config.options("regularizer"), training)
-        check_batch(
-            training.batch_size,
-            training.batch_size_div,
-            batch_groups(self.regularizer),
-            self.parallel.replicas,
-        )
-        self.dataset = open_dataset(config, registry)
-        train = self.dataset.load("train")
-        self.val = self.dataset.load("val")
-        self.stream = BatchStream(
-            train,
-            training.batch_size,
-            shuffle=True,
-            seed=training.seed,
-            flip=config.data.random_flip,
-            transform=batch_transform(self.dataset),
-        )
-        self.steps_per_epoch = len(self.stream)
-        if self.steps_per_epoch == 0:
-            raise HvaeError(
-                f"the training split has {len(train)} images, fewer than one batch of "
-                f"{training.batch_size}",
-                hint="lower --batch-size",
-            )
-        set_random_seed(training.seed)  # the same seed, the same initial weights
-        building = out_of_memory_is_one_line(BUILD_OOM_HINT, "building the model")
-        with self.parallel.scope(), building:
-            self.model = HVAE(
-                config,
-                self.dataset.image_shape,
-                self.dataset.num_bits,
-                registry=registry,
-                seed=training.seed,
-            )
-            self.model.build_weights()
-            optimizer = make_optimizer(config, self.steps_per_epoch, registry)
-            self.engine = make_engine(
-                self.model, optimizer, config, self.regularizer, self.parallel
-            )
-        self.beta_schedule = registry.get("beta-schedule", training.beta_schedule).create(
-            config.options("beta-schedule"), training, self.steps_per_epoch
-        )
+        self.regularizer = parts.regularizer
+        self.dataset, self.val, self.stream = parts.dataset, parts.val, parts.stream
+        self.steps_per_epoch = parts.steps_per_epoch
+        self.model, self.engine = parts.model, parts.engine
+        self.beta_schedule = parts.beta_schedule
         self.position = Position()
         self._pending: tuple[dict[str, Any], int] | None = None  # a dispatched step's metrics
         self._last_finish = time.monotonic()
@@ -129,7 +84,13 @@ class Trainer:
         self._last_images = time.monotonic()
         # Where a run's wall time goes, printed when it ends.
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
-        self.phase_seconds["set-up"] = time.monotonic() - setup_started
+        self.phase_seconds["set-up"] = parts.setup_seconds
+        del config
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory's path (None where this trainer writes none)."""
+        return self.run.path if self.run is not None else None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -142,42 +103,42 @@ class Trainer:
         state = self.engine.state()  # every process: reading a distributed state may need all
         if not self.writes:
             return
-        rundir.save_checkpoint(
-            self.run_dir / rundir.CHECKPOINT,
+        self.run.save_checkpoint(
             state,
-            {
-                "position": asdict(self.position),
-                "num_bits": self.dataset.num_bits,
-                "image_shape": list(self.dataset.image_shape),
-                "hvae_version": __version__,
-                "plugins": [asdict(use) for use in self.plugins],
-                **checkpoint_meta.fingerprint_fields(self.config),
-            },
+            checkpoint_meta.metadata(
+                asdict(self.position),
+                self.dataset.num_bits,
+                self.dataset.image_shape,
+                self.plugins,
+                self.config,
+            ),
         )
         self._last_save = time.monotonic()
 
-    def restore(self) -> None:
-        path = self.run_dir / rundir.CHECKPOINT
-        arrays, meta = rundir.load_checkpoint(path, self.steps_per_epoch)
-        checkpoint_meta.refuse_other_config(meta, self.config, path)
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint`` (read and checked once, by
+        :meth:`RunDirectory.read_checkpoint`): weights, optimizer, EMA and position."""
+        checkpoint_meta.check_position(checkpoint.meta, checkpoint.path, self.steps_per_epoch)
         try:
-            self.engine.load_state(arrays)
+            self.engine.load_state(checkpoint.arrays)
         except ValueError as exc:
             raise HvaeError(
-                f"checkpoint in {self.run_dir} does not fit this model: {exc}",
+                f"checkpoint {checkpoint.path} does not fit this model: {exc}",
                 hint="was config.yaml edited after the run started?",
             ) from None
-        self.position = Position(**meta["position"])
+        self.position = Position(**checkpoint.meta["position"])
         if self.writes:
-            rundir.truncate_metrics(self.run_dir, self.position.epoch)
+            self.run.truncate_metrics(self.position.epoch)
 
     # -- the run ----------------------------------------------------------------------------
 
     def summary(self) -> str:
         import keras
 
+        from hvae_core.backends.engine import device_name
+
         backend = keras.backend.backend()
-        device = _device_name(backend)
+        device = device_name()
         return (
             f"hvae: backend {backend} on {device}, {self.parallel.describe()}; "
             f"{self.model.count_params():,} parameters{_flows_note(self.model)}, "
@@ -199,6 +160,8 @@ class Trainer:
                 if row is None:
                     break
         except Exception as exc:
+            from hvae_core.backends.engine import is_out_of_memory, out_of_memory_error
+
             if not is_out_of_memory(exc):
                 raise
             self.reporter.close()
@@ -222,7 +185,7 @@ class Trainer:
             self.reporter.close()
             self._close_trackers()
         self.reporter.info(self.time_summary())
-        return rundir.read_metrics(self.run_dir) if self.writes else self.rows
+        return self.run.read_metrics() if self.writes else self.rows
 
     def _epoch(self) -> dict[str, Any] | None:
         training, pos = self.config.training, self.position
@@ -376,7 +339,7 @@ class Trainer:
         pos.epoch, pos.batch, pos.sums, pos.epoch_seconds = epoch, 0, {}, 0.0
         self.rows.append(row)
         if self.writes:
-            rundir.append_metrics(self.run_dir, row)
+            self.run.append_metrics(row)
         self.reporter.end_epoch(row)
         return row
 
@@ -435,7 +398,7 @@ class Trainer:
         if not self.trackers:
             return
         with self._timed("trackers"):
-            clean = rundir.json_row(row)
+            clean = json_row(row)
             for spec, tracker in list(self.trackers):
                 self._call_tracker(spec, tracker, "log_epoch", copy.deepcopy(clean), dict(images))
 
@@ -461,7 +424,7 @@ class Trainer:
             with self.engine.noise_kept():
                 self.write_images()
         if self.writes:
-            figures.plot_metrics(rundir.read_metrics(self.run_dir), self.run_dir)
+            self.run.plot_metrics()
         self._last_images = time.monotonic()
 
     # -- evaluation and images (EMA weights) --------------------------------------------------
@@ -540,14 +503,15 @@ class Trainer:
         recon = self.with_ema(run)
         if not self.writes:
             return
-        grids = {
-            "samples": figures.save_grid(to_uint8(samples, bits), self.run_dir / "samples.png"),
-            "reconstructions": figures.save_grid(
-                np.concatenate([to_uint8(originals, bits), to_uint8(recon, bits)]),
-                self.run_dir / "reconstructions.png",
-                columns=len(originals),
-            ),
-        }
+        grids = self.run.save_images(
+            {
+                "samples": (to_uint8(samples, bits), None),
+                "reconstructions": (
+                    np.concatenate([to_uint8(originals, bits), to_uint8(recon, bits)]),
+                    len(originals),
+                ),
+            }
+        )
         for grid in grids.values():
             grid.flags.writeable = False  # one array for every tracker: none may change it
         self._new_images = grids
@@ -562,56 +526,3 @@ def _flows_note(model: Any) -> str:
     that they can outgrow the rest of the model."""
     count = model.num_flow_params()
     return f" (flows {count:,})" if count else ""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure of any backend (TensorFlow's ResourceExhaustedError, JAX's
-    RESOURCE_EXHAUSTED, torch's OutOfMemoryError), told apart by name and message only so
-    that no backend is imported here."""
-    name, text = type(exc).__name__, str(exc)
-    return (
-        isinstance(exc, MemoryError)
-        or name in ("ResourceExhaustedError", "OutOfMemoryError")
-        or "RESOURCE_EXHAUSTED" in text
-        or "out of memory" in text.lower()
-    )
-
-
-BUILD_OOM_HINT = (
-    "make the model smaller (model.*_width, model.*_num_blocks) or give it a device with "
-    "more memory"
-)
-
-
-def out_of_memory_error(exc: BaseException, where: str, hint: str) -> HvaeError:
-    """The one line for a backend's allocation failure ``where`` (see
-    :func:`is_out_of_memory`)."""
-    return HvaeError(f"out of memory {where} ({type(exc).__name__})", hint=hint)
-
-
-@contextlib.contextmanager
-def out_of_memory_is_one_line(hint: str, doing: str) -> Iterator[None]:
-    """Turn an allocation failure of the block into :func:`out_of_memory_error`."""
-    try:
-        yield
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise out_of_memory_error(exc, doing, hint) from None
-
-
-def _device_name(backend: str) -> str:
-    try:
-        if backend == "jax":
-            import jax
-
-            return str(jax.devices()[0].platform).upper()
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-        import torch
-
-        return "GPU" if torch.cuda.is_available() else "CPU"
-    except Exception:  # the device name is informative only
-        return "unknown device"
