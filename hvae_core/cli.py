@@ -54,6 +54,18 @@ class HvaeGroup(click.Group):
 
     debug = False  # set by --debug, for one invocation
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        core = super().list_commands(ctx)
+        if self is not cli:
+            return core
+        return sorted([*core, *_plugin_commands(core)])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None or self is not cli:
+            return command
+        return _plugin_commands(super().list_commands(ctx)).get(name)
+
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
         self.debug = False
@@ -73,6 +85,23 @@ class HvaeGroup(click.Group):
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _plugin_commands(reserved: list[str]) -> dict[str, click.Command]:
+    """The subcommands plugin packages add (``register_commands``); what went wrong adding
+    them is warned about once."""
+    from hvae_core.plugins import get_registry
+
+    registry = get_registry()
+    if not registry.commands_added:
+        failures, warnings = len(registry.failures), len(registry.warnings)
+        commands = registry.commands(reserved)
+        for failure in registry.failures[failures:]:
+            click.echo(f"warning: {failure.one_line()}", err=True)
+        for warning in registry.warnings[warnings:]:
+            click.echo(f"warning: {warning}", err=True)
+        return commands
+    return registry.commands(reserved)
 
 
 def _warn_failures() -> None:

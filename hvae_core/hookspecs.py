@@ -26,6 +26,7 @@ What each kind's target must be is defined in :mod:`hvae_core.interfaces`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -77,6 +78,17 @@ def register_trackers(register: Register) -> None:
     """Register experiment trackers (kind ``tracker``)."""
 
 
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add subcommands to the ``hvae`` command line: ``cli`` is a ``click.Group``; add
+    commands to it with ``@cli.command()`` or ``cli.add_command(...)``, as ``simonw/llm``'s
+    plugins do. Called once per process, when the command line is built (keep the hook light:
+    import heavy packages inside the commands). A command whose name hvae or another plugin
+    already uses is ignored with a warning; an exception here is reported as the package's
+    failure and the other commands stay available. Errors a command raises as
+    :class:`hvae_core.HvaeError` end as one line, like hvae's own."""
+
+
 # kind -> hook name; the order is the order kinds are listed in.
 HOOK_FOR_KIND: dict[str, str] = {
     "block": "register_blocks",
@@ -89,3 +101,5 @@ HOOK_FOR_KIND: dict[str, str] = {
     "tracker": "register_trackers",
 }
 KINDS: tuple[str, ...] = tuple(HOOK_FOR_KIND)
+# Every hook a plugin package may implement.
+HOOKS: tuple[str, ...] = (*HOOK_FOR_KIND.values(), "register_commands")

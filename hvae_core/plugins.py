@@ -12,7 +12,7 @@ import importlib.metadata as metadata
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -137,6 +137,50 @@ class PluginRegistry:
         self._clashes: dict[tuple[str, str], list[PluginSpec]] = {}
         self.failures: list[PluginFailure] = []
         self.warnings: list[str] = []
+        # (package, version, entry point, register_commands implementation) per plugin package.
+        self.command_hooks: list[tuple[str, str, str, Any]] = []
+        self._commands: dict[str, Any] | None = None
+
+    @property
+    def commands_added(self) -> bool:
+        """Whether :meth:`commands` has called the plugins' ``register_commands`` hooks."""
+        return self._commands is not None
+
+    def commands(self, reserved: Collection[str]) -> dict[str, Any]:
+        """The ``hvae`` subcommands the plugin packages add (their ``register_commands``
+        hooks, called once), by name; a name in ``reserved`` (hvae's own commands) or added
+        twice is left out with a warning."""
+        if self._commands is not None:
+            return self._commands
+        import click
+
+        commands: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for package, version, ep_name, hook in self.command_hooks:
+            group = click.Group()
+            try:
+                hook(cli=group)
+            except Exception as exc:
+                self.failures.append(
+                    PluginFailure(
+                        package,
+                        ep_name,
+                        f"register_commands: {type(exc).__name__}: {exc}",
+                        version,
+                    )
+                )
+                continue
+            for name, command in group.commands.items():
+                if name in reserved or name in commands:
+                    holder = "hvae" if name in reserved else owners[name]
+                    self.warnings.append(
+                        f"the command '{name}' of {package} is ignored: {holder} has one of "
+                        "that name"
+                    )
+                    continue
+                commands[name], owners[name] = command, package
+        self._commands = commands
+        return commands
 
     def add(self, spec: PluginSpec) -> None:
         """Register ``spec``; a (kind, name) that is already registered becomes a clash."""
@@ -343,7 +387,7 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
                     package,
                     ep_name,
                     f"implements unknown hooks {', '.join(unknown)} "
-                    f"(hooks are: {', '.join(hookspecs.HOOK_FOR_KIND.values())})",
+                    f"(hooks are: {', '.join(hookspecs.HOOKS)})",
                     version,
                 )
             )
@@ -405,6 +449,9 @@ def load_registry(allow: set[str] | None = None) -> PluginRegistry:
                         kind,
                     )
                 )
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):
+        package, version, ep_name = sources[id(impl.plugin)]
+        registry.command_hooks.append((package, version, ep_name, impl.function))
     return registry
 
 

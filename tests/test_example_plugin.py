@@ -55,6 +55,69 @@ def test_plugins_list_shows_the_example_package(example_env) -> None:
     assert "example-planar" in table and "hvae-example-plugins" in table
 
 
+def test_the_example_package_adds_an_hvae_command(example_env, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [
+        {"epoch": 1, "train_bpd": 2.5, "val_bpd": 2.25},
+        {"epoch": 2, "train_bpd": 2.0, "val_bpd": 1.875},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = hvae(example_env, "example-summary", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["1 2.5000 2.2500", "2 2.0000 1.8750"]
+    assert "example-summary" in hvae(example_env, "--help").stdout
+    # Its errors end as one line, like hvae's own.
+    failed = hvae(example_env, "example-summary", str(tmp_path))
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines() == [
+        f"error: {tmp_path} has no metrics.jsonl (hint: give a run directory)"
+    ]
+    # Without the package, the command is unknown.
+    assert (
+        hvae(
+            {**example_env, "HVAE_LOAD_PLUGINS": FIRST_PARTY_ENTRY_POINTS},
+            "example-summary",
+            str(run_dir),
+        ).returncode
+        == 2
+    )
+
+
+def test_a_plugin_command_cannot_replace_hvaes_own(install_distribution) -> None:
+    from click.testing import CliRunner
+
+    from hvae_core.cli import cli
+
+    install_distribution(
+        "clashing",
+        "1.0",
+        {"clashing": "clashing_cmds"},
+        {
+            "clashing_cmds": """
+            import click
+            import hvae_core as hvae
+
+            @hvae.hookimpl
+            def register_commands(cli):
+                @cli.command("train")
+                def train():
+                    click.echo("not hvae's train")
+
+                @cli.command("hello")
+                def hello():
+                    click.echo("hello from a plugin")
+            """
+        },
+    )
+    runner = CliRunner()
+    hello = runner.invoke(cli, ["hello"])
+    assert hello.stdout == "hello from a plugin\n"
+    assert "the command 'train' of clashing is ignored: hvae has one" in hello.stderr
+    shown = runner.invoke(cli, ["train", "--help"])
+    assert "not hvae's train" not in shown.stdout and "Train an HVAE" in shown.stdout
+
+
 def test_dataset_and_flow_flags_resolve_to_the_example(example_env, tmp_path) -> None:
     done = hvae(
         example_env,

@@ -56,3 +56,22 @@ def register_trackers(register):  # noqa: ANN001
         options=CsvOptions,
         summary="every epoch's numbers as a row of RUN_DIR/metrics.csv (example plugin)",
     )
+
+
+@hvae.hookimpl
+def register_commands(cli):  # noqa: ANN001 - a click.Group
+    import click
+
+    @cli.command("example-summary")
+    @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+    def example_summary(run_dir: str) -> None:
+        """One line per epoch of a run: epoch, train and val bits/dim (example plugin)."""
+        import json
+        from pathlib import Path
+
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise hvae.HvaeError(f"{run_dir} has no metrics.jsonl", hint="give a run directory")
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            click.echo(f"{row['epoch']} {row['train_bpd']:.4f} {row['val_bpd']:.4f}")
