@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ HEAVY = ("tensorflow", "jax", "torch", "keras")
 
 PROBE = """
 import sys
+from pathlib import Path
 {body}
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})
 print("HEAVY:" + ",".join(heavy))
@@ -81,3 +84,81 @@ def test_seeding_a_jax_or_torch_run_is_repeatable_and_does_not_import_tensorflow
     assert "SAME: True DIFFERENT: True" in done.stdout
     [line] = [x for x in done.stdout.splitlines() if x.startswith("HEAVY:")]
     assert not any(m.split(".")[0] == "tensorflow" for m in line.split(":")[1].split(","))
+
+
+# --- the layering of the core -----------------------------------------------------------------
+
+CORE = Path(__file__).resolve().parents[1] / "hvae_core"
+BACKEND_LIBRARIES = ("tensorflow", "jax", "jaxlib", "torch")
+
+
+def _core_modules() -> dict[str, Path]:
+    modules = {}
+    for path in CORE.rglob("*.py"):
+        parts = list(path.relative_to(CORE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import in ``path``, at any depth, but those only a type
+    checker runs (``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(sub)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for sub in ast.walk(node)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_the_core_imports_no_backend_library_outside_backends() -> None:
+    outside = [
+        f"{path.relative_to(CORE.parent)} imports {module}"
+        for name, path in _core_modules().items()
+        if not name.startswith("hvae_core.backends.")
+        for module, _ in _imports(path)
+        if module.split(".")[0] in BACKEND_LIBRARIES
+    ]
+    assert outside == []
+
+
+def test_the_core_has_no_import_circles() -> None:
+    """Lazy imports inside functions count too: a circle dodged by importing late is still
+    two rooms that need each other."""
+    modules = _core_modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for module, names in _imports(path):
+            targets = [f"{module}.{n}" for n in names if f"{module}.{n}" in modules]
+            if len(targets) < len(names) and module in modules:
+                targets.append(module)  # names the package re-exports
+            if not names and module in modules:
+                targets.append(module)
+            graph[name].update(t for t in targets if t != name)
+    circles = []
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in path:
+                circles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in done:
+                visit(nxt, [*path, nxt])
+        done.add(node)
+
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    assert circles == []

@@ -251,9 +251,9 @@ def test_good_metadata_and_metadata_of_older_versions_pass() -> None:
 
 def test_a_batch_position_past_the_epoch_is_one_line() -> None:
     where = Path("c.safetensors")
-    checkpoint_meta.validate(with_position(batch=23), where, batches_per_epoch=23)  # at its end
+    checkpoint_meta.check_position(with_position(batch=23), where, 23)  # at its end
     with pytest.raises(HvaeError, match="stands at batch 24 of an epoch, which now has 23"):
-        checkpoint_meta.validate(with_position(batch=24), where, batches_per_epoch=23)
+        checkpoint_meta.check_position(with_position(batch=24), where, 23)
 
 
 def test_resume_with_bad_metadata_answers_before_building_the_model(tmp_path, never_built) -> None:

@@ -168,15 +168,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def validate(meta: Any, path: Path, batches_per_epoch: int | None = None) -> dict[str, Any]:
-    """``meta`` when it has the schema above, else one line of :class:`HvaeError`.
-    ``batches_per_epoch``: the run's epoch length now, which the position must lie within."""
+def validate(meta: Any, path: Path) -> dict[str, Any]:
+    """``meta`` when it has the schema above, else one line of :class:`HvaeError` (where the
+    position lies in an epoch is checked on restore, by :func:`check_position`)."""
     if not isinstance(meta, dict):
         raise invalid(path, f"expected a JSON object, got {type(meta).__name__}")
     _check_fields(meta, META, "", path)
     _check_fields(meta["position"], POSITION, "position.", path)
-    if batches_per_epoch is not None:
-        check_position(meta, path, batches_per_epoch)
     return meta
 
 

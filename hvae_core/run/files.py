@@ -187,16 +187,9 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, A
     atomic_write_bytes(path, data)
 
 
-def load_checkpoint(
-    path: Path, batches_per_epoch: int | None = None
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """A checkpoint's arrays and its validated metadata (see
-    :mod:`hvae_core.run.checkpoint`; ``batches_per_epoch``: the epoch length its
-    position must lie within)."""
-    values, meta = _read_checkpoint(path, arrays=True)  # its metadata validated on reading
-    if batches_per_epoch is not None:
-        checkpoint_meta.check_position(meta, path, batches_per_epoch)
-    return values, meta
+def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A checkpoint's arrays and its validated metadata (see :mod:`hvae_core.run.checkpoint`)."""
+    return _read_checkpoint(path, arrays=True)  # its metadata validated on reading
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:

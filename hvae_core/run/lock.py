@@ -11,7 +11,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from hvae_core.errors import HvaeError
@@ -97,19 +97,6 @@ def _take_over_stale(path: Path, owner: tuple[int, str]) -> bool:
     with contextlib.suppress(OSError):
         os.rename(moved, path)
     return False
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path, warn: Callable[[str], None]) -> Iterator[Path]:
-    """Hold ``run_dir``'s lock for the ``with`` block (released on any exit, errors and Ctrl-C
-    included). A second process stops at once with one line naming the holder; a lock left
-    by a process that no longer runs on this host is taken over, with a ``warn`` line."""
-    path = Path(run_dir) / LOCK
-    acquire(path, warn)
-    try:
-        yield path
-    finally:
-        release(path)
 
 
 def acquire(path: Path, warn: Callable[[str], None]) -> None:

@@ -28,8 +28,3 @@ def make_optimizer(config: Any, steps_per_epoch: int, registry: PluginRegistry) 
         epsilon=1e-8,
         weight_decay=training.weight_decay or None,
     )
-
-
-def current_learning_rate(optimizer: Any) -> float:
-    lr = optimizer.learning_rate
-    return float(keras.ops.convert_to_numpy(lr))
