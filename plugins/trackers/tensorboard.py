@@ -9,7 +9,6 @@ import TensorFlow, which hvae always has installed: TensorBoard's own writer goe
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import numpy as np
 import yaml
 
 from hvae_core import HvaeError
+
+from .rows import number_lists, scalars
 
 try:
     from tensorboardX import SummaryWriter
@@ -29,10 +30,6 @@ except ImportError as exc:
 
 FOLDER = "tensorboard"
 FLUSH_SECONDS = 5  # an epoch's records reach the disk (and a watching TensorBoard) this soon
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class TensorBoardTracker:
@@ -65,25 +62,16 @@ class TensorBoardTracker:
 
     def log_epoch(self, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
         epoch = int(row["epoch"])
-        for key, value in row.items():
-            if key == "epoch":
-                continue
-            if _number(value):
-                self.writer.add_scalar(key, float(value), epoch)
-            elif isinstance(value, list) and value and all(v is None or _number(v) for v in value):
-                self._per_element(key, value, epoch)
+        for key, value in scalars(row, layer_scalars=self.options.layer_scalars).items():
+            self.writer.add_scalar(key, value, epoch)
+        for key, values in number_lists(row).items():
+            if all(v is not None for v in values):
+                self._histogram(key, values, epoch)
         if self.options.images:
             for name, grid in images.items():
                 self.writer.add_image(name, np.asarray(grid), epoch, dataformats="HWC")
 
-    def _per_element(self, key: str, values: list[Any], epoch: int) -> None:
-        if self.options.layer_scalars:
-            width = max(2, len(str(len(values) - 1)))
-            for i, value in enumerate(values):
-                if value is not None:  # a non-finite value
-                    self.writer.add_scalar(f"{key}/{i:0{width}d}", float(value), epoch)
-        if any(v is None for v in values):
-            return
+    def _histogram(self, key: str, values: list[float], epoch: int) -> None:
         # Element i is the bucket [i, i + 1) and its value the bucket's height, so the
         # histograms tab shows the profile over the layers, epoch after epoch.
         heights = np.asarray(values, dtype=np.float64)
