@@ -55,7 +55,6 @@ class WandbTracker:
         self.options = options
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / FOLDER
-        self.folder.mkdir(exist_ok=True)
         id_path = self.folder / ID_FILE
         run_id = id_path.read_text().strip() if id_path.is_file() else None
 
@@ -71,6 +70,7 @@ class WandbTracker:
                 hint="run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline "
                 "and upload later with `wandb sync`",
             )
+        self.folder.mkdir(exist_ok=True)
         self.run = wandb.init(
             project=options.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
             entity=options.entity,
