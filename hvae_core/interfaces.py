@@ -241,42 +241,43 @@ class Tracker(Protocol):
         ...
 
 
+# The names the core reports, declared once: whoever produces or reads one uses these tuples.
+LOSS_TERMS: tuple[str, ...] = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
+"""The loss and its parts in bits per dimension (``HVAE.losses_for``): a train step's metrics
+summed over an epoch."""
+MODEL_OUTPUTS: tuple[str, ...] = ("kl_layers_bpd", "kl_flow_bpd", "outputs")
+"""What else ``HVAE.losses_for`` returns beside :data:`LOSS_TERMS`."""
+STEP_TERMS: tuple[str, ...] = ("grad_norm", "skipped")
+"""What the engines add to a train step's metrics."""
+EPOCH_COUNTS: tuple[str, ...] = ("count", "norm_count", "grad_norm_max")
+"""The trainer's running counts within an epoch (a checkpoint keeps them)."""
+ROW_KEYS: tuple[str, ...] = (
+    "epoch",
+    "step",
+    "train_bpd",
+    "val_bpd",
+    "kl_bpd",
+    "recon_bpd",
+    "val_kl_bpd",
+    "val_recon_bpd",
+    "val_kl_layers_bpd",
+    "val_kl_scales_bpd",
+    "active_units",
+    "active_units_total",
+    "latent_dims_total",
+    "active_layers",
+    "lr",
+    "beta",
+    "grad_norm_max",
+    "grad_norm_mean",
+    "grad_norm_unit",
+    "skipped_updates",
+    "seconds",
+)
+"""The keys of every row of ``metrics.jsonl``, in order (a regularizer's named terms follow)."""
+
 CORE_METRICS: frozenset[str] = frozenset(
-    {
-        # the model's loss and its parts (HVAE.losses_for)
-        "loss",
-        "elbo_bpd",
-        "recon_bpd",
-        "kl_bpd",
-        "kl_layers_bpd",
-        "kl_flow_bpd",
-        "outputs",
-        # what the engines add to a train step's metrics
-        "grad_norm",
-        "skipped",
-        # the trainer's running sums and the rows of metrics.jsonl
-        "count",
-        "norm_count",
-        "epoch",
-        "step",
-        "train_bpd",
-        "val_bpd",
-        "val_kl_bpd",
-        "val_recon_bpd",
-        "val_kl_layers_bpd",
-        "val_kl_scales_bpd",
-        "active_units",
-        "active_units_total",
-        "latent_dims_total",
-        "active_layers",
-        "lr",
-        "beta",
-        "grad_norm_max",
-        "grad_norm_mean",
-        "grad_norm_unit",
-        "skipped_updates",
-        "seconds",
-    }
+    LOSS_TERMS + MODEL_OUTPUTS + STEP_TERMS + EPOCH_COUNTS + ROW_KEYS
 )
 """The names the model, the engines and the trainer report. A regularizer's loss term of one of
 these names would overwrite a core metric in the logs, so it is an error."""

@@ -268,29 +268,6 @@ class PluginRegistry:
         failed = [f.as_row() for f in self.failures if kind is None or f.kind in (None, kind)]
         return [row for _, row in rows] + failed
 
-    @contextmanager
-    def temporary(
-        self,
-        kind: str,
-        name: str,
-        target: Any,
-        *,
-        options: type | None = None,
-        summary: str = "",
-        package: str = "tests",
-        version: str = "0",
-        **info: Any,
-    ) -> Iterator[PluginSpec]:
-        """Register a throw-away plugin for the duration of a ``with`` block (tests use this)."""
-        if self.has(kind, name):
-            raise PluginError(f"{kind} '{name}' is already registered")
-        spec = make_spec(kind, name, target, options, summary, package, version, info)
-        self.add(spec)
-        try:
-            yield spec
-        finally:
-            self.remove(kind, name)
-
 
 def _order(spec: PluginSpec) -> tuple[int, str]:
     return hookspecs.KINDS.index(spec.kind), spec.name

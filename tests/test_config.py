@@ -18,6 +18,7 @@ from hvae_core.config import (
 )
 from hvae_core.errors import ConfigError, PluginError
 from hvae_core.plugins import get_registry
+from hvae_core.testing import temporary_plugin
 
 
 def write_yaml(path, data) -> str:
@@ -191,7 +192,7 @@ def test_plugin_options_are_checked_and_expanded_per_scale() -> None:
         hidden: int = hvae.option(8, "hidden width")
 
     registry = get_registry()
-    with registry.temporary("flow", "test-flow", lambda *a, **k: None, options=FlowOptions):
+    with temporary_plugin(registry, "flow", "test-flow", lambda *a, **k: None, options=FlowOptions):
         cfg = resolve_config(flags={"flow": "test-flow"}, overrides=["flow.num_flows=[0,1,1,2]"])
         assert cfg.options("flow") == FlowOptions(num_flows=[0, 1, 1, 2], hidden=8)
         assert resolve_config(flags={"flow": "test-flow"}).options("flow").num_flows == [1] * 4
@@ -251,12 +252,12 @@ def test_backend_defaults_to_keras_backend_env(monkeypatch) -> None:
 def test_dataset_image_size_must_be_a_power_of_two() -> None:
     registry = get_registry()
     with (
-        registry.temporary("dataset", "odd", lambda *a: None, image_size=28),
+        temporary_plugin(registry, "dataset", "odd", lambda *a: None, image_size=28),
         pytest.raises(ConfigError, match="expected a power of two"),
     ):
         resolve_config(flags={"dataset": "odd"})
     with (
-        registry.temporary("dataset", "sizeless", lambda *a: None),
+        temporary_plugin(registry, "dataset", "sizeless", lambda *a: None),
         pytest.raises(ConfigError, match="declares no image_size"),
     ):
         resolve_config(flags={"dataset": "sizeless"})

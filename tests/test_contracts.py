@@ -23,7 +23,6 @@ from keras import ops
 import hvae_core
 from hvae_core import api
 from hvae_core.api import LayerStats, ModelOutputs
-from hvae_core.backends.engine import METRIC_KEYS
 from hvae_core.cli import cli
 from hvae_core.config import MULTI_SELECTOR, PLUGIN_SECTION, SELECTOR, resolve_config
 from hvae_core.data import InMemoryDataset, open_dataset
@@ -33,6 +32,7 @@ from hvae_core.interfaces import CORE_METRICS
 from hvae_core.model.blocks import ResidualBlock
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry, load_registry
+from hvae_core.testing import temporary_plugin
 from hvae_core.training.trainer import Trainer
 
 # --- strict doubles: each signature is exactly its contract's (no defaults, no **kwargs) ------
@@ -186,7 +186,7 @@ def strict_trainer() -> Iterator[Trainer]:
     with contextlib.ExitStack() as stack:
         for kind, factory in STRICT.items():
             info = {"image_size": 8} if kind == "dataset" else {}
-            stack.enter_context(registry.temporary(kind, "strict", factory, **info))
+            stack.enter_context(temporary_plugin(registry, kind, "strict", factory, **info))
         choices = [f"{section}.{key}=strict" for section, key in SELECTOR.values()]
         cfg = resolve_config(
             "tiny", overrides=["run.jit=false", "run.save=false", *choices], registry=registry
@@ -367,8 +367,32 @@ def test_an_hvae_error_leaves_a_traced_tensorflow_function_as_it_is() -> None:
     assert err.value.one_line() == "from traced code (hint: keep me)"
 
 
-def test_the_engines_metrics_are_core_metrics() -> None:
-    assert set(METRIC_KEYS) <= CORE_METRICS
+def test_an_epochs_row_is_its_steps_means_in_the_declared_order() -> None:
+    """The row of metrics.jsonl from an epoch's steps, against sums done by hand."""
+    from hvae_core.interfaces import ROW_KEYS
+    from hvae_core.training.metrics import accumulate, epoch_row
+
+    nan, inf = float("nan"), float("inf")
+    steps = [
+        dict(loss=1.0, elbo_bpd=2.0, recon_bpd=1.5, kl_bpd=0.5, grad_norm=3.0, skipped=0, cr=0.25),
+        dict(loss=3.0, elbo_bpd=4.0, recon_bpd=3.0, kl_bpd=1.0, grad_norm=5.0, skipped=1, cr=0.75),
+        # A step that diverged: counted as skipped, its norm not in the mean.
+        dict(loss=nan, elbo_bpd=nan, recon_bpd=nan, kl_bpd=nan, grad_norm=inf, skipped=1, cr=9.0),
+    ]
+    sums: dict = {}
+    for step in steps:
+        accumulate(sums, step)
+    val = {"elbo_bpd": 1.25, "kl_bpd": 0.5, "recon_bpd": 0.75, "kl_scales_bpd": {1: 0.5}}
+    row = epoch_row(
+        sums, val, epoch=3, step=30, lr=1e-3, beta=0.5, grad_norm_unit="bits", seconds=2.0
+    )
+    assert tuple(row) == (*ROW_KEYS, "cr")
+    assert (row["epoch"], row["step"], row["lr"], row["beta"]) == (3, 30, 1e-3, 0.5)
+    assert (row["train_bpd"], row["recon_bpd"], row["kl_bpd"]) == (3.0, 2.25, 0.75)
+    assert (row["val_bpd"], row["val_kl_scales_bpd"]) == (1.25, {"1": 0.5})
+    assert (row["grad_norm_max"], row["grad_norm_mean"]) == (5.0, 4.0)
+    assert row["skipped_updates"] == 2 and row["cr"] == 0.5
+    assert "loss" not in row and "count" not in row
 
 
 # --- what a factory raises names its plugin -------------------------------------------------
@@ -392,7 +416,7 @@ def broken_block(
 
 def test_an_error_in_a_factory_names_the_plugin_and_keeps_the_cause() -> None:
     registry = get_registry()
-    with registry.temporary("block", "broken", broken_block, package="broken-blocks"):
+    with temporary_plugin(registry, "block", "broken", broken_block, package="broken-blocks"):
         cfg = resolve_config("tiny", overrides=["model.block=broken"])
         with pytest.raises(PluginError) as err:
             HVAE(cfg, (8, 8, 1), 8, seed=0)
@@ -415,7 +439,9 @@ class FussyOptions:
 
 def test_an_error_in_a_plugins_options_class_names_the_plugin() -> None:
     registry = get_registry()
-    with registry.temporary("flow", "fussy", strict_flow, options=FussyOptions, package="fussy"):
+    with temporary_plugin(
+        registry, "flow", "fussy", strict_flow, options=FussyOptions, package="fussy"
+    ):
         with pytest.raises(PluginError) as err:
             resolve_config(flags={"flow": "fussy"})
         assert resolve_config(flags={"flow": "fussy"}, overrides=["flow.size=4"])
@@ -429,7 +455,7 @@ def test_an_hvae_error_from_a_plugin_keeps_its_own_message() -> None:
         raise HvaeError("images.npy does not exist", hint="save your images there")
 
     registry = get_registry()
-    with registry.temporary("dataset", "own-error", dataset, image_size=8):
+    with temporary_plugin(registry, "dataset", "own-error", dataset, image_size=8):
         cfg = resolve_config(overrides=["data.dataset=own-error"])
         with pytest.raises(HvaeError) as err:
             open_dataset(cfg)
@@ -442,7 +468,9 @@ def test_the_cli_prints_one_line_and_with_debug_the_traceback(monkeypatch) -> No
 
     registry = get_registry()
     args = ["train", "--dataset", "bad-data", "--no-save", "--set", "run.jit=false"]
-    with registry.temporary("dataset", "bad-data", dataset, package="bad-pkg", image_size=8):
+    with temporary_plugin(
+        registry, "dataset", "bad-data", dataset, package="bad-pkg", image_size=8
+    ):
         plain = CliRunner().invoke(cli, args)
         debug = CliRunner().invoke(cli, ["--debug", *args])
         monkeypatch.setenv("HVAE_DEBUG", "1")

@@ -35,6 +35,7 @@ from hvae_core.errors import ConfigError, HvaeError
 from hvae_core.interfaces import Dataset
 from hvae_core.options import option
 from hvae_core.plugins import get_registry
+from hvae_core.testing import temporary_plugin
 
 
 @pytest.fixture(autouse=True)
@@ -1064,7 +1065,7 @@ def npz_dataset(tmp_path: Path) -> Iterator[tuple[Path, list[int]]]:
             images = files["images"]
         return InMemoryDataset({"train": images[:-4], "val": images[-4:]}, num_bits=8)
 
-    with get_registry().temporary("dataset", "npz-test", load_npz, options=NpzOptions):
+    with temporary_plugin(get_registry(), "dataset", "npz-test", load_npz, options=NpzOptions):
         yield tmp_path, opened
 
 

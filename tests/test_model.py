@@ -21,6 +21,7 @@ from hvae_core.model.distributions import (
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.likelihood import dmol_log_prob
 from hvae_core.plugins import get_registry
+from hvae_core.testing import temporary_plugin
 
 LN2 = math.log(2.0)
 
@@ -342,7 +343,7 @@ def flow_model(log_scale: float, shift: float):
         return made[-1]
 
     registry = get_registry()
-    with registry.temporary("flow", "test-affine", factory):
+    with temporary_plugin(registry, "flow", "test-affine", factory):
         model = build("model.flow=test-affine")
     return model, made
 
@@ -397,8 +398,8 @@ def test_attention_hook_reads_on_both_branches() -> None:
     registry = get_registry()
     for value in (0.0, 0.5):
         attention = ConstantAttention(value)
-        with registry.temporary(
-            "attention", "test-const", lambda *a, _attention=attention, **k: _attention
+        with temporary_plugin(
+            registry, "attention", "test-const", lambda *a, _attention=attention, **k: _attention
         ):
             model = build("model.attention=test-const")
         model.set_weights(plain.get_weights())
@@ -463,7 +464,7 @@ def with_dataset(name: str, size: int):
         from contextlib import nullcontext
 
         return nullcontext()
-    return registry.temporary("dataset", name, lambda *a: None, image_size=size)
+    return temporary_plugin(registry, "dataset", name, lambda *a: None, image_size=size)
 
 
 @pytest.mark.parametrize(

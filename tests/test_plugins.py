@@ -12,6 +12,7 @@ import hvae_core
 from hvae_core.config import resolve_config
 from hvae_core.errors import PluginError
 from hvae_core.plugins import ALLOW_ENV, get_registry, load_registry, reset_registry
+from hvae_core.testing import temporary_plugin
 
 FLOW_MODULE = """
     from dataclasses import dataclass
@@ -191,7 +192,9 @@ def test_temporary_registration_is_removed_afterwards() -> None:
         width: int = hvae_core.option(3, "a width")
 
     registry = get_registry()
-    with registry.temporary("attention", "throwaway", lambda *a, **k: None, options=Options):
+    with temporary_plugin(
+        registry, "attention", "throwaway", lambda *a, **k: None, options=Options
+    ):
         assert registry.get("attention", "throwaway").options is Options
     assert not registry.has("attention", "throwaway")
 
@@ -212,7 +215,7 @@ def test_target_that_fails_to_import_is_a_clear_error() -> None:
     registry = get_registry()
     expected = "ghost-pkg failed to load no_such_module_xyz:Flow"
     with (
-        registry.temporary("flow", "ghost", "no_such_module_xyz:Flow", package="ghost-pkg"),
+        temporary_plugin(registry, "flow", "ghost", "no_such_module_xyz:Flow", package="ghost-pkg"),
         pytest.raises(PluginError, match=expected),
     ):
         registry.get("flow", "ghost").load()

@@ -23,6 +23,7 @@ from hvae_core.errors import HvaeError
 from hvae_core.interfaces import Tracker
 from hvae_core.plugins import get_registry
 from hvae_core.run import RunDirectory
+from hvae_core.testing import temporary_plugin
 from hvae_core.training.trainer import Trainer
 
 
@@ -74,7 +75,7 @@ def test_a_trained_model_loads_without_the_runs_trackers_installed(tmp_path) -> 
     from hvae_core.config import load_run_config
 
     registry = get_registry()
-    with registry.temporary("tracker", "gone", StrictTracker):
+    with temporary_plugin(registry, "tracker", "gone", StrictTracker):
         cfg = resolve_config("tiny", {"tracker": ["gone", "tensorboard"]})
         (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     with pytest.raises(HvaeError, match="unknown tracker 'gone'"):  # resuming needs it
@@ -228,7 +229,7 @@ def test_a_tracker_that_cannot_start_is_one_clear_error(tmp_path) -> None:
 
     expected = r"tracker 'broken' \(tests\) could not start: OSError: no space left"
     with (
-        get_registry().temporary("tracker", "broken", broken),
+        temporary_plugin(get_registry(), "tracker", "broken", broken),
         pytest.raises(HvaeError, match=expected),
     ):
         cfg = resolve_config("tiny", {"epochs": 0, "tracker": ["broken"]}, ["run.jit=false"])

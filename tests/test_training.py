@@ -24,11 +24,12 @@ from tracking import FailingTracker, events, factory_for, scalars
 from hvae_core.backends.engine import clip_and_skip, make_engine
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
-from hvae_core.interfaces import CORE_METRICS
+from hvae_core.interfaces import CORE_METRICS, ROW_KEYS
 from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
 from hvae_core.run import files as rundir
+from hvae_core.testing import temporary_plugin
 from hvae_core.training.optim import make_optimizer
 from hvae_core.training.trainer import Trainer
 
@@ -462,6 +463,7 @@ def test_run_directory_contract(trained) -> None:
         "seconds",
     }
     assert all(required <= set(r) for r in rows)
+    assert all(tuple(r)[: len(ROW_KEYS)] == ROW_KEYS for r in rows)  # one order, declared once
     assert all(set(r) <= CORE_METRICS for r in rows)  # what a regularizer's terms must not be
     assert rows[1]["step"] == 2 * (1497 // 64)
     assert rows[1]["train_bpd"] < rows[0]["train_bpd"]  # it learns
@@ -927,8 +929,8 @@ def test_between_epochs_only_what_is_due_is_written(tmp_path, monkeypatch, capsy
     registry = get_registry()
     calls, made, failing = [], [], []
     with (
-        registry.temporary("tracker", "strict", factory_for(calls, made)),
-        registry.temporary("tracker", "failing", factory_for(failing, [], FailingTracker)),
+        temporary_plugin(registry, "tracker", "strict", factory_for(calls, made)),
+        temporary_plugin(registry, "tracker", "failing", factory_for(failing, [], FailingTracker)),
     ):
         trainer = train_run(
             tmp_path,

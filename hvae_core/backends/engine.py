@@ -28,7 +28,6 @@ from hvae_core.errors import HvaeError
 from hvae_core.model.pixels import to_unit_range
 from hvae_core.model.repeat import Scan, loop_with
 
-METRIC_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd", "grad_norm", "skipped")
 NOISE_STREAM_STRIDE = 1_000_003  # between the seeds of neighbouring replicas' noise streams
 
 

@@ -7,7 +7,6 @@ Everything here is backend-neutral; the backend lives in the engine
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -22,9 +21,10 @@ from hvae_core.run import RunDirectory
 from hvae_core.run import checkpoint as checkpoint_meta
 from hvae_core.run.directory import Checkpoint
 from hvae_core.run.files import json_row
+from hvae_core.training.metrics import accumulate, epoch_row
 from hvae_core.training.progress import Reporter
+from hvae_core.training.trackers import Trackers
 
-SUM_KEYS = ("loss", "elbo_bpd", "recon_bpd", "kl_bpd")
 PHASES = ("set-up", "train steps", "evaluation", "images and plots", "checkpoints", "trackers")
 NUM_SAMPLES = 64
 SAMPLE_TEMPERATURE = 0.8
@@ -68,8 +68,7 @@ class Trainer:
         self.parallel = parts.parallel
         self.reporter = Reporter(quiet, silent=not self.parallel.is_chief)
         self.writes = self.parallel.is_chief and run is not None
-        self._tracker_factories = parts.tracker_factories if self.writes else []
-        self.trackers: list[tuple[Any, Any]] = []  # (spec, tracker) of those still working
+        self.trackers = Trackers(parts.tracker_factories if self.writes else [], self.reporter.warn)
         self._new_images: dict[str, np.ndarray] = {}  # grids written since the last epoch row
         self.rows: list[dict[str, Any]] = []  # this session's epochs, kept or not
         self.regularizer = parts.regularizer
@@ -274,7 +273,7 @@ class Trainer:
         # Steps overlap with the host's work: the time between two finished steps is a step.
         step_seconds = now - self._last_finish
         self._last_finish = now
-        self._accumulate(metrics)
+        accumulate(self.position.sums, metrics)
         pos = self.position
         pos.consecutive_skips = pos.consecutive_skips + 1 if metrics["skipped"] > 0 else 0
         self._last_norm = metrics["grad_norm"]
@@ -284,58 +283,20 @@ class Trainer:
         limit = self.config.training.max_consecutive_skips
         return 0 < limit <= self.position.consecutive_skips
 
-    def _accumulate(self, metrics: dict[str, float]) -> None:
-        sums = self.position.sums
-        finite = all(math.isfinite(metrics[k]) for k in SUM_KEYS)
-        if finite:
-            for key, value in metrics.items():
-                if key not in ("grad_norm", "skipped"):
-                    sums[key] = sums.get(key, 0.0) + value
-            sums["count"] = sums.get("count", 0) + 1
-        norm = metrics["grad_norm"]
-        if math.isfinite(norm):
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
-            sums["grad_norm_max"] = max(sums.get("grad_norm_max", 0.0), norm)
-            sums["norm_count"] = sums.get("norm_count", 0) + 1
-        sums["skipped"] = sums.get("skipped", 0) + int(metrics["skipped"] > 0)
-
     def _finish_epoch(self, epoch: int, seconds: float, beta: float) -> dict[str, Any]:
         pos, sums = self.position, self.position.sums
-        count = max(sums.get("count", 0), 1)
         with self._timed("evaluation"):
             val = self.evaluate(self.val)
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": pos.step,
-            "train_bpd": sums.get("elbo_bpd", math.nan) / count,
-            "val_bpd": val.get("elbo_bpd"),
-            "kl_bpd": sums.get("kl_bpd", math.nan) / count,
-            "recon_bpd": sums.get("recon_bpd", math.nan) / count,
-            "val_kl_bpd": val.get("kl_bpd"),
-            "val_recon_bpd": val.get("recon_bpd"),
-            "val_kl_layers_bpd": val.get("kl_layers_bpd"),
-            # By resolution, as JSON keys (strings): the row trackers get is what the file holds.
-            "val_kl_scales_bpd": {str(r): kl for r, kl in val.get("kl_scales_bpd", {}).items()}
-            or None,
-            "active_units": val.get("active_units"),
-            "active_units_total": val.get("active_units_total"),
-            "latent_dims_total": val.get("latent_dims_total"),
-            "active_layers": val.get("active_layers"),
-            "lr": self.engine.learning_rate,
-            "beta": beta,
-            "grad_norm_max": sums.get("grad_norm_max", math.nan),
-            "grad_norm_mean": sums.get("grad_norm", math.nan) / max(sums.get("norm_count", 0), 1),
-            "grad_norm_unit": self.config.training.grad_norm_unit,
-            "skipped_updates": int(sums.get("skipped", 0)),
-            "seconds": seconds,
-        }
-        for key in sums:
-            if (
-                key not in row
-                and key not in SUM_KEYS
-                and key not in ("count", "norm_count", "grad_norm", "grad_norm_max", "skipped")
-            ):
-                row[key] = sums[key] / count  # a regularizer's named terms
+        row = epoch_row(
+            sums,
+            val,
+            epoch=epoch,
+            step=pos.step,
+            lr=self.engine.learning_rate,
+            beta=beta,
+            grad_norm_unit=self.config.training.grad_norm_unit,
+            seconds=seconds,
+        )
         pos.epoch, pos.batch, pos.sums, pos.epoch_seconds = epoch, 0, {}, 0.0
         self.rows.append(row)
         if self.writes:
@@ -369,55 +330,32 @@ class Trainer:
         parts = ", ".join(
             f"{s:.1f} s {phase}"
             for phase, s in self.phase_seconds.items()
-            if phase != "trackers" or self._tracker_factories
+            if phase != "trackers" or self.trackers.factories
         )
         return f"time: {parts}"
 
     # -- experiment trackers (chief only; see hvae_core.interfaces.Tracker) -------------------
 
     def _start_trackers(self) -> None:
-        options = self.config.options("tracker")
-        config, first_epoch = self.config.to_dict(), self.position.epoch + 1
-        self.trackers = []
         with self._timed("trackers"):
-            for spec, factory in self._tracker_factories:
-                try:
-                    tracker = factory(options[spec.name], self.config.run, run_dir=self.run_dir)
-                except HvaeError:
-                    raise
-                except Exception as exc:
-                    raise HvaeError(
-                        f"tracker '{spec.name}' ({spec.package}) could not start: {_one_line(exc)}",
-                        hint=f"run without it, or fix the package {spec.package}",
-                    ) from exc
-                self.trackers.append((spec, tracker))
-                self._call_tracker(spec, tracker, "start", copy.deepcopy(config), first_epoch)
+            self.trackers.start(
+                self.config.options("tracker"),
+                self.config.to_dict(),
+                self.config.run,
+                self.run_dir,
+                self.position.epoch + 1,
+            )
 
     def _log_to_trackers(self, row: dict[str, Any]) -> None:
         images, self._new_images = self._new_images, {}
-        if not self.trackers:
+        if not self.trackers.active:
             return
         with self._timed("trackers"):
-            clean = json_row(row)
-            for spec, tracker in list(self.trackers):
-                self._call_tracker(spec, tracker, "log_epoch", copy.deepcopy(clean), dict(images))
+            self.trackers.log_epoch(json_row(row), images)
 
     def _close_trackers(self) -> None:
         with self._timed("trackers"):
-            for spec, tracker in list(self.trackers):
-                self._call_tracker(spec, tracker, "close")
-        self.trackers = []
-
-    def _call_tracker(self, spec: Any, tracker: Any, method: str, *args: Any) -> None:
-        """A tracker is an observer: its failure costs its own records, never the run."""
-        try:
-            getattr(tracker, method)(*args)
-        except Exception as exc:
-            self.trackers = [(s, t) for s, t in self.trackers if t is not tracker]
-            self.reporter.warn(
-                f"tracker '{spec.name}' ({spec.package}) failed in {method}: {_one_line(exc)}; "
-                "it is off for the rest of this run (metrics.jsonl has every epoch)"
-            )
+            self.trackers.close()
 
     def _write_outputs(self) -> None:
         if self.config.run.save:  # on every process: sampling may be collective
@@ -515,10 +453,6 @@ class Trainer:
         for grid in grids.values():
             grid.flags.writeable = False  # one array for every tracker: none may change it
         self._new_images = grids
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _flows_note(model: Any) -> str:
