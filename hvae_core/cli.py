@@ -19,10 +19,10 @@ import click
 from hvae_core import __version__
 from hvae_core.backends import parallel as parallel_env
 from hvae_core.backends.native_logs import LOG_LEVEL_ENV
+from hvae_core.backends.select import BACKENDS
 from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.hookspecs import KINDS
 
-BACKENDS = ("tensorflow", "jax", "torch")
 EXPORT_FORMATS = ("keras", "savedmodel")
 EXPORTED = ("sampler", "encoder")  # the models an export writes, by file stem
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hvae_core.backends.select import Backend
 from hvae_core.data import sources
 from hvae_core.errors import ConfigError
 from hvae_core.hookspecs import KINDS
@@ -35,7 +36,6 @@ from hvae_core.strict_yaml import load_yaml
 Activation = Literal[
     "silu", "swish", "gelu", "relu", "elu", "leaky_relu", "mish", "selu", "softplus", "tanh"
 ]
-Backend = Literal["tensorflow", "jax", "torch"]
 
 
 def _clip(value: Any) -> str:

@@ -24,6 +24,7 @@ from keras import ops
 
 from hvae_core.backends.conv_gradients import canonical_conv_gradients
 from hvae_core.backends.parallel import Launch, Parallel
+from hvae_core.backends.select import BACKENDS
 from hvae_core.errors import HvaeError
 from hvae_core.model.pixels import to_unit_range
 from hvae_core.model.repeat import Scan, loop_with
@@ -313,7 +314,7 @@ class Runner:
 
 def make_runner(model: Any, jit: bool = True) -> Runner:
     """The :class:`Runner` of the active Keras backend."""
-    if keras.backend.backend() not in ("jax", "tensorflow", "torch"):
+    if keras.backend.backend() not in BACKENDS:
         return Runner(model, jit)
     return backend_module().RUNNER(model, jit)
 
@@ -335,7 +336,7 @@ def backend_module() -> Any:
     import importlib
 
     backend = keras.backend.backend()
-    if backend not in ("jax", "tensorflow", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"unsupported Keras backend {backend}")
     return importlib.import_module(f"hvae_core.backends.engine_{backend}")
 

@@ -7,11 +7,15 @@ import importlib
 import importlib.util
 import os
 import sys
+from typing import Literal, get_args
 
 from hvae_core.backends.native_logs import native_log_filter
 from hvae_core.errors import HvaeError
 
-BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+# The one list of the Keras backends hvae runs on (each has an engine module beside this one).
+Backend = Literal["tensorflow", "jax", "torch"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKEND_MODULES = {name: name for name in BACKENDS}  # the library each one imports
 EXTRA = {"tensorflow": "hvae", "jax": "hvae[jax]", "torch": "hvae[torch]"}
 # Their native libraries log through absl, some of it while they load (backends.native_logs).
 ABSL_LOGGING = ("tensorflow", "jax")
