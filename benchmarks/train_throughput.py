@@ -97,11 +97,7 @@ def main() -> None:
     try:
         parallel = setup_parallel(args.devices, launch_from_env(), 120)
     except Relaunch as relaunch:  # torch: one process per device
-        import subprocess
-
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command += [f"--nproc-per-node={relaunch.processes}", *sys.argv]
-        sys.exit(subprocess.run(command, check=False).returncode)
+        sys.exit(relaunch.run(sys.argv))
     size, batch = cfg.image_size, cfg.training.batch_size
     # Every process starts from the same weights (the run's seed).
     engine = build_engine(cfg, (size, size, channels), 8, steps_per_epoch=1000, parallel=parallel)

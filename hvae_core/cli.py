@@ -379,7 +379,7 @@ def train(
         with contextlib.ExitStack() as held:
             trainer, rows = _train(config, overrides, resume, quiet, verbose, flags, held)
     except parallel_env.Relaunch as relaunch:  # after the lock is released: the workers take it
-        sys.exit(_relaunch_with_torchrun(relaunch.processes))
+        sys.exit(relaunch.run(["-m", "hvae_core", *sys.argv[1:]]))
     if not trainer.parallel.is_chief:
         return
     last = rows[-1] if rows else {}
@@ -443,23 +443,6 @@ def _train(
 
 def _warning(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
-
-
-def _relaunch_with_torchrun(processes: int) -> int:
-    """torch trains one process per device: run this same command under torchrun."""
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        "-m",
-        "hvae_core",
-        *sys.argv[1:],
-    ]
-    return subprocess.run(command, check=False).returncode
 
 
 def _assemble(cfg: Any, verbose: bool) -> Any:

@@ -51,7 +51,7 @@ def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
     if world == 1:
         count = check_devices(devices, visible, what) if devices else (visible if cuda else 1)
         if count > 1:
-            raise Relaunch(count)
+            raise Relaunch(count, torchrun)
         return Parallel()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if devices and devices != per_node:
@@ -215,3 +215,13 @@ def device_name() -> str:
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch's allocation failure (its OutOfMemoryError, or the allocator's message)."""
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def torchrun(processes: int, args: list[str]) -> int:
+    """``python ARGS`` in ``processes`` processes on this machine, under torchrun."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={processes}", *args]
+    return subprocess.run(command, check=False).returncode

@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,11 +68,18 @@ class Parallel:
 
 
 class Relaunch(Exception):
-    """This backend runs one process per device: start ``processes`` of them (torchrun)."""
+    """This backend runs one process per device: :meth:`run` starts ``processes`` of them
+    with the backend's own launcher (torch: torchrun), each running ``python ARGS``."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, launcher: Callable[[int, list[str]], int]) -> None:
         super().__init__(f"relaunch as {processes} processes")
         self.processes = processes
+        self._launcher = launcher
+
+    def run(self, args: list[str]) -> int:
+        """Run ``python ARGS`` in every process (after the caller released what it holds, such
+        as the run's lock: the processes take it); their exit status."""
+        return self._launcher(self.processes, args)
 
 
 @dataclass(frozen=True)
