@@ -25,9 +25,8 @@ SIGMA1, SIGMA2 = 1.0, 0.1
 # Fixed observations on both sides of the parabola's axis, low and high (x2 = 2: two modes).
 OBSERVATIONS = np.array([[a, b] for a in (-1.5, -0.5, 0.5, 1.5) for b in (0.0, 2.0)], "float32")
 STEPS, LEARNING_RATE = 1500, 5e-3
-# Each case trains in a JAX subprocess: 25-60 s on one free core (the conv-sylvester case's
-# compile is most of it), more on a busy machine.
-pytestmark = pytest.mark.slow
+# Each case trains in a JAX subprocess: 10-25 s on one free core (the conv-sylvester case's
+# compile is most of it), two to four times that on a busy machine.
 
 TRAIN_SCRIPT = """
 import math
