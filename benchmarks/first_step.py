@@ -173,7 +173,8 @@ def main() -> None:
     modes = ["cold", "warm"] + (["off"] if opts.with_off else [])
     ratios = []
     try:
-        data = fake_cifar10(work / "cifar-data")  # not "cifar10": the preset name if "cifar10" in jobs else None
+        # Not named "cifar10": a folder of that name in the working folder shadows the preset.
+        data = fake_cifar10(work / "cifar-data") if "cifar10" in jobs else None
         for backend in opts.backends.split(","):
             run_dir = None
             if {"evaluate", "sample"} & set(jobs):  # a trained run to read, not timed
