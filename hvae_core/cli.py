@@ -315,6 +315,76 @@ def config_presets() -> None:
         click.echo(name)
 
 
+@cli.group("cache")
+def cache_group() -> None:
+    """The persistent compilation cache (compiled steps kept across runs)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def cache_info(as_json: bool) -> None:
+    """Where the cache is, whether it is on and why, its size and entries per backend."""
+    from hvae_core.backends import compile_cache
+
+    state = compile_cache.state()
+    rows = [compile_cache.usage(name) for name in compile_cache.BACKENDS]
+    if as_json:
+        info = {
+            "folder": str(compile_cache.cache_root()),
+            "enabled": state.enabled,
+            "reason": state.reason,
+            "backends": {
+                u.backend: {
+                    "folder": str(u.folder),
+                    "bytes": u.bytes,
+                    "entries": u.entries,
+                    "versions": u.versions,
+                    "current": compile_cache.version_tag(u.backend),
+                }
+                for u in rows
+            },
+        }
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"folder: {compile_cache.cache_root()}")
+    click.echo(f"compile cache: {'on' if state.enabled else 'off'} ({state.reason})")
+    for u in rows:
+        current = compile_cache.version_tag(u.backend)
+        stale = [v for v in u.versions if v != current]
+        line = f"{u.backend}: {_size(u.bytes)}, {u.entries} entries (now {current})"
+        if stale:
+            line += f"; also for {', '.join(stale)} ('hvae cache clear' removes them)"
+        click.echo(line)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # not reached
+
+
+@cache_group.command("clear")
+@click.option("--backend", type=click.Choice(BACKENDS), help="only this backend's cache")
+def cache_clear(backend: str | None) -> None:
+    """Remove the cached compiled code (of every backend, or of --backend)."""
+    from hvae_core.backends import compile_cache
+
+    try:
+        removed = compile_cache.clear(backend)
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot remove {exc.filename or compile_cache.cache_root()}: {exc.strerror}",
+            hint="check its permissions",
+        ) from None
+    what = f"the {backend} cache" if backend else "the compile cache"
+    if not removed:
+        click.echo(f"{what} is empty ({compile_cache.cache_root()})")
+    for folder in removed:
+        click.echo(f"removed {folder}")
+
+
 @cli.command()
 @config_options
 @click.option(
@@ -454,7 +524,7 @@ def _assemble(cfg: Any, verbose: bool) -> Any:
     quiet_logs = logs.log_level(verbose) == logs.QUIET
     if quiet_logs:
         logs.quiet_native_logs()
-    select_backend(cfg.run.backend, cfg.run.gpus)
+    select_backend(cfg.run.backend, cfg.run.gpus, cfg.run.compile_cache, _warning)
     import_backend(quiet_logs)
     from hvae_core.training.setup import assemble
 

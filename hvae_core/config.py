@@ -250,6 +250,12 @@ class RunConfig:
         "(faster steps, but minutes of compiling on a CPU: see README; other backends "
         "ignore it)",
     )
+    compile_cache: bool = option(
+        True,
+        "keep compiled steps in the persistent compilation cache ($HVAE_CACHE_DIR, default "
+        "~/.cache/hvae) so that later runs, resumes, evaluate and sample load them instead of "
+        "compiling again ($HVAE_COMPILE_CACHE=0 also turns it off; see 'hvae cache info')",
+    )
     remat_blocks: bool = option(
         True,
         "in a compiled step, recompute each repeated block's activations in the backward pass "

@@ -333,9 +333,10 @@ def load(
             hint="it predates hvae's run format; resume the run for an epoch to rewrite it",
         )
     if "keras" in sys.modules:
-        select_backend(backend or sys.modules["keras"].backend.backend())
+        backend = backend or sys.modules["keras"].backend.backend()
     else:
-        select_backend(backend or os.environ.get("KERAS_BACKEND") or config.run.backend)
+        backend = backend or os.environ.get("KERAS_BACKEND") or config.run.backend
+    select_backend(backend, compile_cache_on=config.run.compile_cache)
     quiet = logs.log_level(verbose) == logs.QUIET
     if quiet:
         logs.quiet_native_logs()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,10 +18,33 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from hvae_core import plugins  # noqa: E402
+from hvae_core.backends import compile_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hvae-example-plugins"
 FIRST_PARTY_ENTRY_POINTS = "datasets,flows,attention,regularizers,trackers"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One compilation cache for the whole test session, shared by its workers and every
+    process they start (through $HVAE_CACHE_DIR), and never the user's own: the tests compile
+    the same tiny models again and again, in many processes."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker, whose controller did this
+        folder = tempfile.mkdtemp(prefix="hvae-test-cache-")
+        config.stash[SESSION_CACHE] = folder
+        os.environ[compile_cache.CACHE_DIR_ENV] = folder
+        os.environ.pop(compile_cache.ENABLE_ENV, None)
+    # This process's own backend (the in-process tests'), before any test module starts it.
+    compile_cache.configure(os.environ["KERAS_BACKEND"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(SESSION_CACHE, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SESSION_CACHE = pytest.StashKey[str]()
 
 
 @pytest.fixture(autouse=True)

@@ -179,6 +179,7 @@ def test_config_show_maps_every_flag(tmp_path) -> None:
         "backend": "jax",
         "jit": True,
         "torch_compile": False,
+        "compile_cache": True,
         "remat_blocks": True,
         "images_minutes": 5.0,
         "save_dir": str(tmp_path / "runs"),

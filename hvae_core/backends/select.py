@@ -7,8 +7,10 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from typing import Literal, get_args
 
+from hvae_core.backends import compile_cache
 from hvae_core.backends.native_logs import native_log_filter
 from hvae_core.errors import HvaeError
 
@@ -34,9 +36,15 @@ def default_backend() -> str:
     return "jax" if importlib.util.find_spec("jax") is not None else "tensorflow"
 
 
-def select_backend(name: str, gpus: str | None = None) -> None:
-    """Make ``name`` Keras' backend, on the GPUs ``gpus`` ("0,1"; None: all). Must happen
-    before Keras is first imported."""
+def select_backend(
+    name: str,
+    gpus: str | None = None,
+    compile_cache_on: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> None:
+    """Make ``name`` Keras' backend, on the GPUs ``gpus`` ("0,1"; None: all), with its
+    persistent compilation cache unless ``compile_cache_on`` is false (``compile_cache``;
+    ``warn`` reports a cache it cannot use). Must happen before Keras is first imported."""
     if name not in BACKEND_MODULES:
         raise HvaeError(f"unknown backend '{name}'", hint=f"choose {', '.join(BACKEND_MODULES)}")
     if gpus is not None:
@@ -48,10 +56,12 @@ def select_backend(name: str, gpus: str | None = None) -> None:
                 f"Keras is already running on the {current} backend; cannot switch to {name}",
                 hint="start a new process (or set KERAS_BACKEND before importing keras)",
             )
+        compile_cache.configure(name, compile_cache_on, warn)  # applies where it still can
         return
     if importlib.util.find_spec(BACKEND_MODULES[name]) is None:
         raise HvaeError(f"the {name} backend is not installed", hint=f"pip install '{EXTRA[name]}'")
     os.environ["KERAS_BACKEND"] = name
+    compile_cache.configure(name, compile_cache_on, warn)
     if name in ABSL_LOGGING and nvidia_gpu_present():
         os.environ["XLA_FLAGS"] = with_gpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
