@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 from PIL import Image
-from tracking import StrictTracker, config_text, events, scalars
+from tracking import StrictTracker, config_text, events, one_line_error, run, scalars
 
-from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError
 from hvae_core.interfaces import Tracker
@@ -25,16 +23,6 @@ from hvae_core.plugins import get_registry
 from hvae_core.run import RunDirectory
 from hvae_core.testing import temporary_plugin
 from hvae_core.training.trainer import Trainer
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
-
-
-def one_line_error(result, fragment: str) -> None:
-    assert result.exit_code != 0, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
 
 
 def png_pixels(encoded: bytes) -> np.ndarray:

@@ -17,11 +17,16 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 from PIL import Image
-from tracking import mlflow_client, mlflow_history, mlflow_images, offline_runs
+from tracking import (
+    mlflow_client,
+    mlflow_history,
+    mlflow_images,
+    offline_runs,
+    one_line_error,
+    run,
+)
 
-from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError
 from hvae_core.plugins import get_registry
@@ -30,16 +35,6 @@ from hvae_core.plugins import get_registry
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"
 )
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
-
-
-def one_line_error(result, fragment: str) -> None:
-    assert result.exit_code != 0, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
 
 
 def make_tracker(name: str, run_dir: Path, *overrides: str) -> tuple[Any, Any]:

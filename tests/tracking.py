@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 from PIL import Image
+
+from hvae_core.cli import cli
 
 
 class StrictTracker:
@@ -207,3 +210,13 @@ def _set_nested(out: dict[str, Any], item: Any) -> None:
     for part in path[:-1]:
         out = out.setdefault(part, {})
     out[path[-1]] = json.loads(item.value_json)
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line_error(result, fragment: str) -> None:
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
