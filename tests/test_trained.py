@@ -44,13 +44,9 @@ def brute_force_log_px(trained: TrainedModel, images: np.ndarray) -> np.ndarray:
     grid point (z = prior mean + prior scale * eps), p(x) = integral of N(eps) p(x | z(eps))."""
     model = trained.model
     (block,) = model.decoder.blocks
-    eps = keras.ops.convert_to_tensor(GRID.reshape(-1, 1, 1, 1).astype(np.float32))
-    block.noise = lambda like, groups: eps  # the grid in place of the random draw
-    try:
-        state, zs, _ = model.decoder(activations=None, batch_size=len(GRID))
-        params = model.head(state, zs)
-    finally:
-        del block.noise
+    eps = GRID.reshape(-1, 1, 1, 1).astype(np.float32)  # the grid as the prior's noise
+    state, zs, _ = model.decoder(activations=None, batch_size=len(GRID), noise=[eps])
+    params = model.head(state, zs)
     x = to_unit_range(images, trained.num_bits)
     log_prior = -0.5 * GRID**2 - 0.5 * math.log(2 * math.pi)
     step = GRID[1] - GRID[0]
@@ -128,16 +124,8 @@ def test_a_plugin_the_run_used_must_be_installed() -> None:
 
 def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> None:
     # Temperatures and the top-down depth are inputs of the compiled passes, not part of their
-    # keys: `hvae analyze` and a user's temperature sweep compile each pass once. Fixed noise
-    # (all ones) makes the draws deterministic, so the values can be checked exactly.
-    from hvae_core.model import decoder
-
-    noise = {"value": 1.0}
-    monkeypatch.setattr(
-        decoder.TopDownBlock,
-        "noise",
-        lambda self, like, groups: keras.ops.ones_like(like) * noise["value"],
-    )
+    # keys: `hvae analyze` and a user's temperature sweep compile each pass once. Given
+    # noise (all ones) makes the draws deterministic, so the values can be checked exactly.
     cfg = resolve_config("tiny")
     model = HVAE(cfg, (8, 8, 1), 4, seed=0)
     model.build_weights()
@@ -152,10 +140,11 @@ def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> No
     trained = TrainedModel(model, cfg, RunDirectory("."), {}, runner)
     images = digits_images()[:4]
     layers = trained.num_latent_layers
+    ones = [np.ones(s, np.float32) for s in trained.noise_shapes(4).latents]
 
-    cold, warm = (trained.sample(4, t, output_temperature=0.0) for t in (0.0, 1.0))
+    cold, warm = (trained.sample(4, t, output_temperature=0.0, noise=ones) for t in (0.0, 1.0))
     depths = [
-        trained.reconstruct(images, latent_layers=j, temperature=t)
+        trained.reconstruct(images, latent_layers=j, temperature=t, noise=ones)
         for j in range(layers + 1)
         for t in (0.0, 1.0)
     ]
@@ -164,7 +153,7 @@ def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> No
     # Depth 0 at temperature t is the prior's sample at t; all layers, the reconstruction.
     np.testing.assert_array_equal(depths[0], cold)
     np.testing.assert_array_equal(depths[1], warm)
-    full = trained.reconstruct(images)
+    full = trained.reconstruct(images, noise=ones)
     np.testing.assert_array_equal(depths[-1], full)
     np.testing.assert_array_equal(depths[-2], full)
     assert len({d.tobytes() for d in depths[::2]}) > 1  # the depth reached the compiled pass
