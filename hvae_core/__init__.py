@@ -15,6 +15,8 @@ _LAZY = {
     "load": "hvae_core.trained",
     "TrainedModel": "hvae_core.trained",
     "RunDirectory": "hvae_core.run",
+    "Noise": "hvae_core.noise",
+    "NoiseShapes": "hvae_core.noise",
 }
 
 
@@ -30,6 +32,8 @@ __all__ = [
     "ConfigError",
     "HvaeError",
     "NoOptions",
+    "Noise",
+    "NoiseShapes",
     "PluginError",
     "RunDirectory",
     "TrainedModel",

@@ -179,10 +179,14 @@ def scale_times(hvae: Any, x: Any, repeats: int = 3) -> dict[str, dict[int, floa
         return times
 
     activations = hvae.encoder(x)
+    rng = np.random.default_rng(0)  # the noise is an input; its values do not matter here
+    noise = [
+        rng.standard_normal(s, dtype=np.float32) for s in hvae.noise_shapes(x.shape[0]).latents
+    ]
     passes = {
         "encoder": lambda on_scale: hvae.encoder(x, on_scale=on_scale),
         "decoder": lambda on_scale: hvae.decoder(
-            activations=activations, batch_size=x.shape[0], on_scale=on_scale
+            activations=activations, batch_size=x.shape[0], noise=noise, on_scale=on_scale
         ),
     }
     out: dict[str, dict[int, float]] = {}

@@ -790,8 +790,8 @@ def sample(
 @click.option(
     "--seed",
     type=SEED,
-    help="start the sampler's noise from this seed (its first draw then equals "
-    "'hvae sample --seed' on the same backend)",
+    help="start the exports' noise from this seed wherever they are loaded (the same seed, "
+    "the same draws; default: the run's training seed)",
 )
 @click.option("--force", is_flag=True, help="replace an earlier export in --out")
 @loaded_run_options

@@ -2,9 +2,9 @@
 encoder (pixels -> every layer's posterior), saved as Keras' own ``.keras`` or a TensorFlow
 SavedModel.
 
-No ONNX: converted from TensorFlow (tf2onnx 1.17), the models' random draws become ops ONNX
-lacks (StatelessRandomNormalV2, StatelessRandomUniformV2, and the Bitcast and BitwiseAnd of
-Keras' seed handling), and onnxruntime refuses the graphs.
+The model itself draws nothing (its noise is an input); these two exports draw theirs with a
+Keras ``SeedGenerator`` of their own, so a loaded sampler is a self-contained random sampler.
+Such a draw is a ``Stateless*Random*`` op, which ONNX lacks.
 
 Importing this module registers the two models with Keras' serialization, so that a fresh
 process loads a ``.keras`` export with::
@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from hvae_core.errors import HvaeError
-from hvae_core.model.hvae import HVAE, is_noise_seed
+from hvae_core.model.hvae import HVAE
 from hvae_core.model.pixels import to_levels, to_unit_range
 from hvae_core.trained import checked_seed
 
@@ -34,10 +34,17 @@ SUFFIX = {"keras": ".keras", "savedmodel": ""}
 
 
 class _Exported(keras.Model):
-    """Holds an :class:`HVAE` rebuilt from its config (the run's resolved config as a dict)."""
+    """Holds an :class:`HVAE` rebuilt from its config (the run's resolved config as a dict),
+    and the noise stream its passes draw from: started from ``seed`` wherever it is loaded
+    (None: the run's training seed)."""
 
     def __init__(
-        self, hvae_config: dict[str, Any], image_shape: Any, num_bits: int, **kwargs: Any
+        self,
+        hvae_config: dict[str, Any],
+        image_shape: Any,
+        num_bits: int,
+        seed: int | None = None,
+        **kwargs: Any,
     ) -> None:
         from hvae_core.config import build_config
 
@@ -46,7 +53,17 @@ class _Exported(keras.Model):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.num_bits = int(num_bits)
         config = build_config(hvae_config)
+        self.seed = seed
         self.hvae = HVAE(config, self.image_shape, self.num_bits, seed=config.training.seed)
+        self.noise_stream = keras.random.SeedGenerator(
+            config.training.seed if seed is None else seed, name="noise_stream"
+        )
+
+    def draw_latents(self, batch: Any) -> list[Any]:
+        return [
+            keras.random.normal(s, seed=self.noise_stream)
+            for s in self.hvae.noise_shapes(batch).latents
+        ]
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -54,6 +71,7 @@ class _Exported(keras.Model):
             "hvae_config": self.hvae_config,
             "image_shape": list(self.image_shape),
             "num_bits": self.num_bits,
+            "seed": self.seed,
         }
 
 
@@ -63,36 +81,33 @@ class Sampler(_Exported):
     every latent layer's prior noise). Output: uint8 pixel levels (n, H, W, C) of the run's bit
     depth. ``output_temperature`` (fixed at export) scales the pixel likelihood's noise."""
 
-    def __init__(
-        self, *args: Any, output_temperature: float = 1.0, seed: int | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, output_temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.output_temperature = float(output_temperature)
-        self.seed = seed
 
     def build(self, input_shape: Any = None) -> None:
         self.hvae.build_weights()
-        # Keras saves no noise-stream states: a loaded sampler starts its streams from the
-        # seed it was exported with (None: the model's own initial streams).
-        if self.seed is not None:
-            self.hvae.reseed(self.seed)
         self.built = True
 
     def call(self, temperature: Any) -> Any:
         per_image = ops.reshape(ops.cast(temperature, "float32"), (-1, 1, 1, 1))
+        n = ops.shape(per_image)[0]
+        pixel_noise = None
+        if self.output_temperature > 0:
+            pixel_noise = keras.random.uniform(
+                self.hvae.noise_shapes(n).pixels, seed=self.noise_stream
+            )
         pixels = self.hvae.generate(
-            ops.shape(per_image)[0],
+            n,
             temperature=per_image,
             output_temperature=self.output_temperature,
+            noise=self.draw_latents(n),
+            pixel_noise=pixel_noise,
         )
         return ops.cast(to_levels(pixels, self.num_bits), "uint8")
 
     def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "output_temperature": self.output_temperature,
-            "seed": self.seed,
-        }
+        return {**super().get_config(), "output_temperature": self.output_temperature}
 
 
 @keras.saving.register_keras_serializable(package="hvae")
@@ -106,17 +121,17 @@ class Encoder(_Exported):
         self.built = True
 
     def call(self, images: Any) -> list[Any]:
-        layers = self.hvae.encode(to_unit_range(images, self.num_bits))
+        noise = self.draw_latents(ops.shape(images)[0])
+        layers = self.hvae.encode(to_unit_range(images, self.num_bits), noise)
         return [tensor for layer in layers for tensor in (layer["mean"], layer["sample"])]
 
 
 def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options: Any) -> list[Path]:
     """Write ``trained`` (a :class:`~hvae_core.trained.TrainedModel`) as a sampler and an
     encoder in format ``fmt`` into the folder ``out``; returns the paths written.
-    ``options``: the sampler's ``output_temperature``, and ``seed``: its noise streams start
-    from this seed wherever it is loaded (its first draw equals
-    ``trained.sample(n, seed=seed)`` on the same backend); ``replace``: replace an earlier
-    export in ``out``."""
+    ``options``: the sampler's ``output_temperature``, and ``seed``: the exports' noise
+    streams start from this seed wherever they are loaded (the same seed, the same draws;
+    None: the run's training seed); ``replace``: replace an earlier export in ``out``."""
     if fmt not in FORMATS:
         raise HvaeError(f"unknown export format '{fmt}'", hint=f"choose {', '.join(FORMATS)}")
     folder = Path(out)
@@ -135,10 +150,10 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
         seed=seed,
         name="sampler",
     )
-    encoder = Encoder(**common, name="encoder")
+    encoder = Encoder(**common, seed=seed, name="encoder")
     for exported in (sampler, encoder):
         exported.build()
-        _copy_variables(trained.model, exported.hvae, weights_only=seed is not None)
+        _copy_variables(trained.model, exported.hvae)
     h, w, c = trained.image_shape
     signatures = {
         "sampler": [keras.InputSpec(shape=(None,), dtype="float32")],
@@ -164,12 +179,11 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
     return written
 
 
-def _copy_variables(source: Any, target: Any, weights_only: bool) -> None:
-    """The trained model's variables (its EMA weights, and unless ``weights_only`` its noise
-    streams' states) into ``target``, an identically built model."""
+def _copy_variables(source: Any, target: Any) -> None:
+    """The trained model's variables (its EMA weights) into ``target``, an identically built
+    model."""
     pairs = list(zip(source.variables, target.variables, strict=True))
     for a, b in pairs:
         if tuple(a.shape) != tuple(b.shape):
             raise HvaeError(f"cannot export: {a.path} is {a.shape}, its copy {b.shape}")
-        if not (weights_only and is_noise_seed(a)):
-            b.assign(a.value)
+        b.assign(a.value)

@@ -18,6 +18,13 @@ from typing import Any
 import numpy as np
 
 from hvae_core.errors import HvaeError, InputError, RunWarning
+from hvae_core.noise import (
+    Noise,
+    NoiseShapes,
+    checked_latent_noise,
+    checked_pixel_noise,
+    draw_noise,
+)
 from hvae_core.run import RunDirectory, check_plugins
 
 Progress = Callable[[int, int], None]
@@ -28,10 +35,18 @@ class TrainedModel:
     """A run's model with its trained (EMA) weights. Build one with :func:`load`."""
 
     def __init__(
-        self, model: Any, config: Any, run: RunDirectory, meta: dict[str, Any], runner: Any
+        self,
+        model: Any,
+        config: Any,
+        run: RunDirectory | None,
+        meta: dict[str, Any],
+        runner: Any,
     ) -> None:
+        """``run`` None: a model in training (the trainer's figures), not a run's checkpoint."""
         self.model, self.config, self.run = model, config, run
         self.meta, self.runner = meta, runner
+        # The noise stream the methods draw from when given no seed (see draw_noise).
+        self._rng = np.random.default_rng(int(config.training.seed))
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -59,11 +74,33 @@ class TrainedModel:
 
     def __repr__(self) -> str:
         h, w, c = self.image_shape
+        where = str(self.run.path) if self.run is not None else None
         return (
-            f"TrainedModel({str(self.run.path)!r}, epoch {self.epoch}, {h}x{w}x{c} images, "
+            f"TrainedModel({where!r}, epoch {self.epoch}, {h}x{w}x{c} images, "
             f"{self.num_bits} bits, {self.num_latent_layers} latent layers, "
             f"{self.model.count_params():,} parameters)"
         )
+
+    # -- its noise ----------------------------------------------------------------------------
+
+    def noise_shapes(self, n: int) -> NoiseShapes:
+        """The noise a pass over ``n`` images takes: ``latents``, per latent layer (top, 1x1,
+        first) a standard normal array (n, R, R, z_width), and ``pixels``, the likelihood's
+        uniforms (n, H, W, M + C) where pixels are sampled (``output_temperature`` > 0)."""
+        return self.model.noise_shapes(_count(n, "n"))
+
+    def draw_noise(self, n: int, seed: int | None = None, *, pixels: bool = True) -> Noise:
+        """A draw of the noise for ``n`` images with NumPy, from ``seed`` (None: the model's
+        own stream continues): what the methods draw when given a seed, so the same seed
+        gives the same numbers here, on every backend and in an exported model."""
+        if seed is not None:
+            self.reseed(seed)
+        return draw_noise(self.noise_shapes(n), self._rng, pixels)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the model's noise stream (latent layers, pixel sampling) from ``seed`` (an
+        integer in 0..2**32 - 1, like NumPy's and the backends' seeds)."""
+        self._rng = np.random.default_rng(checked_seed(seed))
 
     # -- what it does -------------------------------------------------------------------------
 
@@ -75,35 +112,47 @@ class TrainedModel:
         *,
         seed: int | None = None,
         batch_size: int | None = None,
+        noise: Any = None,
+        pixel_noise: Any = None,
     ) -> np.ndarray:
-        """``n`` images from the prior, uint8 levels (n, H, W, C). ``temperature`` scales the
-        prior's noise: one value, or one per latent layer (top first); ``output_temperature``
-        the pixel likelihood's (0: the mode of each pixel's chosen component). ``seed`` makes
-        the draw repeatable (None: the model's noise streams continue)."""
+        """``n`` images from the prior, uint8 levels (n, H, W, C): layer by layer z = mean +
+        scale * temperature * eps. ``temperature`` scales the prior's noise: one value, or one
+        per latent layer (top first); ``output_temperature`` the pixel likelihood's (0: the
+        mode of each pixel's chosen component). ``seed`` makes the draw repeatable (None: the
+        model's noise stream continues). ``noise`` (one array per latent layer, or a
+        :class:`~hvae_core.noise.Noise`) and ``pixel_noise`` (needed when
+        ``output_temperature`` > 0) replay a given draw instead (see :meth:`noise_shapes`)."""
         from hvae_core.model.pixels import to_levels
 
         n = _count(n, "n")
         temps = self._temperatures(temperature)
         output_temperature = _non_negative(output_temperature, "output_temperature")
-        if seed is not None:
-            self.reseed(seed)
+        latents, pixels = self._noise(n, seed, noise, pixel_noise, output_temperature > 0)
         size = self._batch(batch_size)
         parts = []
         for start in range(0, n, size):
-            rows = min(size, n - start)
+            rows = slice(start, min(start + size, n))
 
-            def generate(layer_temps: Any, rows: int = rows) -> Any:
+            def generate(
+                layer_temps: Any, eps: Any, *uniforms: Any, count: int = rows.stop - rows.start
+            ) -> Any:
                 per_layer = [layer_temps[i] for i in range(len(temps))]
                 x = self.model.generate(
-                    rows, temperature=per_layer, output_temperature=output_temperature
+                    count,
+                    temperature=per_layer,
+                    output_temperature=output_temperature,
+                    noise=list(eps),
+                    pixel_noise=uniforms[0] if uniforms else None,
                 )
                 return to_levels(x, self.num_bits)
 
             # The temperatures are an input, not part of the key: one compiled sampler serves
             # them all (the output temperature stays a key: 0 takes another code path).
-            key = ("sample", rows, output_temperature)
+            key = ("sample", rows.stop - rows.start, output_temperature)
             layer_temps = np.asarray(temps, dtype=np.float32)
-            parts.append(to_numpy(self.runner.run(key, generate, layer_temps)))
+            extra = () if pixels is None else (pixels[rows],)
+            eps = [e[rows] for e in latents]
+            parts.append(to_numpy(self.runner.run(key, generate, layer_temps, eps, *extra)))
         return np.concatenate(parts).astype(np.uint8)
 
     def reconstruct(
@@ -114,11 +163,16 @@ class TrainedModel:
         latent_layers: int | None = None,
         temperature: float = 1.0,
         batch_size: int | None = None,
+        seed: int | None = None,
+        noise: Any = None,
+        pixel_noise: Any = None,
     ) -> np.ndarray:
         """``images`` decoded from latents drawn from their posterior, uint8 levels. With
         ``latent_layers`` = j, only the top j layers take the posterior's latents and the
         layers below draw from the prior at ``temperature`` (0: a sample, all layers: a
-        reconstruction): what each part of the hierarchy encodes."""
+        reconstruction): what each part of the hierarchy encodes. ``seed``, ``noise`` and
+        ``pixel_noise`` as for :meth:`sample` (a layer's eps makes its posterior z where it is
+        kept, its prior z below)."""
         from hvae_core.model.pixels import to_levels
 
         output_temperature = _non_negative(output_temperature, "output_temperature")
@@ -127,53 +181,99 @@ class TrainedModel:
             raise InputError(
                 f"latent_layers must lie in 0..{self.num_latent_layers}, got {latent_layers}"
             )
+        images = self._check(images)
+        latents, pixels = self._noise(len(images), seed, noise, pixel_noise, output_temperature > 0)
 
-        def reconstruct(batch: Any, layers: Any, temp: Any) -> Any:
+        def reconstruct(batch: Any, layers: Any, temp: Any, eps: Any, *uniforms: Any) -> Any:
             x = self._unit(batch)
+            pixel = uniforms[0] if uniforms else None
             if latent_layers is None:
-                out = self.model.reconstruct(x, output_temperature=output_temperature)
+                out = self.model.reconstruct(x, output_temperature, list(eps), pixel)
             else:
-                out = self.model.reconstruct_from_top(x, layers, temp, output_temperature)
+                out = self.model.reconstruct_from_top(
+                    x, layers, temp, output_temperature, list(eps), pixel
+                )
             return to_levels(out, self.num_bits)
 
         # The depth and the temperature are inputs: one compiled pass serves every j and t.
         key = ("reconstruct", output_temperature, latent_layers is None)
         layers = np.int32(self.num_latent_layers if latent_layers is None else latent_layers)
-        parts = [
-            to_numpy(self.runner.run(key, reconstruct, batch, layers, np.float32(temperature)))
-            for batch in self._batches(images, batch_size)
-        ]
+        parts = []
+        for rows, batch in self._slices(images, batch_size):
+            extra = () if pixels is None else (pixels[rows],)
+            eps = [e[rows] for e in latents]
+            args = (batch, layers, np.float32(temperature), eps, *extra)
+            parts.append(to_numpy(self.runner.run(key, reconstruct, *args)))
         return np.concatenate(parts).astype(np.uint8)
 
-    def encode(self, images: Any, *, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
-        """Every latent layer's posterior for ``images``, top (1x1) first: ``{"mean", "sample"}``
-        arrays (N, R, R, z_width) (with a flow, ``mean`` is that of the flow's input and
-        ``sample`` is after the flow)."""
+    def encode(
+        self,
+        images: Any,
+        *,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        noise: Any = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Every latent layer's posterior for ``images``, top (1x1) first: ``{"mean",
+        "scale", "sample"}`` arrays (N, R, R, z_width); ``sample`` is mean + scale * eps for
+        the latent noise (``seed``, ``noise`` as for :meth:`sample`; with a flow, ``mean`` and
+        ``scale`` are those of the flow's input and ``sample`` is after the flow)."""
+        images = self._check(images)
+        latents, _ = self._noise(len(images), seed, noise, None, False)
+
+        def encode(batch: Any, eps: Any) -> Any:
+            return self.model.encode(self._unit(batch), list(eps))
+
         parts = [
-            self.runner.run("encode", lambda b: self.model.encode(self._unit(b)), batch)
-            for batch in self._batches(images, batch_size)
+            self.runner.run("encode", encode, batch, [e[rows] for e in latents])
+            for rows, batch in self._slices(images, batch_size)
         ]
         return [
-            {k: np.concatenate([to_numpy(p[i][k]) for p in parts]) for k in ("mean", "sample")}
+            {
+                k: np.concatenate([to_numpy(p[i][k]) for p in parts])
+                for k in ("mean", "scale", "sample")
+            }
             for i in range(self.num_latent_layers)
         ]
 
-    def elbo(self, images: Any, *, batch_size: int | None = None) -> dict[str, Any]:
+    def elbo(
+        self,
+        images: Any,
+        *,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        noise: Any = None,
+    ) -> dict[str, Any]:
         """The negative ELBO of ``images`` in bits per dimension, averaged over them, and how
-        the latent layers are used. ``images``: an image array, or an iterator of batches (a
-        split streamed through its dataset's transform, say). Keys: ``bpd`` (= ``elbo_bpd``),
-        ``recon_bpd``, ``kl_bpd``, ``kl_layers_bpd`` (every layer's KL, top first; they sum to
-        ``kl_bpd``), ``kl_scales_bpd``, ``active_units`` and ``latent_dims`` per layer and
-        their totals, ``active_layers``, ``images`` (see
+        the latent layers are used, for one posterior draw per image (``seed``, ``noise`` as
+        for :meth:`sample`). ``images``: an image array, or an iterator of batches (a split
+        streamed through its dataset's transform, say; then no ``noise``). Keys: ``bpd`` (=
+        ``elbo_bpd``), ``recon_bpd``, ``kl_bpd``, ``kl_layers_bpd`` (every layer's KL, top
+        first; they sum to ``kl_bpd``), ``kl_scales_bpd``, ``active_units`` and
+        ``latent_dims`` per layer and their totals, ``active_layers``, ``images`` (see
         :func:`hvae_core.model.evaluation.summarise`)."""
         from hvae_core.model.evaluation import add_terms, summarise
 
-        def terms(batch: Any) -> dict[str, Any]:
-            return self.model.evaluation_terms(self._unit(batch))
+        def terms(batch: Any, eps: Any) -> dict[str, Any]:
+            return self.model.evaluation_terms(self._unit(batch), list(eps))
 
+        given = None
+        if noise is not None:
+            if not hasattr(images, "shape") and not isinstance(images, list | tuple):
+                raise InputError("noise is given for an image array, not a stream of batches")
+            images = self._check(images)
+            given, _ = self._noise(len(images), None, noise, None, False)
+        elif seed is not None:
+            self.reseed(seed)
         totals: dict[str, Any] = {}
+        done = 0
         for batch in self._batches(images, batch_size):
-            values = self.runner.run("evaluation_terms", terms, batch)
+            if given is None:
+                eps = list(self._draw(len(batch), pixels=False).latents)
+            else:
+                eps = [e[done : done + len(batch)] for e in given]
+            done += len(batch)
+            values = self.runner.run("evaluation_terms", terms, batch, eps)
             add_terms(totals, to_numpy(values))
         if not totals:
             raise InputError("no images to evaluate")
@@ -188,6 +288,8 @@ class TrainedModel:
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,
+        seed: int | None = None,
+        noise: Any = None,
     ) -> dict[str, Any]:
         """The importance-weighted bound on -log p(x) (Burda et al. 2016) with ``num_samples``
         = K posterior draws per image, in bits per dimension:
@@ -196,24 +298,37 @@ class TrainedModel:
 
         It tightens as K grows and equals the ELBO in expectation at K = 1. The K draws of
         all images run ``batch_size`` at a time (default: the run's batch size): memory stays
-        that of one forward pass, time is K forward passes per image. Returns ``bpd`` (the
-        mean over images), ``per_image_bpd``, ``num_samples`` and ``images``."""
+        that of one forward pass, time is K forward passes per image. ``seed`` as for
+        :meth:`sample`; ``noise``: per latent layer (N, K, R, R, z_width), image i's draw k
+        at [i, k]. Returns ``bpd`` (the mean over images), ``per_image_bpd``, ``num_samples``
+        and ``images``."""
         k = _count(num_samples, "num_samples")
         images = self._check(images)
         n, rows = len(images), self._batch(batch_size)
+        shapes = self.model.noise_shapes(n)
+        given = None
+        if noise is not None:
+            given = checked_latent_noise(noise, shapes, rows=(n, k))
+        elif seed is not None:
+            self.reseed(seed)
         total = n * k
         # Running log-sum-exp per image, in float64: the draws of an image may span calls.
         log_sum = np.full(n, -np.inf)
         key = ("log_importance_weights",)
+
+        def weights_of(batch: Any, eps: Any) -> Any:
+            return self.model.log_importance_weights(self._unit(batch), list(eps))
+
         for start in range(0, total, rows):
             draw = np.arange(start, start + rows)
             owner = np.minimum(draw, total - 1) // k  # the last call is padded: one shape
+            if given is None:
+                eps = list(self._draw(rows, pixels=False).latents)
+            else:
+                which = np.minimum(draw, total - 1) % k
+                eps = [e[owner, which] for e in given]
             weights = to_numpy(
-                self.runner.run(
-                    key,
-                    lambda b: self.model.log_importance_weights(self._unit(b)),
-                    self._levels(images[owner]),
-                )
+                self.runner.run(key, weights_of, self._levels(images[owner]), eps)
             ).astype(np.float64)
             valid = draw < total
             np.logaddexp.at(log_sum, owner[valid], weights[valid])
@@ -228,11 +343,6 @@ class TrainedModel:
             "images": n,
         }
 
-    def reseed(self, seed: int) -> None:
-        """Set every noise stream of the model (latent layers, pixel sampling) from ``seed``
-        (an integer in 0..2**32 - 1, like NumPy's and the backends' seeds)."""
-        self.model.reseed(checked_seed(seed))
-
     # -- helpers ------------------------------------------------------------------------------
 
     def _temperatures(self, temperature: float | Sequence[float]) -> list[float]:
@@ -246,6 +356,36 @@ class TrainedModel:
                 f"got {len(temps)}"
             )
         return temps
+
+    def _draw(self, n: int, pixels: bool) -> Noise:
+        return draw_noise(self.model.noise_shapes(n), self._rng, pixels)
+
+    def _noise(
+        self, n: int, seed: int | None, noise: Any, pixel_noise: Any, pixels: bool
+    ) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+        """The latent noise and (where ``pixels`` are sampled) the likelihood's uniforms for
+        ``n`` images: the given ones, checked, or a draw from ``seed`` / the stream."""
+        shapes = self.model.noise_shapes(n)
+        if noise is None:
+            if pixel_noise is not None:
+                raise InputError("pixel_noise is given without the latent noise")
+            if seed is not None:
+                self.reseed(seed)
+            drawn = self._draw(n, pixels)
+            return drawn.latents, drawn.pixels
+        if seed is not None:
+            raise InputError("give either seed or noise, not both")
+        latents = checked_latent_noise(noise, shapes)
+        if isinstance(noise, Noise) and pixel_noise is None:
+            pixel_noise = noise.pixels
+        return latents, (checked_pixel_noise(pixel_noise, shapes) if pixels else None)
+
+    def _slices(self, images: Any, batch_size: int | None) -> Any:
+        """(rows, batch) for every batch of the checked ``images``."""
+        size = self._batch(batch_size)
+        for start in range(0, len(images), size):
+            rows = slice(start, min(start + size, len(images)))
+            yield rows, self._levels(images[rows])
 
     def _batch(self, batch_size: int | None) -> int:
         return self.batch_size if batch_size is None else _count(batch_size, "batch_size")

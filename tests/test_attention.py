@@ -24,7 +24,6 @@ from keras import ops
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError
-from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.run import files as rundir
 
@@ -58,7 +57,9 @@ def set_gammas(model: HVAE, value: float) -> None:
 def no_noise(monkeypatch):
     """Deterministic passes: the latent noise is zero."""
     monkeypatch.setattr(
-        decoder.TopDownBlock, "noise", lambda self, like, groups: ops.zeros_like(like)
+        HVAE,
+        "draw_latent_noise",
+        lambda self, b: [ops.zeros(s) for s in self.noise_shapes(b).latents],
     )
 
 
@@ -407,10 +408,9 @@ def test_attention_combines_with_a_flow_and_a_regularizer(backend, tmp_path) -> 
 PARITY_SCRIPT = """
 import keras
 from hvae_core.config import resolve_config
-from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 
-decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
+HVAE.draw_latent_noise = lambda self, b: [keras.ops.zeros(s) for s in self.noise_shapes(b).latents]
 cfg = resolve_config("tiny", overrides=[{overrides}])
 model = HVAE(cfg, (8, 8, 1), 8, seed=0)
 model.build_weights()

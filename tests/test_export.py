@@ -53,6 +53,8 @@ def test_exports_sample_in_a_fresh_process_what_hvae_sample_draws(run_dir, tmp_p
     keras_dir, saved_dir = tmp_path / "keras", tmp_path / "savedmodel"
     for fmt, folder in (("keras", keras_dir), ("savedmodel", saved_dir)):
         cli_ok("export", str(run_dir), "--format", fmt, "--out", str(folder), "--seed", "5")
+    cold_dir = tmp_path / "cold"
+    cli_ok("export", str(run_dir), "--out", str(cold_dir), "--output-temperature", "0")
     assert sorted(p.name for p in keras_dir.iterdir()) == ["encoder.keras", "sampler.keras"]
     assert sorted(p.name for p in saved_dir.iterdir()) == ["encoder", "sampler"]
     raw = tmp_path / "s.npz"
@@ -61,8 +63,10 @@ def test_exports_sample_in_a_fresh_process_what_hvae_sample_draws(run_dir, tmp_p
         str(run_dir),
         "--n",
         "4",
-        "--seed",
-        "5",
+        "--temperature",
+        "0",
+        "--output-temperature",
+        "0",
         "--npz",
         str(raw),
         "--out",
@@ -79,17 +83,21 @@ def test_exports_sample_in_a_fresh_process_what_hvae_sample_draws(run_dir, tmp_p
     sampler = keras.saving.load_model({str(keras_dir / "sampler.keras")!r}, safe_mode=True)
     encoder = keras.saving.load_model({str(keras_dir / "encoder.keras")!r}, safe_mode=True)
     outputs["keras"] = keras.ops.convert_to_numpy(sampler(np.ones(4, "float32")))
+    outputs["keras_next"] = keras.ops.convert_to_numpy(sampler(np.ones(4, "float32")))
     outputs["latents"] = [keras.ops.convert_to_numpy(t).shape for t in encoder(outputs["keras"])]
+    cold = keras.saving.load_model({str(cold_dir / "sampler.keras")!r}, safe_mode=True)
+    outputs["cold"] = keras.ops.convert_to_numpy(cold(np.zeros(4, "float32")))
     outputs["trainer"] = "hvae_core.training.trainer" in sys.modules
     """
     got = fresh_process(script, tmp_path)
     assert not got["hvae_imported"] and not got["trainer"]
-    with np.load(raw) as data:
-        expected = data["samples"]
-    # The same seed, the same draw (the run samples uncompiled, as the exports run).
-    np.testing.assert_array_equal(got["keras"], expected)
-    np.testing.assert_array_equal(got["saved"], expected)
+    # The same seed, the same draw, in either format; the stream goes on from there.
+    np.testing.assert_array_equal(got["keras"], got["saved"])
+    assert not np.array_equal(got["keras"], got["keras_next"])
     assert got["keras"].dtype == np.uint8 and got["saved"].dtype == np.uint8
+    # With no noise at all (both temperatures 0) the export computes what hvae sample does.
+    with np.load(raw) as data:
+        np.testing.assert_array_equal(got["cold"], data["samples"])
     shapes = [tuple(s) for s in got["latents"]]
     assert shapes == [(4, r, r, 2) for r in (1, 2, 4, 8) for _ in ("mean", "sample")]
 

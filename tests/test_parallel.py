@@ -84,14 +84,17 @@ def test_launch_settings_from_the_environment() -> None:
 STEP_SCRIPT = """
 import keras
 from hvae_core.config import resolve_config
-from hvae_core.model import decoder
+from hvae_core.backends import engine as engine_module
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
 from hvae_core.backends.engine import make_engine, setup_parallel
 from hvae_core.backends.parallel import Launch, Parallel
 
 # No latent noise: replicas draw their own noise, so only a noiseless step can match exactly.
-decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
+_cut = engine_module.latent_noise
+engine_module.latent_noise = lambda model, flat, groups=1: [
+    keras.ops.zeros_like(e) for e in _cut(model, flat, groups)
+]
 DEVICES = int(inputs["devices"])
 
 
@@ -355,6 +358,7 @@ def test_tensorflow_mirrored_step_over_two_logical_cpus_equals_the_single_device
 
 NOISE_SCRIPT = """
 import keras
+import tensorflow as tf
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
@@ -368,36 +372,42 @@ with parallel.scope():
     model = HVAE(cfg, (8, 8, 1), 4, seed=0)
     model.build_weights()
     engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg, None, parallel)
-generators = [block.seed_generator for block in model.decoder.blocks]
+train = engine._train
+drawn = []
 
 
-def draws():
-    # What each replica's top-down blocks draw as latent noise: one row per replica.
-    per_replica = parallel.strategy.run(
-        lambda: keras.ops.stack([keras.random.normal((6,), seed=g) for g in generators])
-    )
-    return np.stack([r.numpy() for r in parallel.strategy.experimental_local_results(per_replica)])
+def recording(batch, beta, skipnorm, keys):
+    # What each replica's step draws its latent noise from: the key it is handed.
+    keys_per_replica = parallel.strategy.experimental_local_results(keys)
+    drawn.append(np.stack([
+        tf.random.stateless_normal((6,), seed=k).numpy() for k in keys_per_replica
+    ]))
+    return train(batch, beta, skipnorm, keys)
 
 
-outputs["first"] = draws()
+engine._train = recording
+images = inputs["images"]
+engine.train_step(images, 1.0, step=0)
 saved = engine.state()
-outputs["after_save"] = draws()
+engine.train_step(images, 1.0, step=1)
 engine.load_state(saved)
-outputs["after_restore"] = draws()
+engine.train_step(images, 1.0, step=1)
+outputs["first"], outputs["after_save"], outputs["after_restore"] = drawn
 """
 
 
 def assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out) -> None:
     first, after_save, after_restore = out["first"], out["after_save"], out["after_restore"]
-    assert first.shape[0] == 2 and first.shape[1] >= 4  # replicas, latent layers
+    assert first.shape[0] == 2  # replicas
     for draw in (first, after_save, after_restore):
         assert not np.isclose(draw[0], draw[1]).any()  # independent, not the same noise
-    assert not np.isclose(first, after_save).any()  # the streams advance
+    assert not np.isclose(first, after_save).any()  # every step draws anew
     np.testing.assert_array_equal(after_restore, after_save)  # resumed runs draw the same
 
 
 def test_tensorflow_replicas_draw_their_own_noise_also_after_a_restore(tmp_path) -> None:
-    out = run_on_backend("tensorflow", TF_STEP_SCRIPT + NOISE_SCRIPT, {}, tmp_path)
+    inputs = {"images": digits_images()[:8]}
+    out = run_on_backend("tensorflow", TF_STEP_SCRIPT + NOISE_SCRIPT, inputs, tmp_path)
     assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out)
 
 
@@ -410,7 +420,10 @@ from hvae_core.backends.engine import make_engine
 from hvae_core.training.optim import make_optimizer
 from hvae_core.backends.parallel import Parallel
 
+import torch.distributed as dist
+
 # Each process is one replica; replica r's draws are the noise that process r would draw.
+dist.all_reduce = lambda tensor: None  # one process plays each rank in turn: nothing to reduce
 cfg = resolve_config("tiny", overrides=["training.batch_size=8"])
 rows = {"first": [], "after_save": [], "after_restore": []}
 for rank in (0, 1):
@@ -418,25 +431,23 @@ for rank in (0, 1):
     model.build_weights()
     engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
     engine.parallel = Parallel(replicas=2, process_index=rank, num_processes=2)
-    engine.load_state(engine.state())  # a restore: every process gets process 0's seeds
-    generators = [block.seed_generator for block in model.decoder.blocks]
-
-    def draws():
-        return np.stack(
-            [keras.ops.convert_to_numpy(keras.random.normal((6,), seed=g)) for g in generators]
-        )
-
-    rows["first"].append(draws())
-    if rank == 0:
-        chief_state = engine.state()  # a checkpoint holds the chief's own seeds
-    rows["after_save"].append(draws())
-    engine.load_state(chief_state)
-    rows["after_restore"].append(draws())
+    drawn = []
+    draw = engine.draw
+    engine.draw = lambda *a: drawn.append(draw(*a)) or drawn[-1]
+    images = inputs["images"]
+    engine.train_step(images, 1.0, step=0)
+    saved = engine.state()
+    engine.train_step(images, 1.0, step=1)
+    engine.load_state(saved)
+    engine.train_step(images, 1.0, step=1)
+    for key, noise in zip(rows, drawn, strict=True):
+        rows[key].append(keras.ops.convert_to_numpy(noise).ravel()[:64])
 for key, value in rows.items():
     outputs[key] = np.stack(value)
 """
 
 
 def test_torch_replicas_draw_their_own_noise_also_after_a_restore(tmp_path) -> None:
-    out = run_on_backend("torch", TORCH_NOISE_SCRIPT, {}, tmp_path)
+    inputs = {"images": digits_images()[:4]}
+    out = run_on_backend("torch", TORCH_NOISE_SCRIPT, inputs, tmp_path)
     assert_replicas_draw_their_own_noise_and_a_restore_repeats_it(out)

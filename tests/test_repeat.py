@@ -63,10 +63,18 @@ def test_each_row_of_a_run_is_its_blocks_own_initial_weights() -> None:
 def test_sampling_and_per_layer_temperatures_match_block_by_block() -> None:
     models = [engine(stack, "run.jit=false").model for stack in (True, False)]
     temps = [0.0, 0.5, 1.0, 0.2, 0.9, 0.3, 0.7, 0.0]
-    a, b = (keras.ops.convert_to_numpy(m.generate(4, temperature=temps)) for m in models)
+    rng = np.random.default_rng(0)
+    noise = models[0].noise_shapes(4)
+    eps = [rng.standard_normal(s).astype(np.float32) for s in noise.latents]
+    pixels = rng.random(noise.pixels).astype(np.float32)
+    a, b = (
+        keras.ops.convert_to_numpy(m.generate(4, temps, noise=eps, pixel_noise=pixels))
+        for m in models
+    )
     np.testing.assert_array_equal(a, b)
-    za = models[0].latents(keras.ops.zeros((2, 8, 8, 1)))
-    zb = models[1].latents(keras.ops.zeros((2, 8, 8, 1)))
+    eps = [e[:2] for e in eps]
+    za = models[0].latents(keras.ops.zeros((2, 8, 8, 1)), noise=eps)
+    zb = models[1].latents(keras.ops.zeros((2, 8, 8, 1)), noise=eps)
     assert len(za) == len(zb) == 8
     for x, y in zip(za, zb, strict=True):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y))
@@ -75,14 +83,15 @@ def test_sampling_and_per_layer_temperatures_match_block_by_block() -> None:
 # Run directories of older hvae versions: slow (a whole training and resume), so `-m slow`.
 @pytest.mark.slow
 def test_a_checkpoint_of_one_weight_set_per_block_resumes_exactly() -> None:
-    # Checkpoints written before blocks were stacked: weights, EMA, Adam moments and noise
-    # seeds all continue where they were, and the stacked step is the block-by-block step.
+    # Checkpoints written before blocks were stacked: weights, EMA and Adam moments all
+    # continue where they were, and the stacked step is the block-by-block step (the same
+    # step's noise comes from the same key).
     images = digits_images()[:8]
     old = engine(False, "run.jit=false")
     old.train_step(images, 1.0)
     new = engine(True, "run.jit=false", seed=7)  # other initial weights: all must come back
     new.load_state(old.state())
-    a, b = old.train_step(images, 1.0), new.train_step(images, 1.0)
+    a, b = old.train_step(images, 1.0, step=1), new.train_step(images, 1.0, step=1)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert a["kl_bpd"] == pytest.approx(b["kl_bpd"], rel=1e-6)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -159,16 +168,6 @@ def test_compiled_loops_give_the_block_by_block_steps(backend, overrides, tmp_pa
     assert out["eval1"] == pytest.approx(out["eval0"], rel=1e-5)
 
 
-def test_replica_noise_offsets_apply_to_every_row_of_a_stacked_seed_state() -> None:
-    from hvae_core.backends.engine import replica_seed_state
-
-    rows = np.array([[5, 0], [9, 3], [2**31 - 1, 7]], dtype="uint32")
-    stacked = replica_seed_state(rows, 3)
-    for row, got in zip(rows, stacked, strict=True):
-        np.testing.assert_array_equal(got, replica_seed_state(row, 3))
-    assert len({tuple(r) for r in stacked}) == 3 and stacked.dtype == rows.dtype
-
-
 TORCH_PARAMETERS_SCRIPT = """
 from hvae_core.config import resolve_config
 from hvae_core.model.hvae import HVAE
@@ -208,7 +207,8 @@ model = HVAE(cfg, (8, 8, 1), 4, seed=0)
 model.build_weights()
 engine = make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg)
 step = jax.make_jaxpr(engine._train_impl)(
-    engine.state_arrays, inputs["images"], np.float32(1.0), np.float32(0.0)
+    engine.state_arrays, inputs["images"], np.float32(1.0), np.float32(0.0),
+    engine.step_noise_seed(0),
 )
 convs, loops = [], []
 
@@ -228,7 +228,8 @@ walk(step.jaxpr)
 outputs["convs"] = np.array(convs, dtype=str)
 outputs["loops"] = np.array(loops)
 state, terms = jax.eval_shape(
-    engine._train_impl, engine.state_arrays, inputs["images"], np.float32(1.0), np.float32(0.0)
+    engine._train_impl, engine.state_arrays, inputs["images"], np.float32(1.0), np.float32(0.0),
+    engine.step_noise_seed(0),
 )
 outputs["state_dtypes"] = np.array(sorted({str(a.dtype) for a in jax.tree.leaves(state)}))
 outputs["terms_dtypes"] = np.array(sorted({str(a.dtype) for a in jax.tree.leaves(terms)}))
@@ -249,6 +250,6 @@ def test_mixed_bfloat16_runs_every_convolution_of_the_compiled_loops_in_bfloat16
     assert {tuple(c) for c in out["convs"]} == {("bfloat16", "bfloat16")}
     # The micro-batch loop (2) and the runs of blocks (2 and 3 long) are compiled loops.
     assert 2 in out["loops"] and 3 in out["loops"]
-    # int32: the optimizer's step count; uint32: the noise seeds.
-    assert list(out["state_dtypes"]) == ["float32", "int32", "uint32"]
+    # int32: the optimizer's step count; no noise seeds: the noise is drawn from a key.
+    assert list(out["state_dtypes"]) == ["float32", "int32"]
     assert list(out["terms_dtypes"]) == ["float32"]

@@ -45,13 +45,9 @@ def brute_force_log_px(trained: TrainedModel, images: np.ndarray) -> np.ndarray:
     grid point (z = prior mean + prior scale * eps), p(x) = integral of N(eps) p(x | z(eps))."""
     model = trained.model
     (block,) = model.decoder.blocks
-    eps = keras.ops.convert_to_tensor(GRID.reshape(-1, 1, 1, 1).astype(np.float32))
-    block.noise = lambda like, groups: eps  # the grid in place of the random draw
-    try:
-        state, zs, _ = model.decoder(activations=None, batch_size=len(GRID))
-        params = model.head(state, zs)
-    finally:
-        del block.noise
+    eps = GRID.reshape(-1, 1, 1, 1).astype(np.float32)  # the grid as the prior's noise
+    state, zs, _ = model.decoder(activations=None, batch_size=len(GRID), noise=[eps])
+    params = model.head(state, zs)
     x = to_unit_range(images, trained.num_bits)
     log_prior = -0.5 * GRID**2 - 0.5 * math.log(2 * math.pi)
     step = GRID[1] - GRID[0]
@@ -129,16 +125,8 @@ def test_a_plugin_the_run_used_must_be_installed() -> None:
 
 def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> None:
     # Temperatures and the top-down depth are inputs of the compiled passes, not part of their
-    # keys: `hvae analyze` and a user's temperature sweep compile each pass once. Fixed noise
-    # (all ones) makes the draws deterministic, so the values can be checked exactly.
-    from hvae_core.model import decoder
-
-    noise = {"value": 1.0}
-    monkeypatch.setattr(
-        decoder.TopDownBlock,
-        "noise",
-        lambda self, like, groups: keras.ops.ones_like(like) * noise["value"],
-    )
+    # keys: `hvae analyze` and a user's temperature sweep compile each pass once. Given
+    # noise (all ones) makes the draws deterministic, so the values can be checked exactly.
     cfg = resolve_config("tiny")
     model = HVAE(cfg, (8, 8, 1), 4, seed=0)
     model.build_weights()
@@ -153,10 +141,11 @@ def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> No
     trained = TrainedModel(model, cfg, RunDirectory("."), {}, runner)
     images = digits_images()[:4]
     layers = trained.num_latent_layers
+    ones = [np.ones(s, np.float32) for s in trained.noise_shapes(4).latents]
 
-    cold, warm = (trained.sample(4, t, output_temperature=0.0) for t in (0.0, 1.0))
+    cold, warm = (trained.sample(4, t, output_temperature=0.0, noise=ones) for t in (0.0, 1.0))
     depths = [
-        trained.reconstruct(images, latent_layers=j, temperature=t)
+        trained.reconstruct(images, latent_layers=j, temperature=t, noise=ones)
         for j in range(layers + 1)
         for t in (0.0, 1.0)
     ]
@@ -165,7 +154,127 @@ def test_one_compiled_pass_serves_every_temperature_and_depth(monkeypatch) -> No
     # Depth 0 at temperature t is the prior's sample at t; all layers, the reconstruction.
     np.testing.assert_array_equal(depths[0], cold)
     np.testing.assert_array_equal(depths[1], warm)
-    full = trained.reconstruct(images)
+    full = trained.reconstruct(images, noise=ones)
     np.testing.assert_array_equal(depths[-1], full)
     np.testing.assert_array_equal(depths[-2], full)
     assert len({d.tobytes() for d in depths[::2]}) > 1  # the depth reached the compiled pass
+
+
+# --- the noise as an input ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with a tiny model's checkpoint (weights moved off their initial values,
+    so every latent layer matters)."""
+    from conftest import trainer_with_run
+
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("noise") / "run")
+    rng = np.random.default_rng(0)
+    for v in trainer.engine.trainable + trainer.engine.ema:
+        v.assign(v.value + rng.normal(0.0, 0.2, v.shape).astype(np.float32))
+    trainer.engine.after_external_change()
+    trainer.save()
+    return trainer.run_dir
+
+
+def test_the_same_seed_draws_the_same_noise_and_given_noise_replays_it(run_dir) -> None:
+    import hvae_core
+
+    model = hvae_core.load(run_dir)
+    a, b = model.sample(6, 0.9, seed=1, batch_size=4), model.sample(6, 0.9, seed=1)
+    np.testing.assert_array_equal(a, b)  # the batch size does not change the draw
+    assert not np.array_equal(a, model.sample(6, 0.9, seed=2))
+    noise = model.draw_noise(6, seed=1)
+    assert [e.shape for e in noise.latents] == [s for s in model.noise_shapes(6).latents]
+    assert noise.pixels.shape == model.noise_shapes(6).pixels == (6, 8, 8, 2 + 1)
+    np.testing.assert_array_equal(model.sample(6, 0.9, noise=noise), a)
+    np.testing.assert_array_equal(
+        model.sample(6, 0.9, noise=list(noise.latents), pixel_noise=noise.pixels), a
+    )
+    # Temperature 0 everywhere is the mean path: the noise no longer matters.
+    zeros = [np.zeros_like(e) for e in noise.latents]
+    np.testing.assert_array_equal(
+        model.sample(6, 0.0, 0.0, noise=noise), model.sample(6, 0.0, 0.0, noise=zeros)
+    )
+    images = digits_images()[:6]
+    first, again = (model.elbo(images, seed=7)["bpd"] for _ in range(2))
+    assert first == again
+    assert model.elbo(images, noise=model.draw_noise(6, seed=7))["bpd"] == first
+
+
+def test_a_posterior_draw_is_mean_plus_scale_times_the_given_eps(run_dir) -> None:
+    import hvae_core
+
+    model = hvae_core.load(run_dir)
+    images = digits_images()[:5]
+    noise = model.draw_noise(5, seed=3, pixels=False)
+    layers = model.encode(images, noise=noise)
+    for layer, eps in zip(layers, noise.latents, strict=True):  # no flows: z = mean + scale eps
+        np.testing.assert_allclose(
+            layer["sample"], layer["mean"] + layer["scale"] * eps, rtol=1e-5, atol=1e-5
+        )
+    # The importance weights with K = 1 and the given noise: the same draw as the ELBO's.
+    per_layer = [e[:, None] for e in noise.latents]  # (N, K = 1, R, R, Z)
+    iw = model.log_likelihood(images, 1, noise=per_layer)["per_image_bpd"]
+    assert np.all(np.isfinite(iw))
+
+
+def test_noise_that_does_not_fit_is_one_clear_error(run_dir) -> None:
+    import hvae_core
+    from hvae_core.errors import InputError
+
+    model = hvae_core.load(run_dir)
+    good = model.draw_noise(3, seed=0)
+    wrong_shape = [*good.latents[:2], np.zeros((3, 5, 5, 2), np.float32), good.latents[3]]
+    cases = [
+        (dict(noise=list(good.latents[:3])), "noise holds 3 arrays; the model has 4 latent"),
+        (dict(noise=wrong_shape), r"latent layer 2 \(4x4\) has shape \(3, 5, 5, 2\), expected "),
+        (dict(noise=[e.astype(np.int32) for e in good.latents]), "must be a float array"),
+        (dict(noise=[e * np.nan for e in good.latents]), "non-finite"),
+        (dict(noise=good.latents), "no pixel_noise was given"),
+        (dict(noise=good.latents, pixel_noise=good.pixels + 2), r"uniforms in \[0, 1\]"),
+        (dict(noise=good, seed=1), "either seed or noise"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            model.sample(3, **kwargs)
+    with pytest.raises(ValueError, match="expected"):  # InputError is a ValueError
+        model.elbo(digits_images()[:2], noise=good)
+
+
+PARITY_SCRIPT = """
+import hvae_core
+from hvae_core.noise import Noise
+
+model = hvae_core.load(inputs["run"].item())
+noise = Noise(tuple(inputs[f"eps{i}"] for i in range(4)), inputs["pixels"])
+outputs["elbo"] = model.elbo(inputs["images"], noise=noise)["bpd"]
+outputs["samples"] = model.sample(len(inputs["images"]), 0.9, noise=noise)
+outputs["recon"] = model.reconstruct(inputs["images"], 1.0, latent_layers=2, noise=noise)
+"""
+
+
+def test_the_backends_agree_on_a_pass_given_the_same_noise(run_dir, tmp_path) -> None:
+    from backends import run_on_backend
+
+    import hvae_core
+
+    images = digits_images()[:6]
+    noise = hvae_core.load(run_dir).draw_noise(6, seed=11)
+    inputs = {"run": np.array(str(run_dir)), "images": images, "pixels": noise.pixels}
+    inputs.update({f"eps{i}": e for i, e in enumerate(noise.latents)})
+    got = {b: run_on_backend(b, PARITY_SCRIPT, inputs, tmp_path) for b in BACKENDS}
+    reference = got["jax"]
+    assert len({s.tobytes() for s in reference["samples"]}) == 6
+    for backend in ("tensorflow", "torch"):
+        out = got[backend]
+        assert float(out["elbo"]) == pytest.approx(float(reference["elbo"]), rel=1e-5)
+        for key in ("samples", "recon"):
+            # Pixel levels: equal but where float error crosses a level's edge (one level).
+            diff = np.abs(out[key].astype(int) - reference[key].astype(int))
+            assert diff.max() <= 1 and np.mean(diff == 0) > 0.99, (backend, key)
+
+
+BACKENDS = ("jax", "tensorflow", "torch")

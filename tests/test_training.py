@@ -21,11 +21,11 @@ from hvae_plugins.datasets.digits import digits_images
 from PIL import Image
 from tracking import FailingTracker, events, factory_for, scalars
 
+from hvae_core.backends import engine as engine_module
 from hvae_core.backends.engine import clip_and_skip, make_engine
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.interfaces import CORE_METRICS, ROW_KEYS
-from hvae_core.model import decoder
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
 from hvae_core.run import files as rundir
@@ -52,8 +52,11 @@ def numpy_weights(variables) -> list[np.ndarray]:
 @pytest.fixture
 def no_noise(monkeypatch):
     """Deterministic steps: the latent noise is zero."""
+    cut = engine_module.latent_noise
     monkeypatch.setattr(
-        decoder.TopDownBlock, "noise", lambda self, like, groups: keras.ops.zeros_like(like)
+        engine_module,
+        "latent_noise",
+        lambda model, flat, groups=1: [keras.ops.zeros_like(e) for e in cut(model, flat, groups)],
     )
 
 
@@ -83,13 +86,16 @@ def test_accumulation_gives_the_same_update_as_the_full_batch(no_noise) -> None:
 ACCUMULATION_SCRIPT = """
 import keras
 from hvae_core.config import resolve_config
-from hvae_core.model import decoder
+from hvae_core.backends import engine as engine_module
 from hvae_core.model.hvae import HVAE
 from hvae_core.plugins import get_registry
 from hvae_core.backends.engine import clip_and_skip, make_engine
 from hvae_core.training.optim import make_optimizer
 
-decoder.TopDownBlock.noise = lambda self, like, groups: keras.ops.zeros_like(like)
+_cut = engine_module.latent_noise  # no noise: micro-batches and the full batch draw their own
+engine_module.latent_noise = lambda model, flat, groups=1: [
+    keras.ops.zeros_like(e) for e in _cut(model, flat, groups)
+]
 engines = []
 for div in (1, 4):
     cfg = resolve_config("tiny", overrides=[
@@ -998,32 +1004,97 @@ def test_between_epochs_only_what_is_due_is_written(tmp_path, monkeypatch, capsy
         assert calls == [("start", (trainer.config.to_dict(), 4)), ("close", ())]
 
 
-COMPILED_SAMPLING_SCRIPT = """
+FIGURES_SCRIPT = """
 import keras
+import numpy as np
+import hvae_core
 from hvae_core.config import resolve_config
-from hvae_core.model.hvae import HVAE
-from hvae_core.plugins import get_registry
-from hvae_core.backends.engine import make_engine
-from hvae_core.training.optim import make_optimizer
+from hvae_core.run import files as rundir
+from hvae_core.training.trainer import Trainer
+from pathlib import Path
 
-engines = []
-for jit in (True, False):
-    cfg = resolve_config("tiny", overrides=[f"run.jit={str(jit).lower()}"])
-    model = HVAE(cfg, (8, 8, 1), 4, seed=0)
-    model.build_weights()
-    engines.append(make_engine(model, make_optimizer(cfg, 10, get_registry()), cfg))
-engines[1].model.set_weights(engines[0].model.get_weights())
-for i, engine in enumerate(engines):
-    for call in range(2):  # the second call draws new noise: the seeds advanced
-        x = engine.run_compiled(("sample", 5), lambda e=engine: e.model.generate(5, 0.7))
-        outputs[f"sample{i}_{call}"] = keras.ops.convert_to_numpy(x)
-    outputs[f"compiled{i}"] = len(getattr(engine, "_compiled", {}))
+backend = keras.backend.backend()
+cfg = resolve_config("tiny", {"epochs": 1}, ["run.jit=true", "training.batch_size=64"])
+trainer = Trainer(cfg, quiet=True)
+trainer.run_dir = Path(inputs["dir"].item())
+trainer.run_dir.mkdir()
+rundir.write_config(trainer.run_dir, cfg)
+trainer.fit()
+# How the figures' passes run: compiled on TensorFlow, without autograd on torch.
+state = {}
+
+
+def probe(eps):
+    if backend == "tensorflow":
+        import tensorflow as tf
+        state["eager"] = tf.executing_eagerly()
+    if backend == "torch":
+        import torch
+        state["grad"] = torch.is_grad_enabled()
+    return trainer.model.generate(2, noise=list(eps), output_temperature=0.0)
+
+
+eps = [np.zeros(s, "float32") for s in trainer.model.noise_shapes(2).latents]
+trainer.with_ema(lambda: trainer.engine.run_compiled(("probe",), probe, eps))
+outputs["eager"] = state.get("eager", False)
+outputs["grad"] = state.get("grad", False)
+outputs["trainer_samples"] = trainer.sample(6, 0.8, seed=3)
+originals = trainer.val[:8]
+outputs["trainer_recon"] = trainer.with_ema(
+    lambda: trainer.inference().reconstruct(originals, seed=4)
+)
+loaded = hvae_core.load(trainer.run_dir)
+outputs["loaded_samples"] = loaded.sample(6, 0.8, seed=3)
+outputs["loaded_recon"] = loaded.reconstruct(originals, seed=4)
 """
 
 
-def test_compiled_sampling_on_jax_draws_what_eager_sampling_draws(tmp_path) -> None:
-    out = run_on_backend("jax", COMPILED_SAMPLING_SCRIPT, {}, tmp_path)
-    assert out["compiled0"] == 1 and out["compiled1"] == 0  # one jitted sampler, reused
-    for call in range(2):
-        np.testing.assert_allclose(out[f"sample0_{call}"], out[f"sample1_{call}"], atol=1e-5)
-    assert not np.allclose(out["sample0_0"], out["sample0_1"])
+@pytest.mark.parametrize("backend", ["jax", "tensorflow", "torch"])
+def test_the_training_figures_are_what_a_loaded_run_draws(backend, tmp_path) -> None:
+    # One inference path: the trainer's samples and reconstructions (EMA weights, live
+    # state) go through the runner hvae_core.load uses, so for the same noise they are
+    # the loaded run's, exactly; on TensorFlow compiled, on torch without autograd.
+    inputs = {"dir": np.array(str(tmp_path / "run"))}
+    out = run_on_backend(backend, FIGURES_SCRIPT, inputs, tmp_path)
+    assert not out["eager"] and not out["grad"]
+    np.testing.assert_array_equal(out["trainer_samples"], out["loaded_samples"])
+    np.testing.assert_array_equal(out["trainer_recon"], out["loaded_recon"])
+    assert len({s.tobytes() for s in out["trainer_samples"]}) > 1
+
+
+OLD_RUN = Path(__file__).parent / "data" / "run_before_noise_input"
+
+
+def test_a_run_written_while_the_model_drew_its_own_noise_loads_and_resumes(tmp_path) -> None:
+    # A tiny run checkpointed at step 6 by hvae d9a40b8, whose model kept a seed state per
+    # latent layer and one for pixel sampling (uint32 arrays among its weights): the weights
+    # load without them, and the run continues from its position.
+    import shutil
+
+    import hvae_core
+    from hvae_core.model.weights import is_noise_seed_array
+
+    run = tmp_path / "old"
+    shutil.copytree(OLD_RUN, run)
+    arrays, meta = rundir.load_checkpoint(run / rundir.CHECKPOINT)
+    seeds = [k for k in arrays if k.startswith("model/") and is_noise_seed_array(arrays[k])]
+    assert len(seeds) == 5  # four latent layers and the pixel sampler
+    weights = [arrays[k] for k in sorted(arrays) if k.startswith("model/") and k not in seeds]
+
+    loaded = hvae_core.load(run)
+    assert len(loaded.model.variables) == len(weights)
+    assert loaded.sample(2, seed=0).shape == (2, 8, 8, 1)
+
+    cfg = resolve_config(run / "config.yaml", overrides=["training.epochs=1"])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.run_dir = run
+    trainer.restore()
+    assert trainer.position.step == meta["position"]["step"] == 6
+    trainer.engine.sync()
+    for variable, saved in zip(trainer.model.variables, weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable.value), saved)
+    step = trainer.engine.train_step(trainer.val[:64], 1.0, step=trainer.position.step)
+    assert math.isfinite(step["loss"])
+    trainer.save()  # written in today's layout: no seed arrays any more
+    again, _ = rundir.load_checkpoint(run / rundir.CHECKPOINT)
+    assert sum(k.startswith("model/") for k in again) == len(weights)

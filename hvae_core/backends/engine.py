@@ -8,7 +8,14 @@ One train step, compiled once per run on each backend:
   3. otherwise gradients are clipped by ``gradient_clipnorm / norm``, the optimizer applies them
      and the EMA of the weights moves.
 The backend modules (``engine_jax``, ``engine_tensorflow``, ``engine_torch``) only say how to
-differentiate and compile this.
+differentiate and compile this, and how to draw the step's latent noise.
+
+The noise is an input of the model's passes (see :meth:`HVAE.noise_shapes`). A step draws it
+from a key derived from (training seed, purpose, global step, replica) alone
+(:func:`noise_seed`), so the engines keep no random state: a resumed run draws exactly the noise
+the uninterrupted run drew, and the figures written between steps cannot disturb it. One step
+draws one array of (micro-batches, rows, latent dims) standard normals; :func:`latent_noise`
+cuts a micro-batch's rows into the layers' eps.
 """
 
 from __future__ import annotations
@@ -29,21 +36,27 @@ from hvae_core.errors import HvaeError
 from hvae_core.model.pixels import to_unit_range
 from hvae_core.model.repeat import Scan, loop_with
 
-NOISE_STREAM_STRIDE = 1_000_003  # between the seeds of neighbouring replicas' noise streams
+NOISE_TRAIN, NOISE_EVAL = 0, 1  # the purposes a step's noise is drawn for
 
 
-def replica_seed_state(state: np.ndarray, replica: int) -> np.ndarray:
-    """A Keras ``SeedGenerator`` state for ``replica``, from replica 0's ``state`` (or a stack
-    of such states, one row per block of a run)."""
-    state = np.array(state, copy=True)
-    offset = (state[..., 0].astype(np.int64) + NOISE_STREAM_STRIDE * replica) % 2**31
-    state[..., 0] = offset.astype(state.dtype)
-    return state
+def noise_seed(seed: int, purpose: int, step: int, part: int = 0) -> np.ndarray:
+    """Two uint32 words that key the noise of one step: derived from the training ``seed``,
+    the ``purpose`` (:data:`NOISE_TRAIN`, :data:`NOISE_EVAL`), the global ``step`` and the
+    ``part`` (a replica, an evaluation batch) alone, so a step's noise needs no stored state."""
+    words = np.random.SeedSequence([int(seed), int(purpose), int(step), int(part)])
+    return words.generate_state(2, dtype=np.uint32)
 
 
-def noise_seed_variables(model: Any) -> list[Any]:
-    """The state variables of every ``keras.random.SeedGenerator`` in ``model``."""
-    return model.noise_seed_variables
+def latent_noise(model: Any, flat: Any, groups: int = 1) -> list[Any]:
+    """A micro-batch's latent eps from ``flat``, (rows, latent dims) standard normals: per
+    layer, top first, its R * R * z_width columns as (rows, R, R, z_width); with ``groups`` >
+    1 the micro-batch is that many copies of the rows (parts of a batch that share noise)."""
+    eps, start = [], 0
+    for _, r, _, z in model.noise_shapes(None).latents:
+        part = ops.reshape(flat[:, start : start + r * r * z], (-1, r, r, z))
+        eps.append(ops.concatenate([part] * groups, axis=0) if groups > 1 else part)
+        start += r * r * z
+    return eps
 
 
 def to_numpy(values: Any) -> Any:
@@ -126,23 +139,60 @@ class Engine:
         )
         self.ema_rate = self.training.ema_rate
         self.ema_targets = self.trainable if self.ema else []
+        self.seed = int(self.training.seed)
+        # The global step whose noise the next train step draws (the trainer says which it
+        # is; by itself it counts), and evaluation batches since it: they key the noise.
+        self.step, self.eval_part = 0, 0
+        self.noise_groups = int(getattr(regularizer, "noise_groups", 1))
+        self.latent_dims = int(model.num_latent_dims)
+        # The one inference path: the trainer's figures run as a loaded model's do.
+        self.runner = make_runner(model, self.runner_jit())
 
     # -- compiled steps: provided by the backend ---------------------------------------------
 
     def dispatch_step(
-        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+        self,
+        images: np.ndarray,
+        beta: float,
+        skipnorm: float | None = None,
+        step: int | None = None,
     ) -> dict[str, Any]:
         """Start one update on the global batch ``images`` and return its metrics as device
         values, without waiting for them: the host can prepare the next batch while the device
         works (:meth:`fetch` reads them). ``skipnorm`` overrides
-        ``training.gradient_skipnorm`` for this step (0: no skipping on the norm)."""
+        ``training.gradient_skipnorm`` for this step (0: no skipping on the norm). ``step``:
+        the global step, which keys the step's noise (None: the one after the last)."""
         raise NotImplementedError
 
     def train_step(
-        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+        self,
+        images: np.ndarray,
+        beta: float,
+        skipnorm: float | None = None,
+        step: int | None = None,
     ) -> dict[str, float]:
         """One update, waited for: its metrics as floats."""
-        return self.fetch(self.dispatch_step(images, beta, skipnorm))
+        return self.fetch(self.dispatch_step(images, beta, skipnorm, step))
+
+    def advance(self, step: int | None) -> int:
+        """The global step a train step draws its noise for (see :meth:`dispatch_step`)."""
+        step = self.step if step is None else int(step)
+        self.step, self.eval_part = step + 1, 0
+        return step
+
+    def step_noise_seed(self, step: int, part: int = 0) -> np.ndarray:
+        return noise_seed(self.seed, NOISE_TRAIN, step, part)
+
+    def eval_noise_seed(self) -> np.ndarray:
+        """The key of the next evaluation batch's noise: by the train steps done and the
+        batches evaluated since, so an evaluation repeats itself in a resumed run."""
+        self.eval_part += 1
+        return noise_seed(self.seed, NOISE_EVAL, self.step, self.eval_part - 1)
+
+    def noise_rows(self, batch: int) -> tuple[int, int]:
+        """(micro-batches, rows of noise each) for a train step on ``batch`` images (one
+        replica's or the global batch, as the engine draws it)."""
+        return self.div, batch // self.div // self.noise_groups
 
     def fetch(self, metrics: dict[str, Any]) -> dict[str, float]:
         """A dispatched step's metrics as floats (waits for the step to finish)."""
@@ -161,49 +211,45 @@ class Engine:
         in the EMA first if wanted), as numpy values: sums over the batch."""
         raise NotImplementedError
 
-    def evaluation_terms(self, images: Any) -> dict[str, Any]:
+    def evaluation_terms(self, images: Any, flat_noise: Any) -> dict[str, Any]:
         """What the compiled evaluation step computes: the model's own evaluation method, so
-        that a new statistic changes the model, not the three engines."""
+        that a new statistic changes the model, not the three engines. ``flat_noise``: (batch,
+        latent dims) standard normals."""
         x = to_unit_range(images, self.num_bits)
         layout = canonical_conv_gradients() if self.cpu_compiled else contextlib.nullcontext()
         with loop_with(self.block_loop()), layout:
-            return self.model.evaluation_terms(x)
+            return self.model.evaluation_terms(x, noise=latent_noise(self.model, flat_noise))
 
     def sync(self) -> None:
         """Write the engine's state back into the Keras variables (JAX keeps it apart)."""
 
+    def runner_jit(self) -> bool:
+        """Whether the engine's runner compiles (the figures' passes)."""
+        return self.jit
+
     def run_compiled(self, key: Any, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` (a computation of the model on its current variables: sampling,
-        reconstruction) as this engine runs it best; ``key`` names ``fn`` with everything it
-        closes over (an engine may compile ``fn`` once per key and reuse it). Here: eagerly,
-        with the engine's loop for repeated blocks."""
-        with loop_with(self.block_loop()):
-            return fn(*args)
+        reconstruction, with its noise among ``args``) through the :class:`Runner` a loaded
+        model uses; ``key`` names ``fn`` with everything it closes over (the runner compiles
+        ``fn`` once per key and input shapes)."""
+        self.sync()
+        return self.runner.run(key, fn, *args)
+
+    def live_runner(self) -> Any:
+        """A runner (``run(key, fn, *args)``) on this engine's live state: what a
+        :class:`~hvae_core.trained.TrainedModel` built on the training model runs through."""
+        return _LiveRunner(self)
 
     # -- shared ------------------------------------------------------------------------------
 
-    def accumulate(self, chunks: Any, compute: Any) -> tuple[list[Any], dict[str, Any]]:
-        """Gradients and loss terms averaged over the ``batch_size_div`` micro-batches;
-        ``compute(chunk)`` returns one micro-batch's (gradients, terms)."""
-        grads: list[Any] | None = None
-        terms: dict[str, Any] = {}
-        for chunk in chunks:
-            chunk_grads, chunk_terms = compute(chunk)
-            grads = (
-                list(chunk_grads)
-                if grads is None
-                else [a + b for a, b in zip(grads, chunk_grads, strict=True)]
-            )
-            for key, value in chunk_terms.items():
-                terms[key] = terms.get(key, 0.0) + value / self.div
-        assert grads is not None
-        return [g / self.div for g in grads], terms
-
-    def loss_terms(self, images: Any, beta: Any, training: bool) -> dict[str, Any]:
-        """Loss and metrics of ``images`` (uint8), averaged over ``batch_size_div`` chunks."""
+    def loss_terms(self, images: Any, beta: Any, training: bool, flat_noise: Any) -> dict[str, Any]:
+        """Loss and metrics of one micro-batch ``images`` (uint8) for ``flat_noise``, (rows,
+        latent dims) standard normals: on a training batch, each of its ``noise_groups`` parts
+        takes the same rows (only training batches went through the regularizer's
+        ``transform_batch``)."""
         x = to_unit_range(images, self.num_bits)
-        # Only training batches went through the regularizer's transform_batch.
-        groups = int(getattr(self.regularizer, "noise_groups", 1)) if training else 1
+        groups = self.noise_groups if training else 1
+        noise = latent_noise(self.model, flat_noise, groups)
         layout = canonical_conv_gradients() if self.cpu_compiled else contextlib.nullcontext()
         with loop_with(self.block_loop()), layout:
             result = self.model.losses_for(
@@ -211,29 +257,9 @@ class Engine:
                 beta=beta,
                 training=training,
                 regularizer=self.regularizer if training else None,
-                noise_groups=groups,
+                noise=noise,
             )
         return {k: v for k, v in result.items() if k not in ("outputs", "kl_layers_bpd")}
-
-    @contextlib.contextmanager
-    def noise_kept(self) -> Iterator[None]:
-        """What runs in the block (samples for the run's figures) leaves the training's noise
-        streams where they were: otherwise when figures are written, which may depend on the
-        clock, would change the noise every later step draws."""
-        self.sync()
-        seeds = noise_seed_variables(self.model)
-        saved = [np.array(keras.ops.convert_to_numpy(v.value), copy=True) for v in seeds]
-        try:
-            yield
-        finally:
-            self.sync()
-            self.restore_noise(seeds, saved)
-            self.after_external_change()
-
-    def restore_noise(self, seeds: list[Any], saved: list[np.ndarray]) -> None:
-        """Give the noise seed variables ``seeds`` the values ``saved`` read from them."""
-        for v, value in zip(seeds, saved, strict=True):
-            v.assign(value)
 
     def swap_ema(self) -> None:
         """Exchange the model's weights and their EMA (call again to swap back)."""
@@ -270,18 +296,7 @@ class Engine:
         assign_saved(arrays, "model", self.model.variables)
         assign_saved(arrays, "ema", self.ema)
         assign_saved(arrays, "optimizer", self.optimizer.variables)
-        if self.parallel.replicas > 1:
-            self.decorrelate_noise()
         self.after_external_change()
-
-    def decorrelate_noise(self) -> None:
-        """Give each data-parallel replica its own latent noise stream.
-
-        Where replicas run copies of the model (torch, tensorflow), each copy's seed state
-        would equal replica 0's, and every replica would draw the same noise for different
-        images. Replica r's seeds are replica 0's offset by r; a checkpoint holds replica 0's,
-        so a restore re-derives the rest. JAX draws one global batch's noise and needs none.
-        """
 
     @property
     def learning_rate(self) -> float:
@@ -294,10 +309,11 @@ class Engine:
 
 
 class Runner:
-    """Computations of a model on its own variables (sampling, scoring), run as the backend
-    runs them best: what a loaded, trained model uses. No optimizer, no EMA, one device; the
-    noise seeds advance as they would eagerly. The backend modules compile; this base runs
-    eagerly (a backend without an engine module, such as OpenVINO, uses it as it is)."""
+    """Computations of a model (sampling, scoring), run as the backend runs them best: what a
+    loaded, trained model uses, and what the trainer's figures use on the live weights. No
+    optimizer, no EMA, one device, no random state: every computation takes its noise as an
+    input. The backend modules compile; this base runs eagerly (a backend without an engine
+    module, such as OpenVINO, uses it as it is)."""
 
     def __init__(self, model: Any, jit: bool = True) -> None:
         self.model, self.jit = model, jit
@@ -310,6 +326,16 @@ class Runner:
         compiles ``fn`` once per key and input shapes)."""
         with loop_with(self.block_loop()):
             return fn(*args)
+
+
+class _LiveRunner:
+    """:meth:`Engine.run_compiled` in the form of a :class:`Runner`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, key: Any, fn: Any, *args: Any) -> Any:
+        return self.engine.run_compiled(key, fn, *args)
 
 
 def make_runner(model: Any, jit: bool = True) -> Runner:

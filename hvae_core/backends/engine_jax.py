@@ -1,8 +1,10 @@
 """The train step on JAX: Keras' stateless API under one ``jax.jit``.
 
-The training state (weights, non-trainable variables such as the noise seeds, optimizer
-variables, EMA) lives in JAX arrays between steps and is written back into the Keras variables
-only when something outside the step needs them (:meth:`sync`).
+The training state (weights, non-trainable variables, optimizer variables, EMA) lives in JAX
+arrays between steps and is written back into the Keras variables only when something outside
+the step needs them (:meth:`sync`). The step's latent noise is drawn inside the jitted step from
+a key handed in (see :func:`hvae_core.backends.engine.noise_seed`): one draw for the global
+batch, which XLA shards with it.
 """
 
 from __future__ import annotations
@@ -82,8 +84,7 @@ def _scan_remat(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
 
 def stateless_jit(trainable: list, non_trainable: list, fn: Any) -> Any:
     """``fn(*args)``, a computation of a model on its variables, as one jitted function of
-    the variables' values: ``(tv, ntv, *args) -> (out, new ntv)`` (the noise seeds are
-    non-trainable and advance)."""
+    the variables' values: ``(tv, ntv, *args) -> (out, new ntv)``."""
 
     def impl(tv: list, ntv: list, *args: Any) -> tuple[Any, list]:
         mapping = list(zip(trainable, tv, strict=True))
@@ -103,7 +104,6 @@ class JaxEngine(Engine):
         self._read_state()
         self._train = jax.jit(self._train_impl, donate_argnums=0) if self.jit else self._train_impl
         self._eval = jax.jit(self._eval_impl) if self.jit else self._eval_impl
-        self._compiled: dict[Any, Any] = {}  # run_compiled's functions
 
     def block_loop(self) -> Any:
         if not self.jit:
@@ -149,41 +149,43 @@ class JaxEngine(Engine):
         if ema:
             self.state_arrays = (ema, ntv, ov, tv)
 
-    def _loss(self, tv: list, ntv: list, images: Any, beta: Any, training: bool) -> Any:
+    def _loss(self, tv: list, ntv: list, images: Any, beta: Any, training: bool, noise: Any) -> Any:
         mapping = list(zip(self.trainable, tv, strict=True))
         mapping += list(zip(self.non_trainable, ntv, strict=True))
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            terms = self.loss_terms(images, beta, training)
+            terms = self.loss_terms(images, beta, training, noise)
         new_ntv = [scope.get_current_value(v) for v in self.non_trainable]
         return terms["loss"], (terms, new_ntv)
 
-    def _gradients(self, tv: list, ntv: list, images: Any, beta: Any) -> tuple:
+    def _gradients(self, tv: list, ntv: list, images: Any, beta: Any, key: Any) -> tuple:
         """Mean gradients and terms over the ``batch_size_div`` micro-batches.
 
         The micro-batches run in a ``lax.scan``: one compiled body, so only one micro-batch's
         activations are alive at a time (an unrolled loop would keep them all).
         """
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        noise = _normal(key, (*self.noise_rows(images.shape[0]), self.latent_dims))
         if self.div == 1:
-            (_, (terms, ntv)), grads = grad_fn(tv, ntv, images, beta, True)
+            (_, (terms, ntv)), grads = grad_fn(tv, ntv, images, beta, True, noise[0])
             return grads, terms, ntv
 
-        def body(carry: tuple, chunk: Any) -> tuple:
-            seeds, total = carry  # the noise seeds advance from one micro-batch to the next
-            (_, (terms, seeds)), grads = grad_fn(tv, seeds, chunk, beta, True)
-            return (seeds, [t + g for t, g in zip(total, grads, strict=True)]), terms
+        def body(carry: tuple, xs: Any) -> tuple:
+            states, total = carry
+            chunk, chunk_noise = xs
+            (_, (terms, states)), grads = grad_fn(tv, states, chunk, beta, True, chunk_noise)
+            return (states, [t + g for t, g in zip(total, grads, strict=True)]), terms
 
         chunks = images.reshape((self.div, -1, *images.shape[1:]))
         zeros = [jnp.zeros_like(w) for w in tv]
-        (ntv, total), terms = jax.lax.scan(body, (ntv, zeros), chunks)
+        (ntv, total), terms = jax.lax.scan(body, (ntv, zeros), (chunks, noise))
         grads = [g / self.div for g in total]
         return grads, {k: jnp.mean(v, axis=0) for k, v in terms.items()}, ntv
 
     def _train_impl(
-        self, state: tuple, images: Any, beta: Any, skipnorm: Any
+        self, state: tuple, images: Any, beta: Any, skipnorm: Any, key: Any
     ) -> tuple[tuple, dict]:
         tv, ntv, ov, ema = state
-        grads, terms, ntv = self._gradients(tv, ntv, images, beta)
+        grads, terms, ntv = self._gradients(tv, ntv, images, beta, key)
         norm, skip, scale = clip_and_skip(grads, terms["loss"], self.training, skipnorm)
         new_tv, new_ov = self.optimizer.stateless_apply(
             ov, [g * scale.astype(g.dtype) for g in grads], tv
@@ -206,48 +208,55 @@ class JaxEngine(Engine):
         terms["skipped"] = skip.astype(jnp.float32)
         return state, terms
 
-    def _eval_impl(self, tv: list, ntv: list, images: Any) -> tuple[dict, list]:
+    def _eval_impl(self, tv: list, ntv: list, images: Any, key: Any) -> tuple[dict, list]:
         mapping = list(zip(self.trainable, tv, strict=True))
         mapping += list(zip(self.non_trainable, ntv, strict=True))
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            terms = self.evaluation_terms(images)
+            noise = _normal(key, (images.shape[0], self.latent_dims))
+            terms = self.evaluation_terms(images, noise)
         return terms, [scope.get_current_value(v) for v in self.non_trainable]
 
     def run_compiled(self, key: Any, fn: Any, *args: Any) -> Any:
-        # Eager JAX compiles every new operation shape on its own: a jitted sampler compiles
-        # once (the tiny default model's samples and reconstructions: 20 s eagerly).
-        if not self.jit:
-            return super().run_compiled(key, fn, *args)
-        jitted = self._compiled.get(key)
-        if jitted is None:
-            run = functools.partial(super().run_compiled, key, fn)
-            jitted = self._compiled[key] = stateless_jit(self.trainable, self.non_trainable, run)
+        # On the live state arrays (the EMA's, while they are swapped in), not the Keras
+        # variables, which the engine updates only when it syncs.
         tv, ntv, ov, ema = self.state_arrays
-        out, ntv = jitted(tv, ntv, *args)  # the noise seeds advance, as they would eagerly
+        out, ntv = self.runner.run_on(tv, ntv, key, fn, *args)
         self.state_arrays = (tv, ntv, ov, ema)
         return out
 
     def dispatch_step(
-        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+        self,
+        images: np.ndarray,
+        beta: float,
+        skipnorm: float | None = None,
+        step: int | None = None,
     ) -> dict[str, Any]:
+        key = self.step_noise_seed(self.advance(step))  # one draw for the global batch
         self.state_arrays, terms = self._train(
             self.state_arrays,
             self._put(images),
             np.float32(beta),
             np.float32(self.skipnorm(skipnorm)),
+            key,
         )
         return terms
 
     def eval_step(self, images: np.ndarray) -> dict[str, Any]:
         tv, ntv, ov, ema = self.state_arrays
-        terms, ntv = self._eval(tv, ntv, self._put(images))
+        terms, ntv = self._eval(tv, ntv, self._put(images), self.eval_noise_seed())
         self.state_arrays = (tv, ntv, ov, ema)
         return to_numpy(terms)
 
 
+def _normal(key: Any, shape: tuple[int, ...]) -> Any:
+    """Standard normals from two uint32 key words (:func:`noise_seed`), inside a jitted step."""
+    return jax.random.normal(jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32)), shape)
+
+
 class JaxRunner(Runner):
-    """Jitted on the Keras variables' current values: one compile per key and input shapes
-    (eager JAX would compile every operation on its own)."""
+    """Jitted on the Keras variables' current values, or on a training engine's state arrays:
+    one compile per key and input shapes (eager JAX would compile every operation on its
+    own)."""
 
     def __init__(self, model: Any, jit: bool = True) -> None:
         super().__init__(model, jit)
@@ -257,18 +266,31 @@ class JaxRunner(Runner):
         return _scan if self.jit else None
 
     def run(self, key: Any, fn: Any, *args: Any) -> Any:
-        if not self.jit:
-            return super().run(key, fn, *args)
         trainable = list(self.model.trainable_variables)
         non_trainable = list(self.model.non_trainable_variables)
+        out, ntv = self.run_on(
+            [v.value for v in trainable], [v.value for v in non_trainable], key, fn, *args
+        )
+        for v, value in zip(non_trainable, ntv, strict=True):
+            v.assign(value)
+        return out
+
+    def run_on(self, tv: list, ntv: list, key: Any, fn: Any, *args: Any) -> tuple[Any, list]:
+        """``fn(*args)`` with the model's trainable and non-trainable variables holding ``tv``
+        and ``ntv``: its output and the non-trainable values after it."""
+        trainable = list(self.model.trainable_variables)
+        non_trainable = list(self.model.non_trainable_variables)
+        if not self.jit:
+            mapping = list(zip(trainable, tv, strict=True))
+            mapping += list(zip(non_trainable, ntv, strict=True))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                out = super().run(key, fn, *args)
+            return out, [scope.get_current_value(v) for v in non_trainable]
         jitted = self._compiled.get(key)
         if jitted is None:
             run = functools.partial(super().run, key, fn)
             jitted = self._compiled[key] = stateless_jit(trainable, non_trainable, run)
-        out, ntv = jitted([v.value for v in trainable], [v.value for v in non_trainable], *args)
-        for v, value in zip(non_trainable, ntv, strict=True):
-            v.assign(value)
-        return out
+        return jitted(tv, ntv, *args)
 
 
 ENGINE = JaxEngine

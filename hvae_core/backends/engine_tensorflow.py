@@ -1,4 +1,8 @@
-"""The train step on TensorFlow: GradientTape inside one tf.function (XLA when ``jit``)."""
+"""The train step on TensorFlow: GradientTape inside one tf.function (XLA when ``jit``).
+
+The step's latent noise is drawn inside it by a stateless random op from a key handed in (see
+:func:`hvae_core.backends.engine.noise_seed`); under a ``tf.distribute`` strategy each replica
+gets its own key, as it gets its own share of the batch."""
 
 from __future__ import annotations
 
@@ -9,14 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hvae_core.backends.engine import (
-    Engine,
-    Runner,
-    clip_and_skip,
-    noise_seed_variables,
-    replica_seed_state,
-    to_numpy,
-)
+from hvae_core.backends.engine import Engine, Runner, clip_and_skip, to_numpy
 from hvae_core.backends.parallel import (
     Launch,
     Parallel,
@@ -136,7 +133,6 @@ class TensorFlowEngine(Engine):
             self._replica_grads = tf.function(self._gradients, jit_compile=self.jit)
             self._train = tf.function(self._train_distributed)
             self.groups = batch_groups(self.regularizer)
-            self.decorrelate_noise()
         # Evaluation sees a last, smaller batch: one trace serves every batch size.
         # Under a strategy, XLA could not reach the mirrored variables' other copies.
         self._eval = tf.function(
@@ -148,25 +144,12 @@ class TensorFlowEngine(Engine):
     def block_loop(self) -> Any:
         return block_loop(self.jit)
 
-    def restore_noise(self, seeds: list[Any], saved: list[np.ndarray]) -> None:
-        # A mirrored variable reads as replica 0's copy and assigns to every copy: the other
-        # replicas' streams are then re-derived from it.
-        super().restore_noise(seeds, saved)
-        if self.parallel.replicas > 1:
-            self.decorrelate_noise()
+    def runner_jit(self) -> bool:
+        # Under a strategy, XLA could not reach the mirrored variables' other copies.
+        return self.jit and self.parallel.strategy is None
 
-    def decorrelate_noise(self) -> None:
-        # A mirrored variable keeps one copy per local replica; each replica reads and advances
-        # its own copy, so copies set apart stay apart.
-        for v in noise_seed_variables(self.model):
-            copies = v.value.values
-            first = self.parallel.process_index * len(copies)  # global index of copy 0
-            state = copies[0].numpy()
-            for i, copy in enumerate(copies):
-                copy.assign(replica_seed_state(state, first + i))
-
-    def _train_impl(self, images: Any, beta: Any, skipnorm: Any) -> dict[str, Any]:
-        grads, terms = self._gradients(images, beta)
+    def _train_impl(self, images: Any, beta: Any, skipnorm: Any, key: Any) -> dict[str, Any]:
+        grads, terms = self._gradients(images, beta, key)
         norm, skip, scale = clip_and_skip(grads, terms["loss"], self.training, skipnorm)
 
         def apply() -> Any:
@@ -180,21 +163,25 @@ class TensorFlowEngine(Engine):
         terms["skipped"] = tf.cast(skip, tf.float32)
         return terms
 
-    def _gradients(self, images: Any, beta: Any) -> tuple[list, dict]:
-        """One replica's mean gradients and terms over its micro-batches."""
+    def _gradients(self, images: Any, beta: Any, key: Any) -> tuple[list, dict]:
+        """One replica's mean gradients and terms over its micro-batches, for the noise that
+        ``key`` draws."""
+        noise = _normal(key, (*self.noise_rows(images.shape[0]), self.latent_dims))
 
-        def compute(chunk: Any) -> tuple[list, dict]:
+        def compute(chunk: Any, chunk_noise: Any) -> tuple[list, dict]:
             with tf.GradientTape() as tape:
-                terms = self.loss_terms(chunk, beta, training=True)
+                terms = self.loss_terms(chunk, beta, True, chunk_noise)
             grads = tape.gradient(terms["loss"], self.trainable)
             return [
                 tf.zeros_like(v) if g is None else g
                 for g, v in zip(grads, self.trainable, strict=True)
             ], terms
 
-        return self._accumulate(images, compute)
+        return self._accumulate(images, noise, compute)
 
-    def _train_distributed(self, images: Any, beta: Any, skipnorm: Any) -> dict[str, Any]:
+    def _train_distributed(
+        self, images: Any, beta: Any, skipnorm: Any, keys: Any
+    ) -> dict[str, Any]:
         """The step under a ``tf.distribute`` strategy.
 
         Each replica all-reduces its gradients to the global mean, so that every replica takes
@@ -206,8 +193,8 @@ class TensorFlowEngine(Engine):
         state = [*self.trainable, *self.optimizer.variables, *self.ema]
         before = [tf.identity(v.value) for v in state]
 
-        def replica(images: Any) -> tuple:
-            grads, terms = self._replica_grads(images, beta)
+        def replica(images: Any, key: Any) -> tuple:
+            grads, terms = self._replica_grads(images, beta, key)
             context = tf.distribute.get_replica_context()
             n = context.num_replicas_in_sync
             grads = context.all_reduce("SUM", [g / n for g in grads])
@@ -221,7 +208,7 @@ class TensorFlowEngine(Engine):
             terms["skipped"] = tf.cast(skip, tf.float32)
             return terms
 
-        per_replica = self.strategy.run(replica, args=(images,))
+        per_replica = self.strategy.run(replica, args=(images, keys))
         terms = {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
         for e, v in zip(self.ema, self.ema_targets, strict=True):
             e.assign(self.ema_rate * e + (1.0 - self.ema_rate) * v)
@@ -230,7 +217,7 @@ class TensorFlowEngine(Engine):
             v.assign(tf.where(skip, old, v.value))
         return terms
 
-    def _accumulate(self, images: Any, compute: Any) -> tuple[list, dict]:
+    def _accumulate(self, images: Any, noise: Any, compute: Any) -> tuple[list, dict]:
         """Mean gradients and terms over the ``batch_size_div`` micro-batches.
 
         The first micro-batch runs on its own (it fixes which terms there are); the rest run in
@@ -238,12 +225,12 @@ class TensorFlowEngine(Engine):
         unrolled loop would keep them all alive.
         """
         if self.div == 1:
-            return compute(images)
+            return compute(images, noise[0])
         chunks = tf.reshape(images, (self.div, -1, *images.shape[1:]))
-        grads, terms = compute(chunks[0])
+        grads, terms = compute(chunks[0], noise[0])
 
         def body(i: Any, grads: list, terms: dict) -> tuple:
-            chunk_grads, chunk_terms = compute(chunks[i])
+            chunk_grads, chunk_terms = compute(chunks[i], noise[i])
             return (
                 i + 1,
                 [a + b for a, b in zip(grads, chunk_grads, strict=True)],
@@ -260,14 +247,20 @@ class TensorFlowEngine(Engine):
         )
         return [g / self.div for g in grads], {k: v / self.div for k, v in terms.items()}
 
-    def _eval_impl(self, images: Any) -> dict[str, Any]:
-        return self.evaluation_terms(images)
+    def _eval_impl(self, images: Any, key: Any) -> dict[str, Any]:
+        return self.evaluation_terms(images, _normal(key, (tf.shape(images)[0], self.latent_dims)))
 
     def dispatch_step(
-        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+        self,
+        images: np.ndarray,
+        beta: float,
+        skipnorm: float | None = None,
+        step: int | None = None,
     ) -> dict[str, Any]:
+        step = self.advance(step)
         if self.strategy is None:
             batch = tf.convert_to_tensor(images)
+            keys = _key(self.step_noise_seed(step))
         else:
             n = self.parallel.replicas
 
@@ -277,12 +270,27 @@ class TensorFlowEngine(Engine):
                     replica_slice(images, replica, n, self.div, self.groups)
                 )
 
+            def key(context: Any) -> Any:
+                # By the global replica index, as the batch's share: every replica its own.
+                return _key(self.step_noise_seed(step, context.replica_id_in_sync_group))
+
             batch = self.strategy.experimental_distribute_values_from_function(share)
+            keys = self.strategy.experimental_distribute_values_from_function(key)
         scalars = (tf.constant(beta, tf.float32), tf.constant(self.skipnorm(skipnorm), tf.float32))
-        return self._train(batch, *scalars)
+        return self._train(batch, *scalars, keys)
 
     def eval_step(self, images: np.ndarray) -> dict[str, Any]:
-        return to_numpy(self._eval(tf.convert_to_tensor(images)))
+        return to_numpy(self._eval(tf.convert_to_tensor(images), _key(self.eval_noise_seed())))
+
+
+def _key(words: np.ndarray) -> Any:
+    """Two uint32 key words as the int64 seed a stateless random op takes."""
+    return tf.constant(np.asarray(words, np.int64))
+
+
+def _normal(key: Any, shape: Any) -> Any:
+    """Standard normals from a key (:func:`_key`) by a stateless op: no random state."""
+    return tf.random.stateless_normal(shape, seed=key, dtype=tf.float32)
 
 
 class TensorFlowRunner(Runner):
@@ -301,7 +309,7 @@ class TensorFlowRunner(Runner):
             run = functools.partial(super().run, key, fn)
             compiled = tf.function(run, jit_compile=self.jit, autograph=False)
             self._compiled[key] = compiled
-        return compiled(*(tf.convert_to_tensor(a) for a in args))
+        return compiled(*tf.nest.map_structure(tf.convert_to_tensor, args))
 
 
 ENGINE = TensorFlowEngine

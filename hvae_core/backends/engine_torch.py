@@ -4,10 +4,11 @@ Data parallelism is one process per device (``torchrun``, or ``hvae train --devi
 starts torchrun itself), joined by ``torch.distributed`` (NCCL on GPUs, gloo on CPUs), with the
 loss computed through ``DistributedDataParallel`` so that its reducer averages the gradients.
 
-With ``run.torch_compile`` the loss's forward and backward go through ``torch.compile``. Keras
-draws seeded noise with a ``torch.Generator``, which Dynamo cannot trace (Keras runs that draw
-outside the graph, ``torch.compiler.disable``): every latent noise draw splits the graph, and
-the draws stay the eager ones, so compiled and eager steps compute the same numbers.
+With ``run.torch_compile`` the loss's forward and backward go through ``torch.compile``. The
+step's latent noise is drawn before it, outside the compiled region, by a ``torch.Generator``
+seeded from (training seed, step, rank) (see :func:`hvae_core.backends.engine.noise_seed`),
+and handed in as an input: the compiled loss holds no random op, and compiled and eager steps
+compute the same numbers.
 """
 
 from __future__ import annotations
@@ -23,14 +24,7 @@ import torch
 import torch.distributed as dist
 from keras import ops
 
-from hvae_core.backends.engine import (
-    Engine,
-    Runner,
-    clip_and_skip,
-    noise_seed_variables,
-    replica_seed_state,
-    to_numpy,
-)
+from hvae_core.backends.engine import Engine, Runner, clip_and_skip, to_numpy
 from hvae_core.backends.parallel import (
     Launch,
     Parallel,
@@ -85,8 +79,8 @@ class _LossModule(torch.nn.Module):
         self.model = engine.model
         self._engine = [engine]  # not a submodule: its variables are the model's
 
-    def forward(self, images: Any, beta: Any) -> dict[str, Any]:
-        return self._engine[0].loss_terms(images, beta, training=True)
+    def forward(self, images: Any, beta: Any, noise: Any) -> dict[str, Any]:
+        return self._engine[0].loss_terms(images, beta, True, noise)
 
 
 class TorchEngine(Engine):
@@ -102,22 +96,31 @@ class TorchEngine(Engine):
             self.module = DistributedDataParallel(
                 self.module, broadcast_buffers=False, find_unused_parameters=True
             )
-            self.decorrelate_noise()
         # torch.compile is tried on the first micro-batch (see first_compiled).
         self.compile_pending = bool(self.torch_compile)
         self.compiled: Any = None
 
-    def decorrelate_noise(self) -> None:
-        rank = self.parallel.process_index  # one process per replica
-        for v in noise_seed_variables(self.model):
-            v.assign(replica_seed_state(ops.convert_to_numpy(v.value), rank))
+    def draw(self, words: np.ndarray, shape: tuple[int, ...], device: Any) -> Any:
+        """Standard normals from two key words (:func:`noise_seed`), drawn eagerly on
+        ``device`` by a generator of their own: no random state, and nothing Dynamo traces."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(words[0]) << 32 | int(words[1]))
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
     def dispatch_step(
-        self, images: np.ndarray, beta: float, skipnorm: float | None = None
+        self,
+        images: np.ndarray,
+        beta: float,
+        skipnorm: float | None = None,
+        step: int | None = None,
     ) -> dict[str, Any]:
         replicas = self.parallel.replicas
-        local = replica_slice(images, self.parallel.process_index, replicas, self.div, self.groups)
-        chunks = torch.chunk(ops.convert_to_tensor(local), self.div)
+        rank = self.parallel.process_index  # one process per replica: its own noise
+        local = replica_slice(images, rank, replicas, self.div, self.groups)
+        batch = ops.convert_to_tensor(local)
+        chunks = torch.chunk(batch, self.div)
+        words = self.step_noise_seed(self.advance(step), rank)
+        noise = self.draw(words, (*self.noise_rows(len(local)), self.latent_dims), batch.device)
         for p in self.params:
             p.grad = None
         totals: dict[str, Any] = {}
@@ -126,7 +129,7 @@ class TorchEngine(Engine):
             last = i == len(chunks) - 1
             sync = contextlib.nullcontext() if last or replicas == 1 else self.module.no_sync()
             with sync:
-                terms = self.micro_batch(chunk, beta)
+                terms = self.micro_batch(chunk, beta, noise[i])
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / self.div
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
@@ -149,36 +152,36 @@ class TorchEngine(Engine):
         totals["skipped"] = skip.float()
         return totals
 
-    def micro_batch(self, chunk: Any, beta: float) -> dict[str, Any]:
-        """The loss terms of one micro-batch, whose gradients (over ``batch_size_div``) are
-        added to the parameters' ``.grad``: compiled where ``run.torch_compile`` asks for it."""
+    def micro_batch(self, chunk: Any, beta: float, noise: Any) -> dict[str, Any]:
+        """The loss terms of one micro-batch for its ``noise`` (rows, latent dims), whose
+        gradients (over ``batch_size_div``) are added to the parameters' ``.grad``: compiled
+        where ``run.torch_compile`` asks for it."""
         if self.compile_pending:
-            return self.first_compiled(chunk, beta)
+            return self.first_compiled(chunk, beta, noise)
         if self.compiled is not None:
             # A tensor, not a float: Dynamo specializes on floats and would recompile the step
             # for every new beta of a warm-up.
-            return self.backward(self.compiled, chunk, torch.tensor(beta, dtype=torch.float32))
-        return self.backward(self.module, chunk, beta)
+            beta_tensor = torch.tensor(beta, dtype=torch.float32)
+            return self.backward(self.compiled, chunk, beta_tensor, noise)
+        return self.backward(self.module, chunk, beta, noise)
 
-    def backward(self, module: Any, chunk: Any, beta: Any) -> dict[str, Any]:
-        terms = module(chunk, beta)
+    def backward(self, module: Any, chunk: Any, beta: Any, noise: Any) -> dict[str, Any]:
+        terms = module(chunk, beta, noise)
         (terms["loss"] / self.div).backward()
         return terms
 
-    def first_compiled(self, chunk: Any, beta: float) -> dict[str, Any]:
+    def first_compiled(self, chunk: Any, beta: float, noise: Any) -> dict[str, Any]:
         """The first micro-batch through ``torch.compile``; where compiling fails, one warning
-        line, and this micro-batch and every later one run eagerly from the same state."""
+        line, and this micro-batch and every later one run eagerly from the same state (the
+        noise is an input: a failed attempt consumed none)."""
         self.compile_pending = False
-        seeds = noise_seed_variables(self.model)
-        saved = [np.array(ops.convert_to_numpy(v.value), copy=True) for v in seeds]
         try:
             self.compiled = torch.compile(self.module)
-            return self.micro_batch(chunk, beta)
+            return self.micro_batch(chunk, beta, noise)
         except Exception as exc:  # Dynamo's and Inductor's errors have no common base class
             self.compiled = None
             for p in self.params:  # the first micro-batch of the run: nothing else to keep
                 p.grad = None
-            self.restore_noise(seeds, saved)
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             print(
                 f"warning: torch.compile failed ({type(exc).__name__}: {reason}); "
@@ -186,13 +189,15 @@ class TorchEngine(Engine):
                 file=sys.stderr,
                 flush=True,
             )
-            return self.micro_batch(chunk, beta)
+            return self.micro_batch(chunk, beta, noise)
 
     def eval_step(self, images: np.ndarray) -> dict[str, Any]:
-        # Every process scores the whole batch: evaluation is cheap next to training, and
-        # every process then reports the same figures.
+        # Every process scores the whole batch with the same noise: evaluation is cheap next
+        # to training, and every process then reports the same figures.
+        batch = ops.convert_to_tensor(images)
+        noise = self.draw(self.eval_noise_seed(), (len(images), self.latent_dims), batch.device)
         with torch.no_grad():
-            return to_numpy(self.evaluation_terms(ops.convert_to_tensor(images)))
+            return to_numpy(self.evaluation_terms(batch, noise))
 
 
 class TorchRunner(Runner):

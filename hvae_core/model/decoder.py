@@ -24,7 +24,8 @@ class TopDownBlock(keras.layers.Layer):
     """One latent layer: p(z|z<) from the state, q(z|z<,x) from the state and the encoder.
 
     Hooks: a posterior ``flow`` (z_0 -> z_K, KL by a one-sample estimate), an ``attention``
-    read added to the prior and posterior inputs.
+    read added to the prior and posterior inputs. The block draws nothing: its standard normal
+    ``eps`` is an input (see :meth:`HVAE.noise_shapes`).
     """
 
     def __init__(
@@ -37,10 +38,12 @@ class TopDownBlock(keras.layers.Layer):
         flow: Any = None,
         scale_fn: str = "softplus",
         attention: Any = None,
-        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Keras would cast every float input to the compute dtype: eps stays float32 (under
+        # mixed bfloat16 it would lose all but 8 bits; the state comes in its own dtype).
+        self._convert_input_args = False
         self.scale, self.index = scale, index
         self.beta, self.scale_fn = gradient_smoothing, scale_fn
         self.flow, self.attention = flow, attention
@@ -75,18 +78,6 @@ class TopDownBlock(keras.layers.Layer):
             last_scale=depth_scale,
             name="resnet",
         )
-        self.seed_generator = keras.random.SeedGenerator(seed, name="noise")
-
-    def noise(self, like: Any, groups: int) -> Any:
-        """Standard normal noise shaped like ``like``; with ``groups`` > 1 the batch is that
-        many copies of one draw (e.g. an image and its augmentation share their noise)."""
-        shape = ops.shape(like)
-        if groups == 1:
-            return keras.random.normal(shape, seed=self.seed_generator, dtype="float32")
-        eps = keras.random.normal(
-            (shape[0] // groups, *shape[1:]), seed=self.seed_generator, dtype="float32"
-        )
-        return ops.concatenate([eps] * groups, axis=0)
 
     def _read(self, state: Any, memory: Any, branch: str) -> Any:
         if self.attention is None:
@@ -101,21 +92,26 @@ class TopDownBlock(keras.layers.Layer):
         activation: Any = None,
         memory: Any = None,
         temperature: Any = 1.0,
-        noise_groups: int = 1,
+        eps: Any = None,
         training: bool = False,
         posterior: Any = None,
     ) -> tuple[Any, Any, dict[str, Any]]:
-        """``posterior`` (with ``activation``): 1 keeps the posterior's z, 0 takes a draw from
-        the prior at ``temperature`` instead (the statistics stay the posterior's): what
-        reconstructions conditioned on the first layers only use. None: the posterior."""
+        """``eps``: this layer's standard normal noise, (B, R, R, z_width); z = mean + scale *
+        eps for the distribution sampled (the posterior's, where a flow makes it z_0; the
+        prior's at ``temperature``). ``posterior`` (with ``activation``): 1 keeps the
+        posterior's z, 0 takes the prior's z = p_mean + p_scale * temperature * eps instead
+        (the statistics stay the posterior's): what reconstructions conditioned on the first
+        layers only use. None: the posterior."""
         zw = self.scale.z_width
+        state = ops.cast(state, self.compute_dtype)  # Keras' input conversion is off (eps)
         feats = self.prior(self._read(state, memory, "prior"))
         p_mean, p_scale, p_log_scale = gaussian_params(
             feats[..., :zw], feats[..., zw : 2 * zw], self.beta, self.scale_fn
         )
         x = state + feats[..., 2 * zw :]
+        if eps is None:  # a shape-only build; every pass of the model hands its eps in
+            eps = ops.zeros_like(p_mean)
         if activation is None:  # sampling from the prior
-            eps = self.noise(p_mean, noise_groups)
             z = p_mean + p_scale * temperature * eps
             stats = {
                 "kl": ops.zeros((ops.shape(z)[0],), dtype="float32"),
@@ -130,7 +126,7 @@ class TopDownBlock(keras.layers.Layer):
             q_mean, q_scale, q_log_scale = gaussian_params(
                 q[..., :zw], q[..., zw : 2 * zw], self.beta, self.scale_fn
             )
-            z = q_mean + q_scale * self.noise(q_mean, noise_groups)
+            z = q_mean + q_scale * eps
             if self.flow is None:
                 kl = sum_per_example(
                     gaussian_kl(q_mean, q_scale, p_mean, p_scale, q_log_scale, p_log_scale)
@@ -154,7 +150,8 @@ class TopDownBlock(keras.layers.Layer):
                 "p_scale": p_scale,
             }
             if posterior is not None:
-                prior_z = p_mean + p_scale * temperature * self.noise(p_mean, noise_groups)
+                # One eps per layer serves both: only one of the two z goes on.
+                prior_z = p_mean + p_scale * temperature * eps
                 z = posterior * ops.cast(z, "float32") + (1.0 - posterior) * prior_z
         x = x + self.z_proj(z)
         return self.resnet(x), z, stats
@@ -176,11 +173,11 @@ class Decoder(keras.layers.Layer):
         make_block: Any,
         make_flow: Any = None,
         attention: Any = None,
-        seed: int | None = None,
         stack_blocks: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._convert_input_args = False  # the noise stays float32 (see TopDownBlock)
         self.order = list(reversed(layout))  # 1x1 first
         self.init_zeros = model.init_zeros
         self.attention = attention
@@ -217,7 +214,6 @@ class Decoder(keras.layers.Layer):
                     flow=flow,
                     scale_fn=model.scale_fn,
                     attention=attention,
-                    seed=None if seed is None else seed + index,
                     dtype=self.dtype_policy,
                     name=f"dec_{scale.resolution}_{index}",
                 )
@@ -272,13 +268,15 @@ class Decoder(keras.layers.Layer):
         activations: dict[int, Any] | None = None,
         batch_size: Any = 1,
         temperatures: list[Any] | None = None,
-        noise_groups: int = 1,
+        noise: list[Any] | None = None,
         training: bool = False,
         posterior_layers: int | None = None,
         on_scale: Any = None,
     ) -> tuple[Any, list[Any], list[dict[str, Any]]]:
-        """``posterior_layers`` (with ``activations``): only the first that many latent layers
-        take the posterior's z, the rest draw from the prior at their ``temperatures``.
+        """``noise``: every layer's standard normal eps, top first (see
+        :meth:`HVAE.noise_shapes`). ``posterior_layers`` (with ``activations``): only the
+        first that many latent layers take the posterior's z, the rest draw from the prior at
+        their ``temperatures``.
         ``on_scale(resolution, state)``, if given, is called as each resolution is done (an
         eager pass's per-scale timing)."""
         memory = self.attention.encode(activations) if self.attention is not None else None
@@ -303,13 +301,16 @@ class Decoder(keras.layers.Layer):
                 ]
                 inputs = (state,) if activation is None else (state, activation)
                 # Stacked, not converted: a temperature may be a tensor (one per image).
-                per_layer = {"temperature": ops.stack([ops.cast(t, "float32") for t in temps])}
+                per_layer = {
+                    "temperature": ops.stack([ops.cast(t, "float32") for t in temps]),
+                    "eps": ops.stack(
+                        [ops.cast(noise[first + i], "float32") for i in range(len(run))]
+                    ),
+                }
                 if posterior_layers is not None and activation is not None:
                     indices = ops.arange(first, first + len(run), dtype="int32")
                     per_layer["posterior"] = _kept(indices, posterior_layers)
-                state, (run_zs, run_stats) = run(
-                    inputs, per_layer=per_layer, noise_groups=noise_groups, training=training
-                )
+                state, (run_zs, run_stats) = run(inputs, per_layer=per_layer, training=training)
                 zs.extend(ops.unstack(run_zs, axis=0) if len(run) > 1 else [run_zs[0]])
                 for i in range(len(run)):
                     stats.append({k: v[i] for k, v in run_stats.items()})
@@ -330,7 +331,7 @@ class Decoder(keras.layers.Layer):
                     # whatever the attention plugin makes it.
                     memory=memory,
                     temperature=t,
-                    noise_groups=noise_groups,
+                    eps=ops.cast(noise[block.index], "float32"),
                     training=training,
                     posterior=keep,
                 )

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
 from hvae_core.errors import ConfigError, PluginError
@@ -19,20 +18,27 @@ from hvae_core.model.encoder import Encoder
 from hvae_core.model.evaluation import MEAN_SUM, SQUARE_SUM
 from hvae_core.model.heads import DecoderHead, LatentAggregationHead
 from hvae_core.model.layout import scales
-from hvae_core.model.likelihood import dmol_log_prob, dmol_num_params, dmol_sample
+from hvae_core.model.likelihood import (
+    dmol_log_prob,
+    dmol_noise_shape,
+    dmol_num_params,
+    dmol_sample,
+)
+from hvae_core.noise import NoiseShapes
 from hvae_core.plugins import PluginRegistry, get_registry
-
-
-def is_noise_seed(variable: Any) -> bool:
-    """Whether ``variable`` is the state of a noise stream (a Keras ``SeedGenerator``'s; a run
-    of stacked blocks keeps its blocks' states stacked), not a weight."""
-    return "seed_generator_state" in variable.path
 
 
 class HVAE(keras.Model):
     """A VDVAE-style hierarchical VAE assembled from a resolved config and the plugins it names.
 
     Images go in as floats in [-1, 1] on the grid of ``2**num_bits`` levels, NHWC.
+
+    Every pass is a deterministic function of the weights, its inputs and its noise: the
+    ``noise`` argument is one standard normal array per latent layer, top first, shaped as
+    :meth:`noise_shapes` says (``pixel_noise``: the likelihood's uniforms, where pixels are
+    sampled). The engines and :class:`~hvae_core.trained.TrainedModel` draw it; without it, a
+    pass draws it here from Keras' global random state (``keras.utils.set_random_seed``),
+    which only an eager pass may do (a compiled or exported pass holds no random op).
     """
 
     def __init__(
@@ -49,6 +55,10 @@ class HVAE(keras.Model):
         weights (:class:`~hvae_core.model.repeat.RepeatedLayers`); False gives the layout of
         one set of weights per block (checkpoints written before hvae stacked them)."""
         super().__init__(dtype=config.model.precision, **kwargs)
+        # The noise stays float32 under mixed precision (Keras would cast every float input
+        # to the compute dtype); the encoder casts the images as its layers take them.
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True  # the images are cast in call()
         self.config, self.seed, self.stack_blocks = config, seed, stack_blocks
         registry = registry or get_registry()
         model = config.model
@@ -103,7 +113,6 @@ class HVAE(keras.Model):
             make_block,
             make_flow,
             self.attention,
-            seed=seed,
             stack_blocks=stack_blocks,
             dtype=policy,
             name="decoder",
@@ -116,7 +125,6 @@ class HVAE(keras.Model):
             self.head = LatentAggregationHead(
                 model, block_scales, height, num_params, make_block, dtype=policy, name="head"
             )
-        self.sample_seed = keras.random.SeedGenerator(seed, name="sample_seed")
         # How an error about the regularizer handed to losses_for names it.
         name = config.training.regularizer
         self.regularizer_label = (
@@ -137,28 +145,44 @@ class HVAE(keras.Model):
         return [b.scale.resolution for b in self.decoder.blocks]
 
     @property
-    def noise_seed_variables(self) -> list[Any]:
-        """The states of every noise stream (latent layers, pixel sampling)."""
-        return [v for v in self.non_trainable_variables if is_noise_seed(v)]
-
-    @property
     def num_latent_dims(self) -> int:
         """Dimensions of all latent layers together (a layer at resolution R: R * R * z_width)."""
         return sum(b.scale.resolution**2 * b.scale.z_width for b in self.decoder.blocks)
 
-    def count_params(self) -> int:
-        """Weights of the model, not counting the latent noise's seed states (stacked runs keep
-        theirs as weights; a single block keeps its own in a seed generator)."""
-        return int(sum(math.prod(w.shape) for w in self.weights if not is_noise_seed(w)))
+    def noise_shapes(self, batch: Any) -> NoiseShapes:
+        """The noise every pass over ``batch`` images takes: per latent layer, top first, a
+        standard normal (batch, R, R, z_width) array (for a layer with a posterior flow it
+        makes the flow's z_0), and the likelihood's uniforms for sampling pixels."""
+        return NoiseShapes(
+            latents=tuple(
+                (batch, b.scale.resolution, b.scale.resolution, b.scale.z_width)
+                for b in self.decoder.blocks
+            ),
+            pixels=dmol_noise_shape((batch, *self.image_shape), self.num_mixtures),
+        )
 
-    def reseed(self, seed: int) -> None:
-        """Set every noise stream (each latent layer's, the pixel sampler's) from ``seed``:
-        the same seed, the same draws."""
-        rng = np.random.default_rng(int(seed))
-        for v in self.noise_seed_variables:
-            state = np.zeros(tuple(v.shape), dtype=np.dtype(v.dtype))
-            state[..., 0] = rng.integers(1, 2**30, size=state.shape[:-1])
-            v.assign(state)
+    def latent_noise(self, noise: Any, batch: Any, groups: int = 1) -> list[Any]:
+        """``noise`` (one array per latent layer) checked against the layers; None: drawn by
+        :meth:`draw_latent_noise`, ``groups`` > 1 making the batch that many copies of one
+        draw (e.g. images followed by their augmentations share their noise)."""
+        if noise is None:
+            drawn = self.draw_latent_noise(batch // groups if groups > 1 else batch)
+            return [ops.concatenate([e] * groups, axis=0) if groups > 1 else e for e in drawn]
+        noise = list(noise)
+        if len(noise) != self.num_latent_layers:
+            raise ValueError(
+                f"expected noise for {self.num_latent_layers} latent layers, got {len(noise)}"
+            )
+        return noise
+
+    def draw_latent_noise(self, batch: Any) -> list[Any]:
+        """Standard normal noise for every latent layer from Keras' global random state: what
+        an eager pass given no noise uses (a compiled pass must be handed its noise)."""
+        return [keras.random.normal(s, dtype="float32") for s in self.noise_shapes(batch).latents]
+
+    def count_params(self) -> int:
+        """Weights of the model."""
+        return int(sum(math.prod(w.shape) for w in self.weights))
 
     def num_flow_params(self) -> int:
         """Parameters of the posterior flows (0 without flows); the model must be built."""
@@ -168,22 +192,34 @@ class HVAE(keras.Model):
                 total += sum(math.prod(w.shape) for w in getattr(block.flow, "weights", []))
         return int(total)
 
-    def call(self, x: Any, training: bool = False, noise_groups: int = 1) -> dict[str, Any]:
+    def call(
+        self,
+        x: Any,
+        training: bool = False,
+        noise_groups: int = 1,
+        noise: Any = None,
+    ) -> dict[str, Any]:
         """Keras's entry point: the posterior pass as nested dicts and lists, the form Keras
         traces and builds with. Everything else takes it typed, from :meth:`posterior_pass`."""
+        x = ops.cast(x, self.compute_dtype)  # what Keras' input conversion would have done
         activations = self.encoder(x)
+        batch = ops.shape(x)[0]
         state, zs, stats = self.decoder(
             activations=activations,
-            batch_size=ops.shape(x)[0],
-            noise_groups=noise_groups,
+            batch_size=batch,
+            noise=self.latent_noise(noise, batch, noise_groups),
             training=training,
         )
         return {"params": self.head(state, zs), "latents": zs, "stats": stats}
 
-    def posterior_pass(self, x: Any, training: bool = False, noise_groups: int = 1) -> ModelOutputs:
-        """The posterior pass over ``x``: the likelihood's parameters, every layer's z and
-        every layer's posterior and prior (what a regularizer receives)."""
-        out = self(x, training=training, noise_groups=noise_groups)
+    def posterior_pass(
+        self, x: Any, training: bool = False, noise_groups: int = 1, noise: Any = None
+    ) -> ModelOutputs:
+        """The posterior pass over ``x`` with latent ``noise`` (see :meth:`noise_shapes`;
+        ``noise_groups`` shares a draw between parts of the batch where it is drawn here):
+        the likelihood's parameters, every layer's z and every layer's posterior and prior
+        (what a regularizer receives)."""
+        out = self(x, training=training, noise_groups=noise_groups, noise=noise)
         return ModelOutputs(
             params=out["params"],
             latents=tuple(out["latents"]),
@@ -206,11 +242,13 @@ class HVAE(keras.Model):
         self.decoder.build()
         # Then the rest (head, attention, single blocks) on a symbolic pass: every weight
         # exists once the model is built, which the torch backend needs to register them all.
-        self.compute_output_spec(keras.KerasTensor((None, *tuple(input_shape)[1:])))
+        # The noise is symbolic too: a traced pass may not draw.
+        noise = [keras.KerasTensor(s) for s in self.noise_shapes(None).latents]
+        self.compute_output_spec(keras.KerasTensor((None, *tuple(input_shape)[1:])), noise=noise)
 
     def build_weights(self) -> None:
         """Create every weight. By shape only: an eager forward pass would cost seconds (on
-        JAX, every operation compiles on its first use) and advance the noise seeds."""
+        JAX, every operation compiles on its first use)."""
         if not self.built:
             self.build((1, *self.image_shape))
 
@@ -221,13 +259,15 @@ class HVAE(keras.Model):
         training: bool = False,
         regularizer: Any = None,
         noise_groups: int = 1,
+        noise: Any = None,
     ) -> dict[str, Any]:
-        """Loss and its parts, in bits per dimension averaged over the batch.
+        """Loss and its parts, in bits per dimension averaged over the batch, for the latent
+        ``noise`` (see :meth:`posterior_pass`).
 
         ``loss`` = (recon + beta * KL + regularizer terms) / (H W C ln 2); ``elbo_bpd`` is the
         negative ELBO (beta = 1). A regularizer's terms are also reported under their names.
         """
-        out = self.posterior_pass(x, training=training, noise_groups=noise_groups)
+        out = self.posterior_pass(x, training=training, noise_groups=noise_groups, noise=noise)
         recon = -self._pixel_log_prob(out.params, x)
         kl_layers = ops.stack([layer.kl for layer in out.layers], axis=1)
         kl = ops.sum(kl_layers, axis=1)
@@ -265,13 +305,14 @@ class HVAE(keras.Model):
         result["loss"] = loss
         return result
 
-    def evaluation_terms(self, x: Any) -> dict[str, Any]:
+    def evaluation_terms(self, x: Any, noise: Any = None) -> dict[str, Any]:
         """One batch's evaluation, as sums over its images (they add up over batches; see
         :mod:`hvae_core.model.evaluation`): the negative ELBO's parts in bits per dimension
         (``elbo_bpd``, ``recon_bpd``, ``kl_bpd``, ``kl_layers_bpd``, ``kl_flow_bpd`` with
         flows), ``count``, and per latent layer the sums of the posterior means and of their
-        squares (for the variance over images that defines active units)."""
-        result = self.losses_for(x)
+        squares (for the variance over images that defines active units). ``noise``: the
+        posterior's latent noise (see :meth:`noise_shapes`)."""
+        result = self.losses_for(x, noise=noise)
         n = ops.cast(ops.shape(x)[0], "float32")
         terms = {
             key: result[key] * n
@@ -303,19 +344,32 @@ class HVAE(keras.Model):
         n: Any,
         temperature: Any = 1.0,
         output_temperature: float = 1.0,
+        noise: Any = None,
+        pixel_noise: Any = None,
     ) -> Any:
-        """``n`` images from the prior, in [-1, 1] on the pixel grid. ``temperature`` scales
-        the prior's noise: one value, one per latent layer, or a tensor that broadcasts
-        against a layer's latents (e.g. (n, 1, 1, 1): one per image); ``output_temperature``
-        the likelihood's (0: the mode of the chosen mixture component)."""
+        """``n`` images from the prior, in [-1, 1] on the pixel grid: layer by layer z = mean +
+        scale * temperature * eps. ``temperature`` scales the prior's noise: one value, one
+        per latent layer, or a tensor that broadcasts against a layer's latents (e.g. (n, 1,
+        1, 1): one per image); ``output_temperature`` the likelihood's (0: the mode of the
+        chosen mixture component). ``noise``/``pixel_noise``: see :meth:`noise_shapes`."""
         state, zs, _ = self.decoder(
-            activations=None, batch_size=n, temperatures=self._temperatures(temperature)
+            activations=None,
+            batch_size=n,
+            temperatures=self._temperatures(temperature),
+            noise=self.latent_noise(noise, n),
         )
-        return self._sample_pixels(self.head(state, zs), output_temperature)
+        return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
 
-    def reconstruct(self, x: Any, output_temperature: float = 0.0) -> Any:
-        """Images decoded from latents drawn from the posterior of ``x``."""
-        return self._sample_pixels(self.posterior_pass(x).params, output_temperature)
+    def reconstruct(
+        self,
+        x: Any,
+        output_temperature: float = 0.0,
+        noise: Any = None,
+        pixel_noise: Any = None,
+    ) -> Any:
+        """Images decoded from latents drawn from the posterior of ``x`` with ``noise``."""
+        params = self.posterior_pass(x, noise=noise).params
+        return self._sample_pixels(params, output_temperature, pixel_noise)
 
     def reconstruct_from_top(
         self,
@@ -323,40 +377,45 @@ class HVAE(keras.Model):
         layers: Any,
         temperature: Any = 1.0,
         output_temperature: float = 0.0,
+        noise: Any = None,
+        pixel_noise: Any = None,
     ) -> Any:
         """Images decoded with the posterior's z in the first (top) ``layers`` latent layers
         and draws from the prior at ``temperature`` below: what the top of the hierarchy
         encodes (0 layers: a sample; all: a reconstruction). ``layers`` and ``temperature``
-        may be scalar tensors, so one compiled pass serves every depth and temperature."""
+        may be scalar tensors, so one compiled pass serves every depth and temperature. A
+        layer's eps in ``noise`` makes its posterior z where it is kept, its prior z below."""
         activations = self.encoder(x)
+        batch = ops.shape(x)[0]
         state, zs, _ = self.decoder(
             activations=activations,
-            batch_size=ops.shape(x)[0],
+            batch_size=batch,
             temperatures=[temperature] * self.num_latent_layers,
+            noise=self.latent_noise(noise, batch),
             posterior_layers=layers,
         )
-        return self._sample_pixels(self.head(state, zs), output_temperature)
+        return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
 
-    def latents(self, x: Any) -> list[Any]:
+    def latents(self, x: Any, noise: Any = None) -> list[Any]:
         """Every layer's posterior sample z for ``x``, top (1x1) first."""
-        return list(self.posterior_pass(x).latents)
+        return list(self.posterior_pass(x, noise=noise).latents)
 
-    def encode(self, x: Any) -> list[dict[str, Any]]:
-        """Every layer's posterior for ``x``, top (1x1) first: ``mean`` (of the Gaussian the
-        layer's posterior draws from; with a flow, the flow's input) and ``sample`` (z, after
-        the flow where there is one)."""
-        out = self.posterior_pass(x)
+    def encode(self, x: Any, noise: Any = None) -> list[dict[str, Any]]:
+        """Every layer's posterior for ``x``, top (1x1) first: ``mean`` and ``scale`` (of the
+        Gaussian the layer's posterior draws from; with a flow, the flow's input) and
+        ``sample`` (z for ``noise``, after the flow where there is one)."""
+        out = self.posterior_pass(x, noise=noise)
         return [
-            {"mean": layer.q_mean, "sample": z}
+            {"mean": layer.q_mean, "scale": layer.q_scale, "sample": z}
             for layer, z in zip(out.layers, out.latents, strict=True)
         ]
 
-    def log_importance_weights(self, x: Any) -> Any:
-        """log p(x, z) - log q(z|x) in nats, shape (B,), for one posterior draw z of every
-        image: the terms of the importance-weighted bound (Burda et al. 2016), whose mean is
-        the ELBO. Where a layer has a flow, log q(z_K|x) = log N(z_0; q) - log|det dz_K/dz_0|,
-        the single-draw KL the layer already reports."""
-        out = self.posterior_pass(x)
+    def log_importance_weights(self, x: Any, noise: Any = None) -> Any:
+        """log p(x, z) - log q(z|x) in nats, shape (B,), for the posterior draw z of every
+        image that ``noise`` makes: the terms of the importance-weighted bound (Burda et al.
+        2016), whose mean is the ELBO. Where a layer has a flow, log q(z_K|x) = log N(z_0; q) -
+        log|det dz_K/dz_0|, the single-draw KL the layer already reports."""
+        out = self.posterior_pass(x, noise=noise)
         log_w = self._pixel_log_prob(out.params, x)
         for block, layer, z in zip(self.decoder.blocks, out.layers, out.latents, strict=True):
             if block.flow is not None:
@@ -378,13 +437,13 @@ class HVAE(keras.Model):
             scale_fn=self.scale_fn,
         )
 
-    def _sample_pixels(self, params: Any, temperature: float) -> Any:
+    def _sample_pixels(self, params: Any, temperature: float, noise: Any = None) -> Any:
         return dmol_sample(
             params,
             num_mixtures=self.num_mixtures,
             num_bits=self.num_bits,
             gradient_smoothing=self.gradient_smoothing,
             scale_fn=self.scale_fn,
-            seed=self.sample_seed,
             temperature=temperature,
+            noise=noise,
         )

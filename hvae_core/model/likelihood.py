@@ -10,8 +10,9 @@ means and scale logits laid out as ``[M, C]`` row-major, coefficients as ``[M, C
 for channel ``c``, the coefficients of channels ``0..c-1`` (pairs (1,0), (2,0), (2,1), ...).
 The tensors are sliced with strides rather than reshaped, so ``dmol_log_prob`` also traces with
 unknown batch and spatial sizes (symbolic Keras inputs, ``tf.function``, ``jax.jit``).
-``dmol_sample`` draws with ``keras.random``, which needs real tensors (eager, ``tf.function`` or
-``jax.jit`` with a seed passed in), not symbolic Keras inputs.
+``dmol_sample`` takes its uniforms as an argument (:func:`dmol_noise_shape`), so a compiled or
+exported sampler holds no random op; without them it draws with ``keras.random``, which needs
+real tensors (eager, ``tf.function`` or ``jax.jit`` with a seed passed in).
 """
 
 from __future__ import annotations
@@ -145,6 +146,14 @@ def _channels_from_width(width: int | None, num_mixtures: int) -> int:
     )
 
 
+def dmol_noise_shape(pixel_shape: tuple[Any, ...], num_mixtures: int) -> tuple[Any, ...]:
+    """The uniforms one :func:`dmol_sample` call uses for images of ``pixel_shape`` (B, H, W,
+    C): (B, H, W, M + C), per pixel first the M that choose the component (Gumbel-max), then
+    one per channel for its logistic noise."""
+    *lead, channels = pixel_shape
+    return (*lead, num_mixtures + channels)
+
+
 def dmol_log_prob(
     params: Any,
     x: Any,
@@ -187,14 +196,18 @@ def dmol_sample(
     scale_fn: str = "softplus",
     seed: Any = None,
     temperature: float = 1.0,
+    noise: Any = None,
 ) -> Any:
     """Samples ``(B, H, W, C)`` float32 on the ``2**num_bits`` grid of [-1, 1].
 
     The component is drawn per pixel by Gumbel-max (argmax of the logits at temperature 0);
     ``temperature`` scales the logistic scales only, so 0 gives the chosen component's means.
     Each channel is quantised before later channels condition on it, so a sample is exactly a
-    value ``dmol_log_prob`` scores. ``seed`` is anything ``keras.random`` accepts; one draw is
-    made per call, so an int seed gives independent Gumbel and logistic noise.
+    value ``dmol_log_prob`` scores. ``noise``: the uniforms in [0, 1], shaped as
+    :func:`dmol_noise_shape` says (clipped to [1e-5, 1 - 1e-5], as VDVAE bounds its draws, so
+    the Gumbel and logistic noise stay finite); without it they are drawn with ``seed``
+    (anything ``keras.random`` accepts; one draw per call, so an int seed gives independent
+    Gumbel and logistic noise).
     """
     m = num_mixtures
     channels = _channels_from_width(params.shape[-1], m)
@@ -204,10 +217,10 @@ def dmol_sample(
     if temperature < 0:
         raise ValueError(f"temperature must be non-negative, got {temperature}")
     if temperature > 0:
-        shape = tuple(ops.shape(logits)[:-1]) + (m + channels,)
-        noise = keras.random.uniform(
-            shape, minval=_UNIFORM_EPS, maxval=1.0 - _UNIFORM_EPS, seed=seed
-        )
+        if noise is None:
+            shape = tuple(ops.shape(logits)[:-1]) + (m + channels,)
+            noise = keras.random.uniform(shape, seed=seed)
+        noise = ops.clip(ops.cast(noise, "float32"), _UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
         logits = logits - ops.log(-ops.log(noise[..., :m]))  # Gumbel-max
     choice = ops.one_hot(ops.argmax(logits, axis=-1), m, dtype="float32")
 

@@ -6,10 +6,10 @@ along a leading axis, a compiler sees one loop body per distinct block shape, an
 one variable per stacked weight instead of one per block.
 
 The maths is the blocks' own: every block is still built with its own initializers (the same
-initial values as when it stood alone), draws its noise from its own seed state, and is applied
-to the carry in order. How the loop runs is the engine's business (:func:`loop_with`): a
-compiled loop (``jax.lax.scan``, a ``tf.while_loop``) where the step is compiled, an unrolled
-Python loop otherwise.
+initial values as when it stood alone), takes its own row of every per-layer input (its noise,
+its temperature), and is applied to the carry in order. How the loop runs is the engine's
+business (:func:`loop_with`): a compiled loop (``jax.lax.scan``, a ``tf.while_loop``) where the
+step is compiled, an unrolled Python loop otherwise.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ class RepeatedLayers(keras.layers.Layer):
 
     def __init__(self, layers: Sequence[Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # Per-layer inputs keep their dtypes (a latent layer's noise stays float32); the
+        # carry and shared inputs arrive in the compute dtype already.
+        self._convert_input_args = False
         if not layers:
             raise ValueError("a run of repeated layers needs at least one layer")
         self._members = Untracked(layers)

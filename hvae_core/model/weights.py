@@ -4,7 +4,11 @@ Such a checkpoint lists the model's weights, their EMA and the optimizer's slots
 in the order of the unstacked model. :func:`from_unstacked` rebuilds that model beside the
 stacked one (same config, same seed), reads the checkpoint into its structure, and stacks every
 run's blocks row by row, so an old run resumes exactly where it was: same weights, same EMA,
-same Adam moments, same noise seeds.
+same Adam moments.
+
+Checkpoints written before the latent noise became an input also hold the states of the noise
+streams the model kept (Keras ``SeedGenerator``s, one per latent layer, stacked in runs of
+blocks, and the pixel sampler's): :func:`without_noise_seeds` drops them.
 """
 
 from __future__ import annotations
@@ -124,11 +128,37 @@ def from_unstacked(
     return {k: np.asarray(keras.ops.convert_to_numpy(a)) for k, a in out.items()}
 
 
+def is_noise_seed_array(array: np.ndarray) -> bool:
+    """Whether a checkpoint's model array is the state of a Keras ``SeedGenerator`` (shape
+    (2,), or (blocks, 2) stacked, of an integer dtype): every weight of the model is a float."""
+    dtype = np.dtype(array.dtype)
+    return np.issubdtype(dtype, np.integer) and array.ndim in (1, 2) and array.shape[-1] == 2
+
+
+def without_noise_seeds(arrays: dict[str, np.ndarray], model: Any) -> dict[str, np.ndarray]:
+    """``arrays`` without the noise streams' states of a checkpoint written while the model
+    drew its own noise, the rest renumbered in order; unchanged when it holds none, or when
+    the model itself has integer variables (then they are its own)."""
+    if any(
+        _dtype_family(keras.backend.standardize_dtype(v.dtype)) != "float" for v in model.variables
+    ):
+        return arrays
+    names = sorted(k for k in arrays if k.startswith("model/"))
+    kept = [k for k in names if not is_noise_seed_array(np.asarray(arrays[k]))]
+    if len(kept) == len(names):
+        return arrays
+    out = {k: v for k, v in arrays.items() if not k.startswith("model/")}
+    out.update({f"model/{i:05d}": arrays[k] for i, k in enumerate(kept)})
+    return out
+
+
 def in_model_layout(
     arrays: dict[str, np.ndarray], model: Any, optimizer: Any, ema: bool
 ) -> dict[str, np.ndarray]:
-    """A checkpoint's ``arrays`` in ``model``'s layout: converted when it was written with one
-    set of weights per block and the model stacks them (see :func:`from_unstacked`)."""
+    """A checkpoint's ``arrays`` in ``model``'s layout: without the noise seeds of an older
+    checkpoint (:func:`without_noise_seeds`), and converted when it was written with one set
+    of weights per block and the model stacks them (see :func:`from_unstacked`)."""
+    arrays = without_noise_seeds(arrays, model)
     saved = sum(1 for k in arrays if k.startswith("model/"))
     if saved != len(model.variables) and getattr(model, "stack_blocks", False):
         return from_unstacked(arrays, model, optimizer, ema)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hvae_core.errors import HvaeError, Interrupted
+from hvae_core.model.pixels import to_uint8
 from hvae_core.run import RunDirectory
 from hvae_core.run import checkpoint as checkpoint_meta
 from hvae_core.run.directory import Checkpoint
@@ -201,7 +202,9 @@ class Trainer:
                     rng = np.random.default_rng([training.seed, pos.epoch, pos.batch])
                     images = self.regularizer.transform_batch(images, rng)
                 beta = float(self.beta_schedule(pos.step))
-                metrics = self.engine.dispatch_step(images, beta, self._skipnorm(pos.step))
+                metrics = self.engine.dispatch_step(
+                    images, beta, self._skipnorm(pos.step), step=pos.step
+                )
                 pos.batch += 1
                 pos.step += 1
                 # The previous step's metrics are read only now that this step is queued: the
@@ -359,8 +362,7 @@ class Trainer:
 
     def _write_outputs(self) -> None:
         if self.config.run.save:  # on every process: sampling may be collective
-            with self.engine.noise_kept():
-                self.write_images()
+            self.write_images()
         if self.writes:
             self.run.plot_metrics()
         self._last_images = time.monotonic()
@@ -401,42 +403,47 @@ class Trainer:
 
         return self.with_ema(run)
 
-    def sample(self, n: int, temperature: Any, output_temperature: float = 1.0) -> np.ndarray:
-        """``n`` samples from the EMA model as uint8 levels of the dataset's bit depth."""
-        import keras
+    def inference(self) -> Any:
+        """The model as :func:`hvae_core.load` gives it, on the engine's live state: the
+        figures are computed exactly as ``hvae sample`` and ``TrainedModel`` compute them,
+        through the same runner (call it within :meth:`with_ema` for the EMA weights)."""
+        from hvae_core.trained import TrainedModel
 
-        from hvae_core.model.pixels import to_levels
+        return TrainedModel(
+            self.model,
+            self.config,
+            None,
+            {"position": asdict(self.position)},
+            self.engine.live_runner(),
+        )
 
-        def generate() -> Any:
-            x = self.model.generate(
-                n, temperature=temperature, output_temperature=output_temperature
-            )
-            return to_levels(x, self.dataset.num_bits)
-
-        key = ("sample", n, repr(temperature), output_temperature)
+    def sample(
+        self,
+        n: int,
+        temperature: Any,
+        output_temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """``n`` samples from the EMA model as uint8 levels of the dataset's bit depth, for
+        the noise ``seed`` draws (default: the training seed, so every epoch's figure shows
+        the same draw)."""
+        seed = self.config.training.seed if seed is None else seed
 
         def run() -> np.ndarray:
-            return keras.ops.convert_to_numpy(self.engine.run_compiled(key, generate))
+            return self.inference().sample(n, temperature, output_temperature, seed=seed)
 
-        return self.with_ema(run).astype(np.uint8)
+        return self.with_ema(run)
 
     def write_images(self) -> None:
         """Samples and reconstructions; every process computes them (a distributed model
-        runs its ops on all processes), the chief saves them."""
-        import keras
-
-        from hvae_core.model.pixels import to_levels, to_uint8, to_unit_range
-
+        runs its ops on all processes), the chief saves them. Their noise comes from the
+        training seed: the same draw every time, and no training noise is touched."""
         bits = self.dataset.num_bits
         samples = self.sample(NUM_SAMPLES, SAMPLE_TEMPERATURE)
         originals = next(iter(self.eval_batches(self.val[:8])))
 
-        def reconstruct(images: Any) -> Any:
-            return to_levels(self.model.reconstruct(to_unit_range(images, bits)), bits)
-
         def run() -> np.ndarray:
-            recon = self.engine.run_compiled("reconstruct", reconstruct, originals)
-            return keras.ops.convert_to_numpy(recon)
+            return self.inference().reconstruct(originals, seed=self.config.training.seed)
 
         recon = self.with_ema(run)
         if not self.writes:
