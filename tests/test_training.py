@@ -888,11 +888,11 @@ def test_ctrl_c_mid_epoch_checkpoints_where_it_stopped_and_exits_130(tmp_path, m
     trainer = train_run(tmp_path, "ctrl-c")
     step, done = trainer.engine.dispatch_step, []
 
-    def three_steps_then_ctrl_c(*args):
+    def three_steps_then_ctrl_c(*args, **kwargs):
         if len(done) == 3:
             raise KeyboardInterrupt
         done.append(1)
-        return step(*args)
+        return step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.engine, "dispatch_step", three_steps_then_ctrl_c)
     with pytest.raises(Interrupted) as err:
@@ -909,7 +909,7 @@ def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
     class ResourceExhaustedError(Exception):  # the name TensorFlow's error has
         pass
 
-    def explode(*args):
+    def explode(*args, **kwargs):
         raise ResourceExhaustedError("Out of memory while trying to allocate 36.42GiB.")
 
     monkeypatch.setattr(trainer.engine, "dispatch_step", explode)
@@ -922,7 +922,7 @@ def test_out_of_memory_is_one_clear_line(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(
         trainer.engine,
         "dispatch_step",
-        lambda *args: (_ for _ in ()).throw(ValueError("a bug")),
+        lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("a bug")),
     )
     with pytest.raises(ValueError, match="a bug"):  # other errors are not disguised
         trainer.fit()
@@ -1009,16 +1009,17 @@ import keras
 import numpy as np
 import hvae_core
 from hvae_core.config import resolve_config
-from hvae_core.run import files as rundir
+from hvae_core.run import RunDirectory
 from hvae_core.training.trainer import Trainer
 from pathlib import Path
 
 backend = keras.backend.backend()
 cfg = resolve_config("tiny", {"epochs": 1}, ["run.jit=true", "training.batch_size=64"])
-trainer = Trainer(cfg, quiet=True)
-trainer.run_dir = Path(inputs["dir"].item())
-trainer.run_dir.mkdir()
-rundir.write_config(trainer.run_dir, cfg)
+folder = Path(inputs["dir"].item())
+folder.mkdir()
+run = RunDirectory(folder)
+run.write_config(cfg)
+trainer = Trainer(cfg, run, quiet=True)
 trainer.fit()
 # How the figures' passes run: compiled on TensorFlow, without autograd on torch.
 state = {}
@@ -1086,9 +1087,11 @@ def test_a_run_written_while_the_model_drew_its_own_noise_loads_and_resumes(tmp_
     assert loaded.sample(2, seed=0).shape == (2, 8, 8, 1)
 
     cfg = resolve_config(run / "config.yaml", overrides=["training.epochs=1"])
-    trainer = Trainer(cfg, quiet=True)
-    trainer.run_dir = run
-    trainer.restore()
+    from hvae_core.run import RunDirectory
+
+    directory = RunDirectory.open(run)
+    trainer = Trainer(cfg, directory, quiet=True)
+    trainer.restore(directory.read_checkpoint())
     assert trainer.position.step == meta["position"]["step"] == 6
     trainer.engine.sync()
     for variable, saved in zip(trainer.model.variables, weights, strict=True):
