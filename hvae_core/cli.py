@@ -738,7 +738,6 @@ def sample(
     import numpy as np
 
     from hvae_core import figures
-    from hvae_core.model.pixels import to_uint8
     from hvae_core.run import files as rundir
 
     temps = _temperature_list(
@@ -752,6 +751,7 @@ def sample(
     if npz_path is not None and npz_path.resolve() == out_path.resolve():
         raise HvaeError("--out and --npz name the same file", hint="give them different names")
     model = _load(run_dir, checkpoint, backend, verbose)
+    from hvae_core.model.pixels import to_uint8  # imports Keras: only once it is chosen
     levels = model.sample(
         num, temps[0] if len(temps) == 1 else temps, output_temperature, seed=seed
     )

@@ -55,6 +55,35 @@ def test_light_commands_load_no_backend(args) -> None:
     assert heavy_modules_after(CLI_BODY.format(args=args)) == []
 
 
+LOADED_BODY = """
+import sys
+import hvae_core.trained
+
+def probe(*args, **kwargs):
+    print("KERAS_BEFORE_LOAD:" + str("keras" in sys.modules))
+    raise SystemExit(0)
+
+hvae_core.trained.load = probe
+from hvae_core.cli import main
+try:
+    main({args!r})
+except SystemExit:
+    pass
+"""
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "analyze", "export"])
+def test_commands_that_load_a_run_choose_its_backend_before_keras_starts(command, tmp_path):
+    # Keras fixes its backend when first imported: a command that imported it before
+    # hvae_core.load (as `hvae sample` did, through model.pixels) ran on TensorFlow and
+    # refused `--backend jax`.
+    extra = {"sample": ["--out", str(tmp_path / "s.png")], "export": ["--out", str(tmp_path)]}
+    args = [command, str(tmp_path), *extra.get(command, [])]
+    code = PROBE.format(body=LOADED_BODY.format(args=args), heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "KERAS_BEFORE_LOAD:False" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
 SEEDED_BODY = """
 import os
 os.environ["KERAS_BACKEND"] = {backend!r}
