@@ -69,7 +69,9 @@ def in_memory(*overrides: str) -> TrainedModel:
     hvae.build_weights()
     rng = np.random.default_rng(0)
     for v in hvae.trainable_variables:
-        v.assign(v.value + rng.normal(0.0, 0.3, v.shape).astype(np.float32))
+        v.assign(
+            keras.ops.convert_to_numpy(v.value) + rng.normal(0.0, 0.3, v.shape).astype(np.float32)
+        )
     return TrainedModel(hvae, cfg, RunDirectory("."), {}, make_runner(hvae, jit=False))
 
 
