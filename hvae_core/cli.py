@@ -684,36 +684,50 @@ def evaluate(
         )
 
 
+KEEP_LAYERS_HELP = (
+    "with --from: keep the top K latent layers' posterior latents of the images and sample the "
+    "rest at --temperature (0: a sample from the prior; all layers: a reconstruction). Layers "
+    "run top first, from 1x1 to the image size: on the cifar10 preset (1 layer at 1x1, 3 at "
+    "4x4, 6 at 8x8, 11 at 16x16, 22 at 32x32) K=4 keeps every layer up to 4x4. Default with "
+    "--from: all layers"
+)
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option(
     "--n",
     "num",
     type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="number of samples",
+    help="number of samples (default 64); with --from, draws per image (default 1)",
 )
 @click.option(
     "--temperature",
     type=str,
     default="1.0",
     show_default=True,
-    help="one temperature, or one per latent layer, comma-separated",
+    help="one temperature, or one per latent layer, comma-separated (with --from: one, for "
+    "the layers below --keep-layers)",
 )
 @click.option(
     "--output-temperature",
     type=FiniteFloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="temperature of the pixel likelihood (0: its mode)",
+    help="temperature of the pixel likelihood (0: its mode; default: 1, with --from 0)",
 )
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(),
+    help="images whose latents to keep: an .npz of uint8 levels (N, H, W, C) or (N, H, W), "
+    "a PNG, or a folder of PNGs",
+)
+@click.option("--keep-layers", type=click.IntRange(min=0), help=KEEP_LAYERS_HELP)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
     default="samples.png",
     show_default=True,
-    help="PNG grid to write",
+    help="PNG grid to write (a name ending in .npz: the arrays instead)",
 )
 @click.option("--npz", type=click.Path(dir_okay=False), help="also write the raw samples")
 @click.option("--seed", type=SEED, help="make the draw repeatable")
@@ -722,9 +736,11 @@ def evaluate(
 @loaded_run_options
 def sample(
     run_dir: str,
-    num: int,
+    num: int | None,
     temperature: str,
-    output_temperature: float,
+    output_temperature: float | None,
+    source: str | None,
+    keep_layers: int | None,
     out: str,
     npz: str | None,
     seed: int | None,
@@ -734,33 +750,320 @@ def sample(
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Draw samples from a trained run (EMA weights); needs no dataset."""
+    """Draw samples from a trained run (EMA weights); needs no dataset. With --from IMAGES
+    (and --keep-layers K), resample the images below their top K latent layers: the grid's
+    first row holds the images, each row below one draw per image."""
     import numpy as np
 
     from hvae_core import figures
-    from hvae_core.run import files as rundir
+    from hvae_core.trained import describe_kept
 
+    if keep_layers is not None and source is None:
+        raise HvaeError(
+            "--keep-layers needs --from: the images whose top latent layers to keep",
+            hint="e.g. --from images.npz --keep-layers 3",
+        )
     temps = _temperature_list(
         temperature,
         "--temperature",
         example="e.g. --temperature 0.8 (1: the prior as trained, 0: its mean), or one per "
         "latent layer: --temperature 1,0.9,0.8",
     )
+    if source is not None and len(temps) != 1:
+        raise HvaeError(
+            f"--temperature {temperature!r}: with --from it takes one temperature (the "
+            "resampled layers')",
+            hint="e.g. --temperature 0.8",
+        )
+    out_path, npz_path = _outputs(out, npz, force)
+    if source is not None and not Path(source).exists():
+        raise HvaeError(f"{source} does not exist", hint="give an .npz, a PNG or a folder of PNGs")
+    model = _load(run_dir, checkpoint, backend, verbose)
+    from hvae_core.model.pixels import to_uint8  # imports Keras: only once it is chosen
+
+    if source is None:
+        num = 64 if num is None else num
+        t_out = 1.0 if output_temperature is None else output_temperature
+        levels = model.sample(num, temps[0] if len(temps) == 1 else temps, t_out, seed=seed)
+        arrays = {"samples": levels}
+        grid = figures.grid_png(to_uint8(levels, model.num_bits))[0]
+        message = f"wrote {num} samples"
+    else:
+        images = read_images(source, model.image_shape, model.num_bits)
+        layers = model.num_latent_layers
+        k = layers if keep_layers is None else keep_layers
+        if k > layers:
+            raise HvaeError(
+                f"--keep-layers {k}: the model has {layers} latent layers (K runs 0..{layers})",
+                hint="layer resolutions, top first: " + _resolution_runs(model.latent_resolutions),
+            )
+        draws = 1 if num is None else num
+        t_out = 0.0 if output_temperature is None else output_temperature
+        levels = model.reconstruct(
+            np.tile(images, (draws, 1, 1, 1)),
+            t_out,
+            latent_layers=k,
+            temperature=temps[0],
+            seed=seed,
+        )
+        arrays = {"images": images, "samples": levels, "keep_layers": np.array(k)}
+        both = np.concatenate([images, levels])
+        grid = figures.grid_png(to_uint8(both, model.num_bits), columns=len(images))[0]
+        kept = describe_kept(model.latent_resolutions, k)
+        message = (
+            f"kept the top {k} of {layers} latent layers ({kept}) of {len(images)} images; "
+            f"wrote {len(levels)} images"
+        )
+    written = _write_outputs(out_path, npz_path, grid, arrays, model.num_bits)
+    click.echo(f"{message} to {' and '.join(str(p) for p in written)}")
+
+
+def _outputs(out: str, npz: str | None, force: bool) -> tuple[Path, Path | None]:
+    """Where a command writes its grid (or, for an .npz --out, its arrays) and its --npz."""
     out_path = _output_path(out, force)
     npz_path = _output_path(npz, force) if npz is not None else None
     if npz_path is not None and npz_path.resolve() == out_path.resolve():
         raise HvaeError("--out and --npz name the same file", hint="give them different names")
+    return out_path, npz_path
+
+
+def _write_outputs(
+    out: Path, npz: Path | None, png: bytes, arrays: dict[str, Any], num_bits: int
+) -> list[Path]:
+    """The grid to ``out`` (the arrays, where ``out`` ends in .npz) and the arrays to ``npz``."""
+    import numpy as np
+
+    from hvae_core.run import files as rundir
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, num_bits=np.array(num_bits))
+    as_arrays = out.suffix.lower() == ".npz"
+    rundir.atomic_write_bytes(out, buffer.getvalue() if as_arrays else png)
+    if npz is not None:
+        rundir.atomic_write_bytes(npz, buffer.getvalue())
+    return [out] if npz is None else [out, npz]
+
+
+def _resolution_runs(resolutions: list[int]) -> str:
+    """ "1 at 1x1, 3 at 4x4, ...": how many latent layers each resolution has, top first."""
+    counts: dict[int, int] = {}
+    for r in resolutions:
+        counts[r] = counts.get(r, 0) + 1
+    return ", ".join(f"{n} at {r}x{r}" for r, n in counts.items())
+
+
+def read_images(path: str, image_shape: tuple[int, ...], num_bits: int) -> Any:
+    """uint8 levels (N, H, W, C) of a model of ``image_shape`` and ``num_bits`` from ``path``:
+    an .npz (the array under ``images``, else its only array; (N, H, W, C), or (N, H, W) for
+    grayscale, integer levels 0..2**num_bits - 1), a PNG or a folder of PNGs (8-bit grayscale
+    or RGB as the model's channels say; for a model of fewer bits, pixels as ``hvae sample``
+    writes them, on the grid of to_uint8). Anything else is one :class:`HvaeError`."""
+    import numpy as np
+
+    source = Path(path)
+    if not source.exists():
+        raise HvaeError(f"{source} does not exist", hint="give an .npz, a PNG or a folder of PNGs")
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() == ".png")
+        if not files:
+            raise HvaeError(f"{source} holds no .png files", hint="give a folder of PNGs")
+        images = np.stack([_read_png(p, image_shape, num_bits) for p in files])
+    elif source.suffix.lower() == ".npz":
+        images = _read_npz(source, image_shape, num_bits)
+    elif source.suffix.lower() == ".png":
+        images = _read_png(source, image_shape, num_bits)[None]
+    else:
+        raise HvaeError(
+            f"{source}: expected an .npz, a .png or a folder of PNGs",
+            hint="save the images as uint8 levels in an .npz, or as PNGs",
+        )
+    return images
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _read_npz(path: Path, image_shape: tuple[int, ...], num_bits: int) -> Any:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = list(data.keys())
+            if "images" in keys:
+                key = "images"
+            elif len(keys) == 1:
+                key = keys[0]
+            else:
+                raise HvaeError(
+                    f"{path} holds {len(keys)} arrays ({', '.join(keys[:6])}) and none named "
+                    "'images'",
+                    hint="save the images under the key 'images'",
+                )
+            array = data[key]
+    except HvaeError:
+        raise
+    except Exception as exc:  # not an npz, truncated, pickled objects
+        raise HvaeError(f"cannot read {path} as an .npz: {exc}") from None
+    if array.ndim == 3 and image_shape[-1] == 1:
+        array = array[..., None]
+    if array.ndim != 4 or tuple(array.shape[1:]) != tuple(image_shape) or len(array) == 0:
+        raise HvaeError(
+            f"{path}: '{key}' has shape {array.shape}; the model takes images "
+            f"(N, {', '.join(map(str, image_shape))})",
+            hint="images of another size or channel count need a model trained on them",
+        )
+    top = 2**num_bits - 1
+    if not np.issubdtype(array.dtype, np.integer):
+        raise HvaeError(
+            f"{path}: '{key}' holds {array.dtype}, not integer pixel levels",
+            hint=f"store uint8 levels 0..{top} ({num_bits} bits)",
+        )
+    if array.min() < 0 or array.max() > top:
+        raise HvaeError(
+            f"{path}: levels run {array.min()}..{array.max()}; the model's {num_bits}-bit "
+            f"images run 0..{top}",
+            hint=f"reduce the images to {num_bits} bits (levels >> {8 - num_bits} for 8-bit images)"
+            if num_bits < 8
+            else None,
+        )
+    return array.astype(np.uint8)
+
+
+def _read_png(path: Path, image_shape: tuple[int, ...], num_bits: int) -> Any:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    h, w, c = image_shape
+    mode = {1: "L", 3: "RGB"}.get(c)
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            got_mode, size = picture.mode, picture.size
+            pixels = np.asarray(picture)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise HvaeError(f"cannot read {path} as an image: {exc}") from None
+    if got_mode != mode:
+        kind = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
+        raise HvaeError(
+            f"{path} is a PNG of mode {got_mode}; the model takes 8-bit {kind} images "
+            f"(mode {mode})",
+            hint=f"convert it, e.g. with PIL's Image.convert('{mode}')",
+        )
+    if size != (w, h):
+        raise HvaeError(
+            f"{path} is {size[1]}x{size[0]}; the model takes {_shape_text((h, w))} images",
+            hint="resize it, or use a model trained at that size",
+        )
+    pixels = pixels.reshape(h, w, c)
+    top = 2**num_bits - 1
+    levels = np.rint(pixels.astype(np.float64) * top / 255.0).astype(np.uint8)
+    back = np.rint(levels.astype(np.float64) * 255.0 / top).astype(np.uint8)
+    if not np.array_equal(back, pixels):
+        raise HvaeError(
+            f"{path}: its pixels are not on the model's {num_bits}-bit grid (0..{top} scaled "
+            "to 0..255, as hvae writes its PNGs)",
+            hint=f"quantize the image to {num_bits} bits, or give an .npz of levels 0..{top}",
+        )
+    return levels
+
+
+def _one_image(spec: str, image_shape: tuple[int, ...], num_bits: int) -> Any:
+    """One image: a PNG, or IMAGES.npz:INDEX (the image at INDEX of an .npz of images)."""
+    path, _, index = spec.rpartition(":") if ".npz:" in spec else (spec, "", "")
+    if path.lower().endswith(".npz"):
+        images = read_images(path, image_shape, num_bits)
+        try:
+            i = int(index) if index else None
+        except ValueError:
+            i = -1
+        if i is None and len(images) == 1:
+            i = 0
+        if i is None or not 0 <= i < len(images):
+            raise HvaeError(
+                f"{spec}: name one of the {len(images)} images as {path}:INDEX",
+                hint=f"INDEX runs 0..{len(images) - 1}",
+            )
+        return images[i]
+    if Path(spec).is_dir():
+        raise HvaeError(f"{spec} is a folder", hint="give one PNG, or IMAGES.npz:INDEX")
+    return read_images(spec, image_shape, num_bits)[0]
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("image_a")
+@click.argument("image_b")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=2),
+    default=8,
+    show_default=True,
+    help="images from A's latents to B's, both ends included",
+)
+@click.option(
+    "--posterior",
+    type=click.Choice(["mean", "sample"]),
+    default="mean",
+    show_default=True,
+    help="each image's latents: its posterior's means, or one draw (from --seed)",
+)
+@click.option(
+    "--output-temperature",
+    type=FiniteFloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="temperature of the pixel likelihood (0: its mode)",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="interpolation.png",
+    show_default=True,
+    help="PNG to write: A, the steps, B in one row (a name ending in .npz: the arrays instead)",
+)
+@click.option("--npz", type=click.Path(dir_okay=False), help="also write the raw images")
+@click.option("--seed", type=SEED, help="make the draws repeatable")
+@click.option("--force", is_flag=True, help="overwrite --out / --npz if they exist")
+@loaded_run_options
+def interpolate(
+    run_dir: str,
+    image_a: str,
+    image_b: str,
+    steps: int,
+    posterior: str,
+    output_temperature: float,
+    out: str,
+    npz: str | None,
+    seed: int | None,
+    force: bool,
+    checkpoint: str | None,
+    backend: str | None,
+    verbose: bool,
+) -> None:
+    """Decode latents interpolated, layer by layer and linearly, between those of two images
+    (IMAGE_A, IMAGE_B: a PNG, or IMAGES.npz:INDEX)."""
+    import numpy as np
+
+    from hvae_core import figures
+
+    for spec in (image_a, image_b):
+        if not Path(spec.rpartition(":")[0] if ".npz:" in spec else spec).exists():
+            raise HvaeError(f"{spec} does not exist", hint="give a PNG, or IMAGES.npz:INDEX")
+    out_path, npz_path = _outputs(out, npz, force)
     model = _load(run_dir, checkpoint, backend, verbose)
     from hvae_core.model.pixels import to_uint8  # imports Keras: only once it is chosen
-    levels = model.sample(
-        num, temps[0] if len(temps) == 1 else temps, output_temperature, seed=seed
+
+    a = _one_image(image_a, model.image_shape, model.num_bits)
+    b = _one_image(image_b, model.image_shape, model.num_bits)
+    levels = model.interpolate(
+        a, b, steps, posterior=posterior, output_temperature=output_temperature, seed=seed
     )
-    rundir.atomic_write_bytes(out_path, figures.grid_png(to_uint8(levels, model.num_bits))[0])
-    if npz_path is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, samples=levels, num_bits=np.array(model.num_bits))
-        rundir.atomic_write_bytes(npz_path, buffer.getvalue())
-    click.echo(f"wrote {num} samples to {out}" + (f" and {npz}" if npz else ""))
+    row = np.concatenate([a[None], levels, b[None]])
+    png = figures.grid_png(to_uint8(row, model.num_bits), columns=len(row))[0]
+    arrays = {"a": a, "b": b, "interpolation": levels}
+    written = _write_outputs(out_path, npz_path, png, arrays, model.num_bits)
+    click.echo(f"wrote {steps} interpolated images to {' and '.join(str(p) for p in written)}")
 
 
 @cli.command("export")

@@ -63,6 +63,13 @@ class TrainedModel:
         return int(self.model.num_latent_layers)
 
     @property
+    def latent_resolutions(self) -> list[int]:
+        """The resolution R of every latent layer (its z is R x R x z_width), top first: keeping
+        the top K layers (``reconstruct(..., latent_layers=K)``) keeps those of the first K
+        entries (see :func:`describe_kept`)."""
+        return [int(r) for r in self.model.latent_resolutions]
+
+    @property
     def epoch(self) -> int:
         """Epochs the checkpoint had completed."""
         return int(self.meta.get("position", {}).get("epoch", 0))
@@ -205,6 +212,99 @@ class TrainedModel:
             args = (batch, layers, np.float32(temperature), eps, *extra)
             parts.append(to_numpy(self.runner.run(key, reconstruct, *args)))
         return np.concatenate(parts).astype(np.uint8)
+
+    def decode(
+        self,
+        latents: Sequence[Any],
+        output_temperature: float = 0.0,
+        *,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        pixel_noise: Any = None,
+    ) -> np.ndarray:
+        """Images decoded from given latents, uint8 levels (n, H, W, C): ``latents`` holds every
+        latent layer's z, top (1x1) first, float arrays (n, R, R, z_width) as
+        :meth:`noise_shapes` gives them (e.g. :meth:`encode`'s ``sample``, or a mix of two
+        images' latents). The decoder takes them in place of the prior's draws, so
+        ``decode(z of an image's posterior)`` is that image's reconstruction from z.
+        ``output_temperature`` > 0 samples the pixels (``seed`` or ``pixel_noise`` as for
+        :meth:`sample`)."""
+        from hvae_core.model.pixels import to_levels
+
+        output_temperature = _non_negative(output_temperature, "output_temperature")
+        zs = self._checked_latents(latents)
+        n = len(zs[0])
+        pixels = None
+        if output_temperature > 0:
+            shapes = self.model.noise_shapes(n)
+            if pixel_noise is not None:
+                if seed is not None:
+                    raise InputError("give either seed or pixel_noise, not both")
+                pixels = checked_pixel_noise(pixel_noise, shapes)
+            else:
+                if seed is not None:
+                    self.reseed(seed)
+                pixels = draw_noise(shapes, self._rng, True).pixels
+        elif pixel_noise is not None:
+            raise InputError("pixel_noise is given but output_temperature is 0")
+
+        def decode(given: Any, *uniforms: Any) -> Any:
+            x = self.model.decode(
+                list(given), output_temperature, uniforms[0] if uniforms else None
+            )
+            return to_levels(x, self.num_bits)
+
+        size = self._batch(batch_size)
+        parts = []
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            extra = () if pixels is None else (pixels[rows],)
+            given = [z[rows] for z in zs]
+            parts.append(
+                to_numpy(self.runner.run(("decode", output_temperature), decode, given, *extra))
+            )
+        return np.concatenate(parts).astype(np.uint8)
+
+    def interpolate(
+        self,
+        a: Any,
+        b: Any,
+        steps: int = 8,
+        *,
+        posterior: str = "mean",
+        output_temperature: float = 0.0,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """``steps`` images (steps, H, W, C), uint8 levels, decoded (:meth:`decode`) from
+        latents interpolated linearly, layer by layer, between those of images ``a`` and ``b``
+        (each (H, W, C) or (1, H, W, C)): step i takes z = (1 - w) z_a + w z_b with w = i /
+        (steps - 1), so the first step decodes a's latents and the last b's. ``posterior``:
+        ``"mean"`` (the default) takes each layer's z at eps = 0 (the posterior mean; with a
+        flow, the flow of the mean), ``"sample"`` one posterior draw per image from ``seed``.
+        At ``output_temperature`` 0 (the default) and with the means, the ends equal
+        ``reconstruct(a)`` and ``reconstruct(b)`` with zero noise."""
+        steps = _count(steps, "steps")
+        if steps < 2:
+            raise InputError(f"steps must be at least 2 (the two ends), got {steps}")
+        if posterior not in ("mean", "sample"):
+            raise InputError(f"posterior must be 'mean' or 'sample', got {posterior!r}")
+        pair = np.concatenate([self._one_image(a, "a"), self._one_image(b, "b")])
+        if seed is not None:
+            self.reseed(seed)
+        shapes = self.model.noise_shapes(2).latents
+        if posterior == "mean":
+            eps = [np.zeros(s, np.float32) for s in shapes]
+        else:
+            eps = list(self._draw(2, pixels=False).latents)
+        layers = self.encode(pair, noise=eps, batch_size=2)
+        w = np.linspace(0.0, 1.0, steps, dtype=np.float64)
+        zs = []
+        for layer in layers:
+            z = layer["sample"].astype(np.float32)
+            weight = w.reshape(-1, 1, 1, 1).astype(np.float32)
+            zs.append((1.0 - weight) * z[0:1] + weight * z[1:2])
+        return self.decode(zs, output_temperature, batch_size=batch_size)
 
     def encode(
         self,
@@ -357,6 +457,48 @@ class TrainedModel:
             )
         return temps
 
+    def _checked_latents(self, latents: Any) -> list[np.ndarray]:
+        """Every latent layer's z as float32 (n, R, R, z_width) with one n, or one
+        :class:`InputError` naming the layer and both shapes."""
+        count = self.num_latent_layers
+        if isinstance(latents, np.ndarray) or not isinstance(latents, Sequence):
+            raise InputError(
+                f"latents must be a list of {count} arrays, one per latent layer (top first), "
+                f"got {type(latents).__name__}"
+            )
+        if len(latents) != count:
+            raise InputError(f"latents hold {len(latents)} arrays; the model has {count} layers")
+        shapes = self.model.noise_shapes(None).latents
+        out: list[np.ndarray] = []
+        for i, (z, shape) in enumerate(zip(latents, shapes, strict=True)):
+            dtype = getattr(z, "dtype", None)
+            if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
+                raise InputError(f"latents of layer {i} must be a float array")
+            got = tuple(int(d) for d in np.shape(z))
+            n = len(out[0]) if out else (got[0] if got else 0)
+            if len(got) != 4 or got[1:] != tuple(shape[1:]) or got[0] != n or n == 0:
+                raise InputError(
+                    f"latents of layer {i} ({shape[1]}x{shape[2]}) have shape {got}, expected "
+                    f"({n or 'N'}, {', '.join(map(str, shape[1:]))})"
+                )
+            array = np.asarray(z, dtype=np.float32)
+            if not np.all(np.isfinite(array)):
+                raise InputError(f"latents of layer {i} hold non-finite values")
+            out.append(array)
+        return out
+
+    def _one_image(self, image: Any, what: str) -> np.ndarray:
+        """One image as a batch of one, checked."""
+        array = image if hasattr(image, "shape") else np.asarray(image)
+        if len(array.shape) == 3:
+            array = array[None]
+        if len(array.shape) != 4 or array.shape[0] != 1:
+            raise InputError(
+                f"{what} must be one image ({', '.join(map(str, self.image_shape))}), got shape "
+                f"{tuple(array.shape)}"
+            )
+        return self._levels(self._check(array))
+
     def _draw(self, n: int, pixels: bool) -> Noise:
         return draw_noise(self.model.noise_shapes(n), self._rng, pixels)
 
@@ -432,6 +574,24 @@ class TrainedModel:
         from hvae_core.model.pixels import to_unit_range
 
         return to_unit_range(batch, self.num_bits)
+
+
+def describe_kept(resolutions: Sequence[int], k: int) -> str:
+    """What keeping the top ``k`` of the latent layers at ``resolutions`` (top first) keeps, in
+    resolution terms: e.g. "every layer up to 4x4" or "every layer up to 4x4 and 2 of the 6
+    at 8x8" (see :attr:`TrainedModel.latent_resolutions`)."""
+    if k <= 0:
+        return "no layer (a sample from the prior)"
+    if k >= len(resolutions):
+        return f"all {len(resolutions)} layers (a reconstruction)"
+    kept = list(resolutions[:k])
+    top = kept[-1]
+    at_top = resolutions.count(top)
+    if kept.count(top) == at_top:
+        return f"every layer up to {top}x{top}"
+    done = [r for r in dict.fromkeys(kept) if r != top]
+    text = f"every layer up to {done[-1]}x{done[-1]} and " if done else ""
+    return text + f"{kept.count(top)} of the {at_top} at {top}x{top}"
 
 
 def load(

@@ -72,12 +72,18 @@ except SystemExit:
 """
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate", "analyze", "export"])
+@pytest.mark.parametrize("command", ["sample", "evaluate", "analyze", "export", "interpolate"])
 def test_commands_that_load_a_run_choose_its_backend_before_keras_starts(command, tmp_path):
     # Keras fixes its backend when first imported: a command that imported it before
     # hvae_core.load (as `hvae sample` did, through model.pixels) ran on TensorFlow and
     # refused `--backend jax`.
-    extra = {"sample": ["--out", str(tmp_path / "s.png")], "export": ["--out", str(tmp_path)]}
+    png = tmp_path / "a.png"
+    png.write_bytes(b"")  # the command checks it exists before loading; reads it after
+    extra = {
+        "sample": ["--out", str(tmp_path / "s.png")],
+        "export": ["--out", str(tmp_path)],
+        "interpolate": [str(png), str(png)],
+    }
     args = [command, str(tmp_path), *extra.get(command, [])]
     code = PROBE.format(body=LOADED_BODY.format(args=args), heavy=HEAVY)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

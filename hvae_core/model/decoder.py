@@ -95,13 +95,16 @@ class TopDownBlock(keras.layers.Layer):
         eps: Any = None,
         training: bool = False,
         posterior: Any = None,
+        z: Any = None,
     ) -> tuple[Any, Any, dict[str, Any]]:
         """``eps``: this layer's standard normal noise, (B, R, R, z_width); z = mean + scale *
         eps for the distribution sampled (the posterior's, where a flow makes it z_0; the
         prior's at ``temperature``). ``posterior`` (with ``activation``): 1 keeps the
         posterior's z, 0 takes the prior's z = p_mean + p_scale * temperature * eps instead
         (the statistics stay the posterior's): what reconstructions conditioned on the first
-        layers only use. None: the posterior."""
+        layers only use. None: the posterior. ``z`` (without ``activation``): this layer's
+        latent, given, in place of the prior's draw (``eps`` and ``temperature`` then do
+        nothing): a decoder pass from latents made elsewhere (interpolations)."""
         zw = self.scale.z_width
         state = ops.cast(state, self.compute_dtype)  # Keras' input conversion is off (eps)
         feats = self.prior(self._read(state, memory, "prior"))
@@ -111,7 +114,14 @@ class TopDownBlock(keras.layers.Layer):
         x = state + feats[..., 2 * zw :]
         if eps is None:  # a shape-only build; every pass of the model hands its eps in
             eps = ops.zeros_like(p_mean)
-        if activation is None:  # sampling from the prior
+        if activation is None and z is not None:  # a given latent
+            z = ops.cast(z, "float32")
+            stats = {
+                "kl": ops.zeros((ops.shape(z)[0],), dtype="float32"),
+                "p_mean": p_mean,
+                "p_scale": p_scale,
+            }
+        elif activation is None:  # sampling from the prior
             z = p_mean + p_scale * temperature * eps
             stats = {
                 "kl": ops.zeros((ops.shape(z)[0],), dtype="float32"),
@@ -272,13 +282,23 @@ class Decoder(keras.layers.Layer):
         training: bool = False,
         posterior_layers: int | None = None,
         on_scale: Any = None,
+        latents: list[Any] | None = None,
     ) -> tuple[Any, list[Any], list[dict[str, Any]]]:
         """``noise``: every layer's standard normal eps, top first (see
         :meth:`HVAE.noise_shapes`). ``posterior_layers`` (with ``activations``): only the
         first that many latent layers take the posterior's z, the rest draw from the prior at
-        their ``temperatures``.
+        their ``temperatures``. ``latents`` (without ``activations``; then no ``noise``):
+        every layer's z, given, top first, in place of the prior's draws.
         ``on_scale(resolution, state)``, if given, is called as each resolution is done (an
         eager pass's per-scale timing)."""
+        if latents is not None:
+            if activations is not None:
+                raise ValueError("latents are given to a pass from the prior, not a posterior pass")
+            if len(latents) != len(self.blocks):
+                raise ValueError(
+                    f"expected latents for {len(self.blocks)} latent layers, got {len(latents)}"
+                )
+            noise = [ops.zeros_like(ops.cast(z, "float32")) for z in latents]  # unused
         memory = self.attention.encode(activations) if self.attention is not None else None
         prepare = getattr(self.attention, "prepare", None)
         top = self.order[0]
@@ -307,6 +327,10 @@ class Decoder(keras.layers.Layer):
                         [ops.cast(noise[first + i], "float32") for i in range(len(run))]
                     ),
                 }
+                if latents is not None:
+                    per_layer["z"] = ops.stack(
+                        [ops.cast(latents[first + i], "float32") for i in range(len(run))]
+                    )
                 if posterior_layers is not None and activation is not None:
                     indices = ops.arange(first, first + len(run), dtype="int32")
                     per_layer["posterior"] = _kept(indices, posterior_layers)
@@ -334,6 +358,7 @@ class Decoder(keras.layers.Layer):
                     eps=ops.cast(noise[block.index], "float32"),
                     training=training,
                     posterior=keep,
+                    z=None if latents is None else latents[block.index],
                 )
                 if self.attention is not None:
                     memory = self.attention.update(state, memory, block=block.index, resolution=r)

@@ -396,6 +396,20 @@ class HVAE(keras.Model):
         )
         return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
 
+    def decode(
+        self, latents: Sequence[Any], output_temperature: float = 0.0, pixel_noise: Any = None
+    ) -> Any:
+        """Images decoded from given latents, in [-1, 1] on the pixel grid: ``latents`` holds
+        every layer's z, top (1x1) first, (n, R, R, z_width) as :meth:`noise_shapes` says (with
+        a flow, the flow's output, as :meth:`encode`'s ``sample``). The top-down pass takes
+        them in place of the prior's draws; the prior still makes the state each z is added
+        to, so the latents of an image's posterior decode to its reconstruction."""
+        latents = list(latents)
+        state, zs, _ = self.decoder(
+            activations=None, batch_size=ops.shape(latents[0])[0], latents=latents
+        )
+        return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
+
     def latents(self, x: Any, noise: Any = None) -> list[Any]:
         """Every layer's posterior sample z for ``x``, top (1x1) first."""
         return list(self.posterior_pass(x, noise=noise).latents)
