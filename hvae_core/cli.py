@@ -19,7 +19,7 @@ import click
 from hvae_core import __version__
 from hvae_core.backends import parallel as parallel_env
 from hvae_core.backends.native_logs import LOG_LEVEL_ENV
-from hvae_core.backends.select import BACKENDS
+from hvae_core.backends.select import BACKENDS, INFERENCE_BACKENDS
 from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.export_formats import CONVERTING_BACKEND, PORTABLE, STEMS, check_format
 from hvae_core.export_formats import FORMATS as EXPORT_FORMATS
@@ -142,7 +142,11 @@ def loaded_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run"
         ),
-        click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend"),
+        click.option(
+            "--backend",
+            type=click.Choice(BACKENDS + tuple(INFERENCE_BACKENDS)),
+            help="Keras backend (openvino: Keras' inference-only OpenVINO backend)",
+        ),
         verbose_option,
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)

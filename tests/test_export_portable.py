@@ -185,6 +185,36 @@ def test_the_python_api_says_which_backend_converts(model, tmp_path, monkeypatch
     assert not (tmp_path / "x").exists()
 
 
+def test_keras_openvino_backend_runs_a_loaded_run_like_the_others(run_dir, model, tmp_path):
+    # hvae_core.load(run, backend="openvino"): Keras' inference-only backend, eagerly; for the
+    # same noise it samples and scores as TensorFlow does here.
+    from backends import run_on_backend
+
+    images = model.sample(3, 1.0, seed=2)
+    got = run_on_backend(
+        "openvino",
+        """
+import hvae_core
+model = hvae_core.load(inputs["run"].item(), backend="openvino")
+outputs["samples"] = model.sample(4, 0.8, seed=3)
+outputs["elbo"] = model.elbo(inputs["images"], seed=4)["elbo_bpd"]
+""",
+        {"run": np.array(str(run_dir)), "images": images},
+        tmp_path,
+    )
+    expected = model.sample(4, 0.8, seed=3)
+    assert np.abs(got["samples"].astype(int) - expected.astype(int)).max() <= 1
+    assert np.isclose(got["elbo"], model.elbo(images, seed=4)["elbo_bpd"], rtol=1e-5)
+
+
+def test_a_training_command_refuses_the_inference_only_backend() -> None:
+    from hvae_core.backends.select import select_backend
+    from hvae_core.errors import HvaeError
+
+    with pytest.raises(HvaeError, match="runs trained models only"):
+        select_backend("openvino")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_runs_trained_on_other_backends_export_what_they_sample(backend, tmp_path) -> None:
