@@ -19,12 +19,11 @@ import click
 from hvae_core import __version__
 from hvae_core.backends import parallel as parallel_env
 from hvae_core.backends.native_logs import LOG_LEVEL_ENV
-from hvae_core.backends.select import BACKENDS
+from hvae_core.backends.select import BACKENDS, INFERENCE_BACKENDS
 from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
+from hvae_core.export_formats import CONVERTING_BACKEND, PORTABLE, STEMS, check_format
+from hvae_core.export_formats import FORMATS as EXPORT_FORMATS
 from hvae_core.hookspecs import KINDS
-
-EXPORT_FORMATS = ("keras", "savedmodel")
-EXPORTED = ("sampler", "encoder")  # the models an export writes, by file stem
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -143,7 +142,11 @@ def loaded_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--checkpoint", type=click.Path(dir_okay=False), help="a checkpoint of the run"
         ),
-        click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend"),
+        click.option(
+            "--backend",
+            type=click.Choice(BACKENDS + tuple(INFERENCE_BACKENDS)),
+            help="Keras backend (openvino: Keras' inference-only OpenVINO backend)",
+        ),
         verbose_option,
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
@@ -1075,7 +1078,8 @@ def interpolate(
     default="keras",
     show_default=True,
     help="keras: .keras files (keras.saving.load_model after 'import hvae_core.export'); "
-    "savedmodel: TensorFlow SavedModels",
+    "savedmodel: TensorFlow SavedModels; onnx, openvino: graphs whose noise is an input, "
+    "for ONNX Runtime and OpenVINO (pip install 'hvae[export]'; converted on TensorFlow)",
 )
 @click.option(
     "--out",
@@ -1114,8 +1118,22 @@ def export(
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
-    earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in EXPORTED]
+    earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
     _refuse_earlier(folder, earlier, "an export", force)
+    check_format(fmt)
+    if fmt in PORTABLE:
+        if backend not in (None, CONVERTING_BACKEND):
+            raise HvaeError(
+                f"the {fmt} export is converted on the {CONVERTING_BACKEND} backend",
+                hint="leave out --backend (the run's weights load on every backend)",
+            )
+        if seed is not None:
+            raise HvaeError(
+                f"--seed sets the noise stream of keras and savedmodel exports; a {fmt} "
+                "export takes its noise as an input",
+                hint="draw the noise from a seed on the host (see the export's export.json)",
+            )
+        backend = CONVERTING_BACKEND
     model = _load(run_dir, checkpoint, backend, verbose)
     from hvae_core.export import export_model
 

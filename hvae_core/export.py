@@ -25,12 +25,11 @@ import keras
 from keras import ops
 
 from hvae_core.errors import HvaeError
+from hvae_core.export_formats import PORTABLE, SUFFIX, check_format
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.pixels import to_levels, to_unit_range
+from hvae_core.model.weights import copy_weights
 from hvae_core.trained import checked_seed
-
-FORMATS = ("keras", "savedmodel")
-SUFFIX = {"keras": ".keras", "savedmodel": ""}
 
 
 class _Exported(keras.Model):
@@ -132,8 +131,17 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
     ``options``: the sampler's ``output_temperature``, and ``seed``: the exports' noise
     streams start from this seed wherever they are loaded (the same seed, the same draws;
     None: the run's training seed); ``replace``: replace an earlier export in ``out``."""
-    if fmt not in FORMATS:
-        raise HvaeError(f"unknown export format '{fmt}'", hint=f"choose {', '.join(FORMATS)}")
+    check_format(fmt)
+    if fmt in PORTABLE:
+        from hvae_core.export_portable import export_portable
+
+        return export_portable(
+            trained,
+            fmt,
+            Path(out),
+            output_temperature=float(options.get("output_temperature", 1.0)),
+            replace=bool(options.get("replace")),
+        )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     common = {
@@ -153,7 +161,7 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
     encoder = Encoder(**common, seed=seed, name="encoder")
     for exported in (sampler, encoder):
         exported.build()
-        _copy_variables(trained.model, exported.hvae)
+        copy_weights(trained.model, exported.hvae)
     h, w, c = trained.image_shape
     signatures = {
         "sampler": [keras.InputSpec(shape=(None,), dtype="float32")],
@@ -177,13 +185,3 @@ def export_model(trained: Any, fmt: str, out: str | os.PathLike[str], **options:
             )
         written.append(path)
     return written
-
-
-def _copy_variables(source: Any, target: Any) -> None:
-    """The trained model's variables (its EMA weights) into ``target``, an identically built
-    model."""
-    pairs = list(zip(source.variables, target.variables, strict=True))
-    for a, b in pairs:
-        if tuple(a.shape) != tuple(b.shape):
-            raise HvaeError(f"cannot export: {a.path} is {a.shape}, its copy {b.shape}")
-        b.assign(a.value)

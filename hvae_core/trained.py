@@ -606,7 +606,9 @@ def load(
     """The trained model of ``run_dir`` with its EMA weights, on one device: no optimizer, no
     distributed set-up, no dataset. ``checkpoint``: another checkpoint of the run (default:
     the run's own). ``backend``: the Keras backend (default: the one already imported, else
-    $KERAS_BACKEND, else the run's); Keras cannot switch backends within a process.
+    $KERAS_BACKEND, else the run's); Keras cannot switch backends within a process. Besides
+    the three training backends, ``"openvino"`` (Keras' inference-only OpenVINO backend) runs
+    every method, eagerly.
     ``jit``: compile the computations (default: the run's ``run.jit``). ``verbose``: let the
     backend's native libraries log as they start (default: as $HVAE_LOG_LEVEL says)."""
     from hvae_core.backends import native_logs as logs
@@ -636,7 +638,7 @@ def load(
         backend = backend or sys.modules["keras"].backend.backend()
     else:
         backend = backend or os.environ.get("KERAS_BACKEND") or config.run.backend
-    select_backend(backend, compile_cache_on=config.run.compile_cache)
+    select_backend(backend, compile_cache_on=config.run.compile_cache, inference=True)
     quiet = logs.log_level(verbose) == logs.QUIET
     if quiet:
         logs.quiet_native_logs()

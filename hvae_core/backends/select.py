@@ -19,6 +19,10 @@ Backend = Literal["tensorflow", "jax", "torch"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 BACKEND_MODULES = {name: name for name in BACKENDS}  # the library each one imports
 EXTRA = {"tensorflow": "hvae", "jax": "hvae[jax]", "torch": "hvae[torch]"}
+# Keras backends that run a trained model but cannot train one (no gradients): hvae_core.load
+# takes them, eagerly, through the plain Runner.
+INFERENCE_BACKENDS = {"openvino": "openvino"}
+INFERENCE_EXTRA = {"openvino": "hvae[export]"}
 # Their native libraries log through absl, some of it while they load (backends.native_logs).
 ABSL_LOGGING = ("tensorflow", "jax")
 # XLA flags set for GPU runs unless $XLA_FLAGS already names them. Only flags NVIDIA's own JAX
@@ -41,12 +45,20 @@ def select_backend(
     gpus: str | None = None,
     compile_cache_on: bool = True,
     warn: Callable[[str], None] | None = None,
+    inference: bool = False,
 ) -> None:
     """Make ``name`` Keras' backend, on the GPUs ``gpus`` ("0,1"; None: all), with its
     persistent compilation cache unless ``compile_cache_on`` is false (``compile_cache``;
-    ``warn`` reports a cache it cannot use). Must happen before Keras is first imported."""
-    if name not in BACKEND_MODULES:
-        raise HvaeError(f"unknown backend '{name}'", hint=f"choose {', '.join(BACKEND_MODULES)}")
+    ``warn`` reports a cache it cannot use). Must happen before Keras is first imported.
+    ``inference``: the model will only be run, so an inference-only backend will do."""
+    modules = {**BACKEND_MODULES, **(INFERENCE_BACKENDS if inference else {})}
+    if name not in modules:
+        if name in INFERENCE_BACKENDS:
+            raise HvaeError(
+                f"the {name} backend runs trained models only",
+                hint="train on " + ", ".join(BACKENDS) + f"; load the run with backend='{name}'",
+            )
+        raise HvaeError(f"unknown backend '{name}'", hint=f"choose {', '.join(modules)}")
     if gpus is not None:
         choose_gpus(gpus)
     if "keras" in sys.modules:
@@ -58,8 +70,9 @@ def select_backend(
             )
         compile_cache.configure(name, compile_cache_on, warn)  # applies where it still can
         return
-    if importlib.util.find_spec(BACKEND_MODULES[name]) is None:
-        raise HvaeError(f"the {name} backend is not installed", hint=f"pip install '{EXTRA[name]}'")
+    if importlib.util.find_spec(modules[name]) is None:
+        extra = {**EXTRA, **INFERENCE_EXTRA}[name]
+        raise HvaeError(f"the {name} backend is not installed", hint=f"pip install '{extra}'")
     os.environ["KERAS_BACKEND"] = name
     compile_cache.configure(name, compile_cache_on, warn)
     if name in ABSL_LOGGING and nvidia_gpu_present():

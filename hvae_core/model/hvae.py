@@ -339,6 +339,18 @@ class HVAE(keras.Model):
             )
         return temps
 
+    def prior_params(self, n: Any, temperature: Any = 1.0, noise: Any = None) -> Any:
+        """The pixel likelihood's parameters (n, H, W, P) for ``n`` draws from the prior, layer
+        by layer z = mean + scale * temperature * eps (``temperature`` and ``noise`` as for
+        :meth:`generate`)."""
+        state, zs, _ = self.decoder(
+            activations=None,
+            batch_size=n,
+            temperatures=self._temperatures(temperature),
+            noise=self.latent_noise(noise, n),
+        )
+        return self.head(state, zs)
+
     def generate(
         self,
         n: Any,
@@ -352,13 +364,8 @@ class HVAE(keras.Model):
         per latent layer, or a tensor that broadcasts against a layer's latents (e.g. (n, 1,
         1, 1): one per image); ``output_temperature`` the likelihood's (0: the mode of the
         chosen mixture component). ``noise``/``pixel_noise``: see :meth:`noise_shapes`."""
-        state, zs, _ = self.decoder(
-            activations=None,
-            batch_size=n,
-            temperatures=self._temperatures(temperature),
-            noise=self.latent_noise(noise, n),
-        )
-        return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
+        params = self.prior_params(n, temperature, noise)
+        return self.sample_pixels(params, output_temperature, pixel_noise)
 
     def reconstruct(
         self,
@@ -369,7 +376,7 @@ class HVAE(keras.Model):
     ) -> Any:
         """Images decoded from latents drawn from the posterior of ``x`` with ``noise``."""
         params = self.posterior_pass(x, noise=noise).params
-        return self._sample_pixels(params, output_temperature, pixel_noise)
+        return self.sample_pixels(params, output_temperature, pixel_noise)
 
     def reconstruct_from_top(
         self,
@@ -394,7 +401,7 @@ class HVAE(keras.Model):
             noise=self.latent_noise(noise, batch),
             posterior_layers=layers,
         )
-        return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
+        return self.sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
 
     def decode(
         self, latents: Sequence[Any], output_temperature: float = 0.0, pixel_noise: Any = None
@@ -451,7 +458,9 @@ class HVAE(keras.Model):
             scale_fn=self.scale_fn,
         )
 
-    def _sample_pixels(self, params: Any, temperature: float, noise: Any = None) -> Any:
+    def sample_pixels(self, params: Any, temperature: float, noise: Any = None) -> Any:
+        """Pixels in [-1, 1] drawn from the likelihood's ``params`` at ``temperature`` with the
+        uniforms ``noise`` (see :meth:`noise_shapes`; 0: each pixel's mode needs none)."""
         return dmol_sample(
             params,
             num_mixtures=self.num_mixtures,

@@ -187,6 +187,13 @@ def dmol_log_prob(
     return ops.sum(per_pixel, axis=tuple(range(1, len(per_pixel.shape))))
 
 
+def _first_max(logits: Any) -> Any:
+    """One-hot of the first largest entry on the last axis (argmax's choice), by comparisons:
+    TensorFlow's float argmax tests the sign bit with a bitcast, which ONNX cannot express."""
+    top = ops.cast(ops.equal(logits, ops.max(logits, axis=-1, keepdims=True)), "float32")
+    return top * ops.cast(ops.equal(ops.cumsum(top, axis=-1), 1.0), "float32")
+
+
 def dmol_sample(
     params: Any,
     *,
@@ -222,7 +229,7 @@ def dmol_sample(
             noise = keras.random.uniform(shape, seed=seed)
         noise = ops.clip(ops.cast(noise, "float32"), _UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
         logits = logits - ops.log(-ops.log(noise[..., :m]))  # Gumbel-max
-    choice = ops.one_hot(ops.argmax(logits, axis=-1), m, dtype="float32")
+    choice = _first_max(logits)
 
     def select(per_component: Any) -> Any:
         return ops.sum(per_component * choice, axis=-1)
@@ -236,7 +243,7 @@ def dmol_sample(
         if temperature > 0:
             log_scale = select(_log_scale(layout.scale_logit(c), gradient_smoothing, scale_fn))
             u = noise[..., m + c]
-            logistic = ops.log(u) - ops.log1p(-u)
+            logistic = ops.log(u) - ops.log(1.0 - u)  # ONNX has no log1p; u <= 1 - 1e-5
             value = value + ops.exp(log_scale) * temperature * logistic
         sampled.append(_quantise(ops.clip(value, -1.0, 1.0), num_bits))
     return ops.stack(sampled, axis=-1)

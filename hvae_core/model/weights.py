@@ -195,3 +195,13 @@ def _dtype_family(dtype: str) -> str:
     if dtype.startswith(("int", "uint")):
         return "integer"
     return dtype
+
+
+def copy_weights(source: Any, target: Any) -> None:
+    """``source``'s variables into ``target``, an identically built model (for instance one
+    rebuilt in another precision, which casts them)."""
+    pairs = list(zip(source.variables, target.variables, strict=True))
+    for a, b in pairs:
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"cannot copy {a.path} of shape {a.shape} into {b.shape}")
+        b.assign(keras.ops.cast(a.value, b.dtype))
