@@ -1,14 +1,17 @@
 """PyTorch: eager against ``run.torch_compile``, and the memory layout of Keras' convolutions.
 
-    python benchmarks/torch_compile.py                       # tiny and medium, ~10 CPU minutes
-    python benchmarks/torch_compile.py --models tiny --rounds 8
+    python benchmarks/torch_compile.py                       # tiny, default, medium
+    python benchmarks/torch_compile.py --models tiny,default --layouts eager --rounds 7
     python benchmarks/torch_compile.py --compile-models ""   # layouts only, no torch.compile
 
-For each model (``tiny``: the tiny preset; ``medium``: VDVAE's cifar10 block layout at width 32
-and about a quarter of its depth, 32x32x3 images) two engines with the same weights run the
-real torch train step on random images: eager, and through ``torch.compile``. The first step of
-each is timed apart (the compiled one's is the compile). Then, in interleaved rounds so that a
-busy machine slows every variant alike:
+For each model (``tiny``: the tiny preset, 8x8x1; ``default``: the model of ``hvae train``'s
+default job, its digits' 8x8x1 images; ``medium``: VDVAE's cifar10 block layout at width 32 and
+about a quarter of its depth, 32x32x3 images), at ``--batch-size`` (default: the default job's),
+two engines with the same weights run the real torch train step on random images: eager, and
+through ``torch.compile``. The first step of each is timed apart (the compiled one's is the
+compile: ``compile_s`` is the difference), and Dynamo's counters say how many graphs it made
+of the loss and why it broke them. Then, in interleaved rounds so that a busy machine slows
+every variant alike:
 
   eager         Keras' own convolution: NHWC permuted to NCHW, copied contiguous, then copied
                 again into torch.channels_last memory (Keras 3's torch backend does both)
@@ -19,7 +22,9 @@ busy machine slows every variant alike:
 
 A micro-benchmark of one 3x3 convolution (forward and backward) at each model's width runs the
 three layouts the same way. One JSON line per model, then a summary line of ratios against
-eager (below 1: faster). Only ratios from one run mean something on a shared machine. The
+eager (below 1: faster), with the number of steps after which the compile has paid for
+itself, and the steps of the default job (``default_job_steps``: epochs times batches per
+epoch) to compare it with. Only ratios from one run mean something on a shared machine. The
 inductor cache is a fresh temporary directory (cold compile) unless ``--warm-cache``.
 """
 
@@ -38,6 +43,7 @@ from typing import Any
 
 MODELS: dict[str, list[str]] = {
     "tiny": [],
+    "default": [],
     "medium": [
         "model.stage_in_width=32",
         "model.enc_middle_width=8",
@@ -48,19 +54,28 @@ MODELS: dict[str, list[str]] = {
         "model.dec_num_blocks=[5, 3, 2, 1, 0, 1]",
     ],
 }
-PRESET = {"tiny": "tiny", "medium": "cifar10"}
+PRESET: dict[str, str | None] = {"tiny": "tiny", "default": None, "medium": "cifar10"}
+CHANNELS = {"tiny": 1, "default": 1, "medium": 3}
+DEFAULT_BATCH = 32  # the default job's training.batch_size
 LAYOUTS = ("eager", "eager_nchw", "eager_direct")
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="tiny,medium", help="comma-separated: tiny,medium")
+    p.add_argument(
+        "--models", default="tiny,default,medium", help="comma-separated: tiny,default,medium"
+    )
     p.add_argument(
         "--compile-models",
-        default="tiny",
+        default="tiny,default",
         help="the models also run through torch.compile (medium: tens of CPU minutes)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help=f"the eager convolution layouts timed (comma-separated: {','.join(LAYOUTS)})",
+    )
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
     p.add_argument("--warm-cache", action="store_true", help="keep torch's inductor cache")
@@ -87,10 +102,26 @@ def conv_layout(name: str) -> Iterator[None]:
 
 
 def build_engine(config: Any, shape: tuple[int, int, int]) -> Any:
+    from hvae_core.plugins import get_registry
     from hvae_core.training import setup
 
     # The run's seed: the same weights for every engine of a model.
-    return setup.build_engine(config, shape, 8, steps_per_epoch=1000)
+    return setup.build_engine(config, shape, 8, steps_per_epoch=1000, registry=get_registry())
+
+
+def default_job_steps() -> int | None:
+    """Train steps of ``hvae train``'s default job: epochs times batches per epoch (None: its
+    dataset cannot be opened here)."""
+    from hvae_core.config import resolve_config
+
+    cfg = resolve_config()
+    try:
+        from hvae_core.data import open_dataset
+
+        train = open_dataset(cfg).load("train")
+    except Exception:  # no dataset here: the figure is informative only
+        return None
+    return cfg.training.epochs * (len(train) // cfg.training.batch_size)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -112,6 +143,7 @@ def compile_stats() -> dict[str, Any]:
         "graphs": counters["stats"]["unique_graphs"],
         "graph_breaks": sum(counters["graph_break"].values()),
         "break_reasons": sorted({k.splitlines()[0][:90] for k in counters["graph_break"]}),
+        "frames_compiled": counters["frames"]["ok"],
     }
 
 
@@ -149,7 +181,7 @@ def measure(name: str, args: argparse.Namespace, compile_it: bool) -> dict[str, 
     dynamo_utils.compilation_time_metrics.clear()
     overrides = MODELS[name]
     eager_cfg = resolve_config(PRESET[name], {"batch_size": args.batch_size}, overrides)
-    shape = (eager_cfg.image_size, eager_cfg.image_size, 1 if name == "tiny" else 3)
+    shape = (eager_cfg.image_size, eager_cfg.image_size, CHANNELS[name])
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, *shape), dtype=np.uint8)
     engines = {"eager": build_engine(eager_cfg, shape)}
     if compile_it:
@@ -170,7 +202,8 @@ def measure(name: str, args: argparse.Namespace, compile_it: bool) -> dict[str, 
         losses = [first[k][1]["loss"] for k in ("eager", "compiled")]
         row["first_loss_rel_diff"] = abs(losses[1] - losses[0]) / abs(losses[0])
         row["compile"] = compile_stats()
-    variants = [*LAYOUTS, *(["compiled"] if compile_it else [])]
+    layouts = [v for v in LAYOUTS if v in args.layouts.split(",")] or ["eager"]
+    variants = [*layouts, *(["compiled"] if compile_it else [])]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
@@ -181,10 +214,13 @@ def measure(name: str, args: argparse.Namespace, compile_it: bool) -> dict[str, 
                     lambda e=engine: [e.train_step(images, 1.0) for _ in range(args.steps)]
                 )
             times[variant].append(seconds / args.steps)
+    if compile_it:  # a recompile during the rounds would show here
+        row["graphs_after_rounds"] = compile_stats()["graphs"]
     row["step_ms"] = {v: round(1000 * statistics.median(t), 1) for v, t in times.items()}
     row["steps_per_s"] = {v: round(1000 / ms, 2) for v, ms in row["step_ms"].items()}
     width = max(eager_cfg.model.stage_in_width)
-    row["conv3x3_ms"] = conv_micro(width, shape[0], args.batch_size, args.rounds)
+    if len(layouts) > 1:
+        row["conv3x3_ms"] = conv_micro(width, shape[0], args.batch_size, args.rounds)
     keras.backend.clear_session()
     return row
 
@@ -193,14 +229,16 @@ def ratios(row: dict[str, Any]) -> dict[str, float]:
     """Each variant's step time, and the first compiled step's, over eager's (1: no change)."""
     eager = row["step_ms"]["eager"]
     out = {f"{v}/eager_step": round(ms / eager, 3) for v, ms in row["step_ms"].items()}
-    conv = row["conv3x3_ms"]
+    conv = row.get("conv3x3_ms", {})
     out |= {f"{v}/eager_conv": round(ms / conv["eager"], 3) for v, ms in conv.items()}
     if "compiled" in row["first_step_s"]:
         first = row["first_step_s"]
         out["compiled_first_step/eager_first_step"] = round(first["compiled"] / first["eager"], 1)
         saved = (row["step_ms"]["eager"] - row["step_ms"]["compiled"]) / 1000
         compile_cost = first["compiled"] - first["eager"]
-        out["steps_to_repay_compile"] = round(compile_cost / saved) if saved > 0 else float("inf")
+        out["compile_s"] = round(compile_cost, 1)
+        # JSON has no infinity: None when the compiled step is not faster (never repaid).
+        out["steps_to_repay_compile"] = round(compile_cost / saved) if saved > 0 else None
     return out
 
 
@@ -217,7 +255,7 @@ def main() -> None:
         row = measure(name, args, name in compile_models)
         print(json.dumps(row), flush=True)
         summary[name] = ratios(row)
-    print(json.dumps({"summary": summary}), flush=True)
+    print(json.dumps({"summary": summary, "default_job_steps": default_job_steps()}), flush=True)
 
 
 if __name__ == "__main__":

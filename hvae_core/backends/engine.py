@@ -123,6 +123,9 @@ class Engine:
         self.cpu_compiled = False
         self.regularizer = regularizer
         self.num_bits = model.num_bits
+        # The pixel levels' table as a backend tensor, where a backend's tracer needs it made
+        # outside the step (see from_levels; None: each step makes its own).
+        self.level_table: Any = None
         self.div = self.training.batch_size_div
         self.trainable = list(model.trainable_variables)
         self.optimizer.build(self.trainable)
@@ -215,7 +218,7 @@ class Engine:
         """What the compiled evaluation step computes: the model's own evaluation method, so
         that a new statistic changes the model, not the three engines. ``flat_noise``: (batch,
         latent dims) standard normals."""
-        x = to_unit_range(images, self.num_bits)
+        x = to_unit_range(images, self.num_bits, self.level_table)
         layout = canonical_conv_gradients() if self.cpu_compiled else contextlib.nullcontext()
         with loop_with(self.block_loop()), layout:
             return self.model.evaluation_terms(x, noise=latent_noise(self.model, flat_noise))
@@ -247,7 +250,7 @@ class Engine:
         latent dims) standard normals: on a training batch, each of its ``noise_groups`` parts
         takes the same rows (only training batches went through the regularizer's
         ``transform_batch``)."""
-        x = to_unit_range(images, self.num_bits)
+        x = to_unit_range(images, self.num_bits, self.level_table)
         groups = self.noise_groups if training else 1
         noise = latent_noise(self.model, flat_noise, groups)
         layout = canonical_conv_gradients() if self.cpu_compiled else contextlib.nullcontext()

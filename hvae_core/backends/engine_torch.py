@@ -34,6 +34,7 @@ from hvae_core.backends.parallel import (
     replica_slice,
 )
 from hvae_core.errors import HvaeError
+from hvae_core.model.pixels import level_table
 
 
 def setup_parallel(devices: int, launch: Launch, timeout: int) -> Parallel:
@@ -87,6 +88,8 @@ class TorchEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.params = [v.value for v in self.trainable]
+        # Made here, not in the compiled loss: a NumPy table made inside it breaks the graph.
+        self.level_table = ops.convert_to_tensor(level_table(self.num_bits))
         self.module: Any = _LossModule(self)
         self.groups = batch_groups(self.regularizer)
         if self.parallel.replicas > 1:

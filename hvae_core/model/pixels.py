@@ -32,23 +32,34 @@ def to_levels(x: Any, num_bits: int) -> Any:
     return ops.cast(levels, "int32")
 
 
-def from_levels(levels: Any, num_bits: int) -> Any:
+def level_table(num_bits: int) -> np.ndarray:
+    """The grid values ``2 k / (2**num_bits - 1) - 1`` of every level ``k``, as the correctly
+    rounded float32 numbers: the table :func:`from_levels` looks levels up in."""
+    top = top_level(num_bits)
+    return (2.0 * np.arange(top + 1, dtype=np.float64) / top - 1.0).astype(np.float32)
+
+
+def from_levels(levels: Any, num_bits: int, table: Any = None) -> Any:
     """Integer levels -> grid values ``2 k / (2**num_bits - 1) - 1`` (float32).
 
     Looked up in a table of the correctly rounded float32 values: arithmetic would differ by an
     ulp between backends (XLA turns the division into a multiplication by the reciprocal), and
     sampling quantises through this function, so samples are bit-identical on every backend.
+    ``table``: :func:`level_table` already a backend tensor (None: made here). A traced torch
+    step passes one: Dynamo cannot hand a NumPy array made inside the traced code to
+    ``keras.ops`` without breaking the graph.
     """
     top = top_level(num_bits)
-    table = (2.0 * np.arange(top + 1, dtype=np.float64) / top - 1.0).astype(np.float32)
+    table = ops.convert_to_tensor(level_table(num_bits) if table is None else table)
     levels = ops.clip(ops.cast(levels, "int32"), 0, top)
-    return ops.take(ops.convert_to_tensor(table), levels)
+    return ops.take(table, levels)
 
 
-def to_unit_range(images: Any, num_bits: int) -> Any:
+def to_unit_range(images: Any, num_bits: int, table: Any = None) -> Any:
     """Integer levels (uint8 images) -> float32 in [-1, 1] on the grid the likelihood scores:
-    the model's input, through the same exact table as :func:`from_levels`."""
-    return from_levels(images, num_bits)
+    the model's input, through the same exact table as :func:`from_levels` (``table``: as
+    there)."""
+    return from_levels(images, num_bits, table)
 
 
 def to_uint8(levels: np.ndarray, bits: int) -> np.ndarray:

@@ -15,7 +15,7 @@ step is compiled, an unrolled Python loop otherwise.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,17 +27,31 @@ Scan = Callable[[Callable[[Any, Any], tuple[Any, Any]], Any, Any, int], tuple[An
 """``scan(step, init, xs, length) -> (carry, ys)`` with ``jax.lax.scan``'s meaning: ``xs`` and
 ``ys`` are nested structures of tensors whose leading axis is ``length``."""
 
-_loop: contextvars.ContextVar[Scan | None] = contextvars.ContextVar("hvae_loop", default=None)
+
+class _Loop(threading.local):
+    """The loop of the running thread's repeated layers. A thread-local, not a ContextVar:
+    torch.compile's Dynamo cannot trace a ContextVar (its step would skip or break the graph
+    at every ``loop_with`` and every read), and reads and writes a thread-local's attributes."""
+
+    scan: Scan | None = None
+
+
+_loop = _Loop()
+
+
+def current_loop() -> Scan | None:
+    """The ``scan`` of the innermost :func:`loop_with` of this thread (None: a Python loop)."""
+    return _loop.scan
 
 
 @contextlib.contextmanager
 def loop_with(scan: Scan | None) -> Iterator[None]:
     """Run repeated layers with ``scan`` inside this block (None: an unrolled Python loop)."""
-    token = _loop.set(scan)
+    outer, _loop.scan = _loop.scan, scan
     try:
         yield
     finally:
-        _loop.reset(token)
+        _loop.scan = outer
 
 
 def unrolled_scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
@@ -164,7 +178,7 @@ class RepeatedLayers(keras.layers.Layer):
             [v.value for v in self._state_slots],
             per_layer,
         )
-        scan = _loop.get() if len(self) > 1 else None
+        scan = current_loop() if len(self) > 1 else None
         carry, (outputs, new_states) = (scan or unrolled_scan)(step, carry, xs, len(self))
         for v, value in zip(self._state_slots, new_states, strict=True):
             v.assign(value)

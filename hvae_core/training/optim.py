@@ -6,7 +6,7 @@ from typing import Any
 
 import keras
 
-from hvae_core.plugins import PluginRegistry
+from hvae_core.plugins import PluginRegistry, get_registry
 
 OPTIMIZERS = {
     "adamax": keras.optimizers.Adamax,
@@ -15,8 +15,13 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(config: Any, steps_per_epoch: int, registry: PluginRegistry) -> Any:
+def make_optimizer(
+    config: Any, steps_per_epoch: int, registry: PluginRegistry | None = None
+) -> Any:
+    """Keras' optimizer of ``config`` with its learning-rate schedule plugin (``registry``;
+    None: the installed plugins, as :class:`~hvae_core.model.hvae.HVAE` takes them)."""
     training = config.training
+    registry = registry or get_registry()
     schedule = registry.get("lr-schedule", training.scheduler).create(
         config.options("lr-schedule"), training, steps_per_epoch
     )
