@@ -893,15 +893,19 @@ def _read_npz(path: Path, image_shape: tuple[int, ...], num_bits: int) -> Any:
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = list(data.keys())
-            if "images" in keys:
-                key = "images"
-            elif len(keys) == 1:
-                key = keys[0]
+            # hvae's own files: `hvae sample --npz` writes samples and num_bits, `hvae
+            # interpolate --npz` a, b and interpolation (with num_bits).
+            arrays = [k for k in keys if k != "num_bits"]
+            named = [k for k in ("images", "samples", "interpolation") if k in keys]
+            if named:
+                key = named[0]
+            elif len(arrays) == 1:
+                key = arrays[0]
             else:
                 raise HvaeError(
                     f"{path} holds {len(keys)} arrays ({', '.join(keys[:6])}) and none named "
                     "'images'",
-                    hint="save the images under the key 'images'",
+                    hint="save the images under the key 'images' (or 'samples')",
                 )
             array = data[key]
     except HvaeError:

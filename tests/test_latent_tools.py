@@ -192,6 +192,20 @@ def test_from_alone_keeps_every_layer_and_k_0_ignores_the_images(run_dir, model,
     np.testing.assert_array_equal(got[0], got[1])
 
 
+def test_what_hvae_sample_writes_is_an_input_of_hvae_sample_from(run_dir, model, tmp_path):
+    # `hvae sample --npz` writes samples and num_bits: --from takes the samples.
+    drawn = tmp_path / "drawn.npz"
+    assert (
+        run("sample", str(run_dir), "--n", "3", "--seed", "1", "--out", str(drawn)).exit_code == 0
+    )
+    out = tmp_path / "kept.npz"
+    result = run("sample", str(run_dir), "--from", str(drawn), "--seed", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with np.load(drawn) as data, np.load(out) as kept:
+        np.testing.assert_array_equal(kept["images"], data["samples"])
+        np.testing.assert_array_equal(kept["samples"], model.reconstruct(data["samples"], seed=2))
+
+
 def test_sample_from_pngs_and_a_folder_of_them(run_dir, model, tmp_path) -> None:
     images = digits_images()[:3]
     folder = tmp_path / "pngs"
