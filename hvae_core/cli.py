@@ -911,7 +911,10 @@ def _read_npz(path: Path, image_shape: tuple[int, ...], num_bits: int) -> Any:
     except HvaeError:
         raise
     except Exception as exc:  # not an npz, truncated, pickled objects
-        raise HvaeError(f"cannot read {path} as an .npz: {exc}") from None
+        raise HvaeError(
+            f"cannot read {path} as an .npz: {exc}",
+            hint="give a .npz written by numpy.savez (hvae sample --npz writes one)",
+        ) from None
     if array.ndim == 3 and image_shape[-1] == 1:
         array = array[..., None]
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(image_shape) or len(array) == 0:
@@ -949,7 +952,9 @@ def _read_png(path: Path, image_shape: tuple[int, ...], num_bits: int) -> Any:
             got_mode, size = picture.mode, picture.size
             pixels = np.asarray(picture)
     except (OSError, UnidentifiedImageError) as exc:
-        raise HvaeError(f"cannot read {path} as an image: {exc}") from None
+        raise HvaeError(
+            f"cannot read {path} as an image: {exc}", hint="give a PNG file, or a folder of them"
+        ) from None
     if got_mode != mode:
         kind = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
         raise HvaeError(

@@ -415,7 +415,7 @@ class HVAE(keras.Model):
         state, zs, _ = self.decoder(
             activations=None, batch_size=ops.shape(latents[0])[0], latents=latents
         )
-        return self._sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
+        return self.sample_pixels(self.head(state, zs), output_temperature, pixel_noise)
 
     def latents(self, x: Any, noise: Any = None) -> list[Any]:
         """Every layer's posterior sample z for ``x``, top (1x1) first."""
