@@ -24,6 +24,7 @@ from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.export_formats import CONVERTING_BACKEND, PORTABLE, STEMS, check_format
 from hvae_core.export_formats import FORMATS as EXPORT_FORMATS
 from hvae_core.hookspecs import KINDS
+from hvae_core.vdvae_import import PRESETS as VDVAE_PRESETS
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -1223,6 +1224,63 @@ def analyze(
     for line in lines:
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Turn another implementation's checkpoint into an hvae run directory."""
+
+
+@import_group.command("vdvae")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--preset",
+    type=click.Choice(VDVAE_PRESETS),
+    help="the VDVAE hyper-parameter set (default: recognised from the tensors)",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    metavar="RUN_DIR",
+    help="the run directory to write (new or empty; default: a new one under run.save_dir)",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="override a training or run option of the imported run (repeatable)",
+)
+@click.option("--backend", type=click.Choice(BACKENDS), help="Keras backend that builds the model")
+@verbose_option
+def import_vdvae_command(
+    file: str,
+    preset: str | None,
+    out: str | None,
+    overrides: tuple[str, ...],
+    backend: str | None,
+    verbose: bool,
+) -> None:
+    """Import an openai/vdvae checkpoint (a torch.save'd state dict, e.g. the published
+    ...-model-ema.th): every tensor to its hvae weight, written as a run directory that
+    evaluate, sample, analyze, export, hvae_core.load and train --init-from take."""
+    from hvae_core.backends import native_logs as logs
+    from hvae_core.backends.select import default_backend, import_backend, select_backend
+
+    name = backend or os.environ.get("KERAS_BACKEND") or default_backend()
+    quiet_logs = logs.log_level(verbose) == logs.QUIET
+    if quiet_logs:
+        logs.quiet_native_logs()
+    select_backend(name, compile_cache_on=False, warn=_warning)
+    import_backend(quiet_logs)
+    from hvae_core.vdvae_import import import_vdvae
+
+    done = import_vdvae(file, out=out, preset=preset, overrides=(*overrides, f"run.backend={name}"))
+    widths = f" at the file's widths ({', '.join(done.overrides)})" if done.overrides else ""
+    click.echo(
+        f"imported {done.tensors:,} tensors ({done.parameters:,} parameters) as the "
+        f"'{done.preset}' preset{widths}: {done.run_dir}"
+    )
 
 
 def _temperature_list(text: str, option: str, example: str | None = None) -> list[float]:

@@ -85,8 +85,26 @@ class ModelConfig:
         "VDVAE's pooling: the last encoder block of a scale runs before the pooling and its "
         "output is not kept as that scale's activation",
     )
+    width_change: Literal["conv", "pad"] = option(
+        "conv",
+        "how the width changes between scales of different widths: 'conv' (a 1x1 convolution "
+        "and p_act after the resampling) or 'pad' (VDVAE: zero channels added going down, the "
+        "first channels kept going up; no weights)",
+    )
     increase_kernelsize: bool = option(False, "larger kernels at larger scales")
     init_zeros: bool = option(False, "start the 1x1 top-down state from zeros, not a learned bias")
+    no_bias_above: int | None = option(
+        None,
+        "learned starting states of the top-down pass only at resolutions up to this one; "
+        "above it a scale starts from its upsampled state alone (VDVAE's no_bias_above; "
+        "null: at every resolution)",
+    )
+    input_shift: float = option(
+        0.0,
+        "the encoder sees (x + input_shift) * input_scale for images x in [-1, 1] (VDVAE's "
+        "per-dataset normalisation); the likelihood scores x itself",
+    )
+    input_scale: float = option(1.0, "see input_shift")
     num_output_mixtures: int = option(5, "logistic mixture components per pixel")
     gradient_smoothing: float = option(
         0.6931472, "beta of the softplus giving the Gaussian scales (ln 2: softplus(0) = 1)"
@@ -126,6 +144,16 @@ class ModelConfig:
             "z_out_middle_width",
         )
         _non_negative(section, self, "enc_num_blocks", "dec_num_blocks", "output_blocks")
+        if self.no_bias_above is not None:
+            _positive(section, self, "no_bias_above")
+        for name in ("input_shift", "input_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (name == "input_scale" and value == 0):
+                raise ConfigError(
+                    f"{section}.{name}: expected a finite number"
+                    f"{' other than 0' if name == 'input_scale' else ''}, got {_clip(value)}",
+                    hint="the encoder's input must stay finite and informative",
+                )
         if sum(self.dec_num_blocks) == 0:
             raise ConfigError(
                 f"{section}.dec_num_blocks: expected at least one top-down block, got "

@@ -190,6 +190,7 @@ class Decoder(keras.layers.Layer):
         self._convert_input_args = False  # the noise stays float32 (see TopDownBlock)
         self.order = list(reversed(layout))  # 1x1 first
         self.init_zeros = model.init_zeros
+        self.no_bias_above = model.no_bias_above
         self.attention = attention
         num_blocks = sum(s.dec_blocks for s in layout)
         stacking = stack_blocks and attention is None
@@ -208,6 +209,7 @@ class Decoder(keras.layers.Layer):
                     "up",
                     width,
                     model.p_act,
+                    width_change=model.width_change,
                     dtype=self.dtype_policy,
                     name=f"unpool_{scale.resolution}",
                 )
@@ -252,6 +254,8 @@ class Decoder(keras.layers.Layer):
         self.biases = {}
         for scale in self.order:
             if scale.dec_blocks == 0 or (scale.resolution == 1 and self.init_zeros):
+                continue
+            if self.no_bias_above is not None and scale.resolution > self.no_bias_above:
                 continue
             r = scale.resolution
             self.biases[str(r)] = self.add_weight(

@@ -32,6 +32,8 @@ class Encoder(keras.layers.Layer):
         policy = self.dtype_policy
         self.layout = layout
         self.pool_block = model.pool_block
+        # VDVAE's per-dataset normalisation of what the encoder sees (identity by default).
+        self.input_shift, self.input_scale = model.input_shift, model.input_scale
         self.in_conv = keras.layers.Conv2D(
             layout[0].width,
             3,
@@ -79,7 +81,12 @@ class Encoder(keras.layers.Layer):
                 width = below.width if below.width != scale.width else None
                 self.pools.append(
                     Resample(
-                        "down", width, model.p_act, dtype=policy, name=f"pool_{scale.resolution}"
+                        "down",
+                        width,
+                        model.p_act,
+                        width_change=model.width_change,
+                        dtype=policy,
+                        name=f"pool_{scale.resolution}",
                     )
                 )
         self._stages = Untracked(stages)
@@ -106,6 +113,8 @@ class Encoder(keras.layers.Layer):
     def call(self, x: Any, on_scale: Any = None) -> dict[int, Any]:
         """Every resolution's activation. ``on_scale(resolution, h)``, if given, is called as
         each resolution is done (an eager pass's per-scale timing)."""
+        if self.input_shift != 0.0 or self.input_scale != 1.0:
+            x = (x + self.input_shift) * self.input_scale
         h = self.in_conv(x)
         activations: dict[int, Any] = {}
         for i, scale in enumerate(self.layout):

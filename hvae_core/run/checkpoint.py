@@ -137,6 +137,12 @@ META: dict[str, tuple[Check, str, bool]] = {
     "plugins": (_plugins, "a list of {kind, name, package, version} strings", False),
     "fingerprint": (_text, "a string", False),
     "fingerprint_config": (_sections, "an object of config sections", False),
+    # Where the weights came from when hvae did not train them (``hvae import``).
+    "provenance": (
+        lambda v: isinstance(v, dict) and all(map(_text, v.values())),
+        "an object of strings",
+        False,
+    ),
 }
 
 
