@@ -1,0 +1,137 @@
+"""The trained-model surfaces under hostile input (issue #34): ``hvae_core.load`` and the
+:class:`~hvae_core.trained.TrainedModel` methods, the checkpoint a run loads from, and the
+commands that load a run. Every case works, or ends as one clear error naming the problem."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import trainer_with_run
+from hvae_plugins.datasets.digits import digits_images
+
+from hvae_core.config import resolve_config
+from hvae_core.errors import HvaeError, InputError
+from hvae_core.run import files as rundir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory with an untrained tiny model's checkpoint (8x8x1, 4 bits, 4 latent
+    layers): nothing here needs trained weights, only a run that loads."""
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("hostile") / "run")
+    trainer.save()
+    return trainer.run_dir
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    import hvae_core
+
+    return hvae_core.load(run_dir)
+
+
+# --- the Python API -------------------------------------------------------------------------
+
+IMAGES = digits_images()[:3]
+NAN = float("nan")
+
+# (call, what it must equal, or the error it must end in: a fragment of its one line)
+API_CASES = {
+    # A path or a string where images belong is refused by its type, never iterated.
+    "encode a file name": (lambda m, r: m.encode("img.png"), "images must be an array"),
+    "encode a Path": (lambda m, r: m.encode(Path("img.png")), "got a PosixPath ('img.png')"),
+    "elbo a string": (lambda m, r: m.elbo("x"), "got a str ('x')"),
+    "elbo a dict": (lambda m, r: m.elbo({"a": IMAGES}), "got a dict"),
+    "elbo bytes": (lambda m, r: m.elbo(b"\x00"), "got a bytes"),
+    "elbo batches of strings": (lambda m, r: m.elbo(s for s in ["a"]), "got a str ('a')"),
+    "encode None": (lambda m, r: m.encode(None), "images must be an array of pixel levels"),
+    "elbo an int": (lambda m, r: m.elbo(5), "got an int (5)"),
+    "reconstruct an int": (lambda m, r: m.reconstruct(5), "got an int (5)"),
+    "interpolate a file name": (lambda m, r: m.interpolate("a.png", IMAGES[0]), "got a str"),
+    # Empty or one-shot iterables where an array belongs.
+    "elbo an empty iterator": (lambda m, r: m.elbo(iter([])), "no images to evaluate"),
+    "encode an iterator": (lambda m, r: m.encode(iter([])), "got a list_iterator"),
+    "reconstruct a generator": (lambda m, r: m.reconstruct(x for x in []), "got a generator"),
+    "bound of an iterator": (lambda m, r: m.log_likelihood(iter([]), 2), "got a list_iterator"),
+    "encode a ragged list": (lambda m, r: m.encode([[1], [1, 2]]), "images must be an array"),
+    # Temperatures: any real number, a sequence of them, nothing else.
+    "numpy float32 temperature": (
+        lambda m, r: m.sample(2, np.float32(0.5), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "0-d array temperature": (
+        lambda m, r: m.sample(2, np.array(0.5), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "Decimal temperature": (
+        lambda m, r: m.sample(2, Decimal("0.5"), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "numpy temperatures per layer": (
+        lambda m, r: m.sample(2, np.full(4, 0.5, np.float32), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "None temperature": (lambda m, r: m.sample(2, None), "temperature must be a number, got None"),
+    "string temperature": (lambda m, r: m.sample(2, "hot"), "got 'hot'"),
+    "bool temperature": (lambda m, r: m.sample(2, True), "temperature must be a number, got True"),
+    "dict temperature": (lambda m, r: m.sample(2, {"a": 1}), "got {'a': 1}"),
+    "NaN Decimal temperature": (lambda m, r: m.sample(2, Decimal("NaN")), "finite number >= 0"),
+    "reconstruct string temperature": (
+        lambda m, r: m.reconstruct(IMAGES, temperature="hot"),
+        "temperature must be a number, got 'hot'",
+    ),
+    # latent_layers: an integer in range, never coerced.
+    "latent_layers 1.5": (
+        lambda m, r: m.reconstruct(IMAGES, latent_layers=1.5),
+        "latent_layers must be an integer in 0..4 (or None: all), got 1.5",
+    ),
+    "latent_layers '2'": (lambda m, r: m.reconstruct(IMAGES, latent_layers="2"), "got '2'"),
+    "latent_layers True": (lambda m, r: m.reconstruct(IMAGES, latent_layers=True), "got True"),
+    "latent_layers nan": (lambda m, r: m.reconstruct(IMAGES, latent_layers=NAN), "got nan"),
+    "latent_layers 5": (lambda m, r: m.reconstruct(IMAGES, latent_layers=5), "got 5"),
+    "latent_layers numpy int": (
+        lambda m, r: m.reconstruct(IMAGES, latent_layers=np.int64(2), seed=0),
+        lambda m, r: m.reconstruct(IMAGES, latent_layers=2, seed=0),
+    ),
+    # load: a run directory, named by a path.
+    "load None": (lambda m, r: _load(None), "run_dir must be the path of a run directory"),
+    "load an int": (lambda m, r: _load(123), "got an int (123)"),
+    "load an empty path": (lambda m, r: _load(""), "run_dir is empty"),
+    "load a checkpoint of another type": (lambda m, r: _load(r, checkpoint=5), "checkpoint must"),
+    "load the run's config.yaml": (
+        lambda m, r: _load(r / "config.yaml"),
+        "is the run's config.yaml, not its run directory",
+    ),
+    "load the run's checkpoint": (
+        lambda m, r: _load(r / rundir.CHECKPOINT),
+        "is a file, not a run directory",
+    ),
+}
+
+
+def _load(*args, **kwargs):
+    import hvae_core
+
+    return hvae_core.load(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_the_api_works_or_fails_in_one_clear_line(model, run_dir, case) -> None:
+    call, expected = API_CASES[case]
+    if callable(expected):
+        np.testing.assert_array_equal(call(model, run_dir), expected(model, run_dir))
+        return
+    with pytest.raises(HvaeError) as caught:
+        call(model, run_dir)
+    error = caught.value
+    line = error.one_line()
+    assert expected in line, line
+    assert "\n" not in line and len(line) < 400, line
+    if case.startswith("load"):
+        assert error.hint, line
+    else:  # what a caller handed a method: a ValueError too
+        assert isinstance(error, InputError), line
