@@ -4,6 +4,7 @@ commands that load a run. Every case works, or ends as one clear error naming th
 
 from __future__ import annotations
 
+import shutil
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def model(run_dir):
     import hvae_core
 
     return hvae_core.load(run_dir)
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def rewrite_checkpoint(run_dir: Path, change_arrays=None, change_meta=None) -> None:
+    path = run_dir / rundir.CHECKPOINT
+    arrays, meta = rundir.load_checkpoint(path)
+    if change_arrays is not None:
+        change_arrays(arrays)
+    if change_meta is not None:
+        change_meta(meta)
+    rundir.save_checkpoint(path, arrays, meta)
 
 
 # --- the Python API -------------------------------------------------------------------------
@@ -135,3 +152,43 @@ def test_the_api_works_or_fails_in_one_clear_line(model, run_dir, case) -> None:
         assert error.hint, line
     else:  # what a caller handed a method: a ValueError too
         assert isinstance(error, InputError), line
+
+
+# --- the checkpoint -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_a_checkpoint_array_of_another_float_width_is_refused(run_dir, tmp_path, dtype) -> None:
+    copy = copy_run(run_dir, tmp_path)
+    arrays, _ = rundir.load_checkpoint(copy / rundir.CHECKPOINT)
+    name = next(k for k in sorted(arrays) if k.startswith("ema/"))
+
+    def narrow(arrays):
+        arrays[name] = arrays[name].astype(dtype)
+
+    rewrite_checkpoint(copy, narrow)
+    wanted = np.dtype(dtype).name
+    with pytest.raises(HvaeError, match=f"{name}: dtype {wanted} in the checkpoint, float32 in"):
+        _load(copy)
+
+
+def test_a_mixed_precision_model_takes_float32_weights_only() -> None:
+    """Under mixed_bfloat16 the variables are float32 master weights (the layers compute in
+    bfloat16): a float32 checkpoint fits them, a float16 one does not."""
+    import keras
+
+    from hvae_core.model.hvae import HVAE
+    from hvae_core.model.weights import assign_saved
+
+    cfg = resolve_config("tiny", overrides=["model.precision=mixed_bfloat16"])
+    hvae = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    hvae.build_weights()
+    assert hvae.compute_dtype == "bfloat16"
+    saved = {
+        f"model/{i:05d}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(hvae.variables)
+    }
+    assert {a.dtype for a in saved.values()} == {np.dtype("float32")}
+    assign_saved(saved, "model", hvae.variables)
+    saved["model/00000"] = saved["model/00000"].astype(np.float16)
+    with pytest.raises(ValueError, match="model/00000: dtype float16 in the checkpoint, float32"):
+        assign_saved(saved, "model", hvae.variables)
