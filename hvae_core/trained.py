@@ -682,6 +682,16 @@ def load(
             f"checkpoint {path} records no image shape or bit depth",
             hint="it predates hvae's run format; resume the run for an epoch to rewrite it",
         )
+    # Before the model is built: it would blame "the dataset's images" for what is a mismatch
+    # between two files of the run.
+    height, width, channels = (int(d) for d in meta["image_shape"])
+    size = int(config.image_size)
+    if (height, width) != (size, size):
+        raise HvaeError(
+            f"checkpoint {path} records {height}x{width}x{channels} images; the run's "
+            f"config.yaml describes {size}x{size} images",
+            hint="was config.yaml edited after the run started? restore the one it trained with",
+        )
     if "keras" in sys.modules:
         backend = backend or sys.modules["keras"].backend.backend()
     else:

@@ -192,3 +192,17 @@ def test_a_mixed_precision_model_takes_float32_weights_only() -> None:
     saved["model/00000"] = saved["model/00000"].astype(np.float16)
     with pytest.raises(ValueError, match="model/00000: dtype float16 in the checkpoint, float32"):
         assign_saved(saved, "model", hvae.variables)
+
+
+def test_a_checkpoint_of_another_image_shape_says_so(run_dir, tmp_path) -> None:
+    copy = copy_run(run_dir, tmp_path)
+
+    def bigger(meta):
+        meta["image_shape"] = [16, 16, 1]
+
+    rewrite_checkpoint(copy, change_meta=bigger)
+    with pytest.raises(HvaeError) as caught:
+        _load(copy)
+    line = caught.value.one_line()
+    assert "records 16x16x1 images; the run's config.yaml describes 8x8 images" in line, line
+    assert "dataset" not in line and "(hint: " in line
