@@ -674,8 +674,19 @@ def evaluate(
         row["iw_samples"] = iw_samples
         row["iw_bpd"] = float(np.mean(np.concatenate(per_image)))
     row["seconds"] = round(time.monotonic() - started, 2)
+    broken = _non_finite_keys(row)
+    if broken:
+        # NaN weights give NaN scores: say so once, and keep --json parseable by any reader
+        # (bare NaN is not JSON).
+        _warning(
+            f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'} not finite: the "
+            "checkpoint's weights may hold NaN or infinity"
+            + (" (printed as null)" if as_json else "")
+        )
     if as_json:
-        click.echo(json.dumps(row))
+        from hvae_core.run import files as rundir
+
+        click.echo(json.dumps(rundir.json_row(row), allow_nan=False))
         return
     click.echo(
         f"{split}: {row['bpd']:.4f} bits/dim (ELBO: recon {row['recon_bpd']:.4f}, "
@@ -685,6 +696,17 @@ def evaluate(
         click.echo(
             f"{split}: {row['iw_bpd']:.4f} bits/dim (importance-weighted bound, K = {iw_samples})"
         )
+
+
+def _non_finite_keys(row: dict[str, Any]) -> list[str]:
+    """The keys of ``row`` whose number (or a number of whose list) is NaN or infinite."""
+
+    def broken(value: Any) -> bool:
+        if isinstance(value, list | tuple):
+            return any(broken(v) for v in value)
+        return isinstance(value, float) and not math.isfinite(value)
+
+    return [key for key, value in row.items() if broken(value)]
 
 
 KEEP_LAYERS_HELP = (

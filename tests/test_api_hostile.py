@@ -4,18 +4,25 @@ commands that load a run. Every case works, or ends as one clear error naming th
 
 from __future__ import annotations
 
+import json
 import shutil
 from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import trainer_with_run
 from hvae_plugins.datasets.digits import digits_images
 
+from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError, InputError
 from hvae_core.run import files as rundir
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +213,28 @@ def test_a_checkpoint_of_another_image_shape_says_so(run_dir, tmp_path) -> None:
     line = caught.value.one_line()
     assert "records 16x16x1 images; the run's config.yaml describes 8x8 images" in line, line
     assert "dataset" not in line and "(hint: " in line
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def test_evaluate_json_of_a_nan_checkpoint_is_strict_json_with_a_warning(run_dir, tmp_path) -> None:
+    copy = copy_run(run_dir, tmp_path)
+
+    def poison(arrays):
+        for name in sorted(arrays):
+            if name.startswith(("model/", "ema/")) and arrays[name].dtype.kind == "f":
+                arrays[name] = np.full_like(arrays[name], np.nan)
+
+    rewrite_checkpoint(copy, poison)
+    result = run("evaluate", str(copy), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    row = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    assert row["bpd"] is None and row["images"] > 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert "not finite" in warnings[0] and "bpd" in warnings[0], warnings[0]
