@@ -1174,6 +1174,9 @@ def export(
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
+MIN_USAGE_IMAGES = 2  # a variance over the images needs two of them
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option(
@@ -1188,7 +1191,7 @@ def export(
     type=click.IntRange(min=1),
     default=1000,
     show_default=True,
-    help="images of the split the latent usage is measured on",
+    help="images of the split the latent usage is measured on (2 or more)",
 )
 @click.option(
     "--temperatures",
@@ -1228,6 +1231,14 @@ def analyze(
     from hvae_core.analysis import FIGURES, write_figures
     from hvae_core.data import evaluation_batches
 
+    if num_images < MIN_USAGE_IMAGES:
+        # A unit is active when its posterior mean varies over the images: one image has no
+        # variance, and the figure would report every dimension inactive.
+        raise HvaeError(
+            f"--images {num_images}: active units are the latent dimensions whose posterior "
+            f"mean varies over the images, which takes {MIN_USAGE_IMAGES} or more",
+            hint="give --images 2 or more (default 1000)",
+        )
     temps = _temperature_list(temperatures, "--temperatures")
     folder = Path(out) if out is not None else Path(run_dir) / "analysis"
     _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)

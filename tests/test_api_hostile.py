@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import trainer_with_run
 from hvae_plugins.datasets.digits import digits_images
+from test_hostile_input import assert_one_line_error
 
+from hvae_core import cli as cli_module
 from hvae_core.cli import cli
 from hvae_core.config import resolve_config
 from hvae_core.errors import HvaeError, InputError
@@ -40,6 +42,16 @@ def model(run_dir):
     import hvae_core
 
     return hvae_core.load(run_dir)
+
+
+@pytest.fixture
+def never_loaded(monkeypatch) -> None:
+    """Fail the test if a command gets as far as loading the run's model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_module, "_load", refuse)
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
@@ -238,3 +250,8 @@ def test_evaluate_json_of_a_nan_checkpoint_is_strict_json_with_a_warning(run_dir
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1, result.stderr
     assert "not finite" in warnings[0] and "bpd" in warnings[0], warnings[0]
+
+
+def test_analyze_refuses_fewer_than_two_images(tmp_path, never_loaded) -> None:
+    line = assert_one_line_error(run("analyze", str(tmp_path), "--images", "1"), "--images 1", 1)
+    assert "2 or more" in line
