@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -577,6 +578,18 @@ def _output_path(path: str, force: bool) -> Path:
             f"cannot create the folder {out.parent}: {exc.strerror}",
             hint="check the path and its permissions, or write elsewhere",
         ) from None
+    # The write itself, tried now with the temporary file the real one starts as (see
+    # atomic_write_bytes): a folder that refuses it fails before the model runs, not after
+    # the command's other outputs are written.
+    try:
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot write {out}: {exc.strerror}",
+            hint="check the folder's permissions, or write elsewhere",
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return out
 
 

@@ -5,7 +5,9 @@ commands that load a run. Every case works, or ends as one clear error naming th
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -255,3 +257,29 @@ def test_evaluate_json_of_a_nan_checkpoint_is_strict_json_with_a_warning(run_dir
 def test_analyze_refuses_fewer_than_two_images(tmp_path, never_loaded) -> None:
     line = assert_one_line_error(run("analyze", str(tmp_path), "--images", "1"), "--images 1", 1)
     assert "2 or more" in line
+
+
+def write_refused(tmp_path: Path) -> list[Path]:
+    """Folders no file can be created in, as this user: /sys (not even root may), and a
+    read-only folder (root writes into those)."""
+    folders = [Path("/sys")] if sys.platform.startswith("linux") and Path("/sys").is_dir() else []
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        folders.append(read_only)
+    if not folders:
+        pytest.skip("no folder refuses this user's writes here (root, no /sys)")
+    return folders
+
+
+def test_sample_checks_every_output_is_writable_before_loading(tmp_path, never_loaded) -> None:
+    for folder in write_refused(tmp_path):
+        out = tmp_path / "ok.png"
+        result = run("sample", str(tmp_path), "--out", str(out), "--npz", str(folder / "x.npz"))
+        assert_one_line_error(result, f"cannot write {folder / 'x.npz'}", 1)
+        assert not out.exists()
+        assert not (folder / "x.npz").exists()
+        result = run("sample", str(tmp_path), "--out", str(folder / "grid.png"))
+        assert_one_line_error(result, f"cannot write {folder / 'grid.png'}", 1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "read-only") == []
