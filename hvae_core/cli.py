@@ -42,6 +42,13 @@ class FiniteFloatRange(click.FloatRange):
 # NumPy's and the backends' seeds are unsigned 32-bit integers.
 SEED = click.IntRange(0, 2**32 - 1)
 
+# Work one command does, beyond which it is refused before it starts: hvae sample draws its
+# images, and their noise, at once (100,000 covers the 50,000 of an FID), and every
+# importance sample of hvae evaluate is a forward pass per image (papers report K = 1,000 to
+# 5,000). Both ran on for minutes, or ran out of memory, without a word.
+MAX_SAMPLES = 100_000
+MAX_IW_SAMPLES = 10_000
+
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
@@ -622,7 +629,7 @@ def _progress(quiet: bool, what: str) -> Any:
     "--iw-samples",
     type=click.IntRange(min=1),
     help="also the importance-weighted bound on -log p(x) with K posterior draws per image "
-    "(costs K forward passes per image)",
+    f"(costs K forward passes per image; at most {MAX_IW_SAMPLES:,})",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -649,6 +656,12 @@ def evaluate(
     from hvae_core.data import evaluation_batches
     from hvae_core.model.evaluation import usage_line
 
+    if iw_samples is not None and iw_samples > MAX_IW_SAMPLES:
+        raise HvaeError(
+            f"--iw-samples {iw_samples:,}: at most {MAX_IW_SAMPLES:,} posterior draws per image "
+            "(each is one forward pass per image of the split)",
+            hint="papers report K = 1,000 to 5,000; the bound changes little beyond",
+        )
     model = _load(run_dir, checkpoint, backend, verbose)
     dataset = _dataset(model, data_dir)
     images = _split(model, dataset, split)
@@ -737,7 +750,8 @@ KEEP_LAYERS_HELP = (
     "--n",
     "num",
     type=click.IntRange(min=1),
-    help="number of samples (default 64); with --from, draws per image (default 1)",
+    help=f"number of samples (default 64); with --from, draws per image (default 1); at most "
+    f"{MAX_SAMPLES:,} images in all",
 )
 @click.option(
     "--temperature",
@@ -813,6 +827,8 @@ def sample(
             "resampled layers')",
             hint="e.g. --temperature 0.8",
         )
+    if num is not None:
+        _check_sample_count(num, f"--n {num:,}")
     out_path, npz_path = _outputs(out, npz, force)
     if source is not None and not Path(source).exists():
         raise HvaeError(f"{source} does not exist", hint="give an .npz, a PNG or a folder of PNGs")
@@ -836,6 +852,7 @@ def sample(
                 hint="layer resolutions, top first: " + _resolution_runs(model.latent_resolutions),
             )
         draws = 1 if num is None else num
+        _check_sample_count(draws * len(images), f"--n {draws:,} draws of {len(images):,} images")
         t_out = 0.0 if output_temperature is None else output_temperature
         levels = model.reconstruct(
             np.tile(images, (draws, 1, 1, 1)),
@@ -854,6 +871,16 @@ def sample(
         )
     written = _write_outputs(out_path, npz_path, grid, arrays, model.num_bits)
     click.echo(f"{message} to {' and '.join(str(p) for p in written)}")
+
+
+def _check_sample_count(count: int, what: str) -> None:
+    """``count`` images for hvae sample to draw: at most MAX_SAMPLES."""
+    if count > MAX_SAMPLES:
+        raise HvaeError(
+            f"{what}: at most {MAX_SAMPLES:,} images per call (they are drawn and held in "
+            "memory at once)",
+            hint="draw more in several calls with different --seed values",
+        )
 
 
 def _outputs(out: str, npz: str | None, force: bool) -> tuple[Path, Path | None]:

@@ -283,3 +283,31 @@ def test_sample_checks_every_output_is_writable_before_loading(tmp_path, never_l
         result = run("sample", str(tmp_path), "--out", str(folder / "grid.png"))
         assert_one_line_error(result, f"cannot write {folder / 'grid.png'}", 1)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "read-only") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["sample", "--n", "100001"], "--n 100,001: at most 100,000 images"),
+        (["sample", "--n", "100000000"], "--n 100,000,000: at most 100,000 images"),
+        (["evaluate", "--iw-samples", "20000"], "--iw-samples 20,000: at most 10,000"),
+    ],
+)
+def test_work_beyond_the_limits_is_refused_before_loading(tmp_path, never_loaded, args, fragment):
+    command, *flags = args
+    assert_one_line_error(run(command, str(tmp_path), *flags), fragment, 1)
+
+
+def test_sample_from_images_refuses_more_draws_than_the_limit(run_dir, tmp_path, monkeypatch):
+    from hvae_core.trained import TrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(TrainedModel, "reconstruct", refuse)
+    source, out = tmp_path / "two.npz", tmp_path / "grid.png"
+    np.savez(source, images=IMAGES[:2])
+    result = run("sample", str(run_dir), "--from", str(source), "--n", "50001", "--out", str(out))
+    line = assert_one_line_error(result, "--n 50,001 draws of 2 images: at most 100,000", 1)
+    assert "--seed" in line
+    assert not out.exists()
