@@ -1186,7 +1186,7 @@ def export(
 ) -> None:
     """Export a trained run as a sampler (temperature per image -> pixels) and an encoder
     (pixels -> every layer's posterior), EMA weights."""
-    folder = Path(out)
+    folder = _out_folder(out, "export")
     if folder.exists() and not folder.is_dir():
         raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
     earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
@@ -1280,7 +1280,7 @@ def analyze(
             hint="give --images 2 or more (default 1000)",
         )
     temps = _temperature_list(temperatures, "--temperatures")
-    folder = Path(out) if out is not None else Path(run_dir) / "analysis"
+    folder = _out_folder(out, "analysis") if out is not None else Path(run_dir) / "analysis"
     _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
     model = _load(run_dir, checkpoint, backend, verbose)
     images = None
@@ -1310,6 +1310,17 @@ def _temperature_list(text: str, option: str, example: str | None = None) -> lis
     if any(not math.isfinite(t) or t < 0 for t in values):
         raise HvaeError(f"{option} {text!r}: temperatures must be finite numbers >= 0", hint=hint)
     return values
+
+
+def _out_folder(out: str, example: str) -> Path:
+    """The folder --out names; an empty one would be the current folder (Path("") is "."),
+    which the command would fill without being asked to."""
+    if not out.strip():
+        raise HvaeError(
+            "--out is empty" if not out else f"--out {out!r} is blank",
+            hint=f"name a folder, e.g. --out {example}",
+        )
+    return Path(out)
 
 
 def _refuse_earlier(folder: Path, earlier: list[str], what: str, force: bool) -> None:

@@ -311,3 +311,10 @@ def test_sample_from_images_refuses_more_draws_than_the_limit(run_dir, tmp_path,
     line = assert_one_line_error(result, "--n 50,001 draws of 2 images: at most 100,000", 1)
     assert "--seed" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "analyze"])
+def test_an_empty_out_is_refused(tmp_path, never_loaded, monkeypatch, command) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run(command, str(tmp_path / "run"), "--out", ""), "--out is empty", 1)
+    assert list(tmp_path.iterdir()) == []
