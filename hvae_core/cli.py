@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,13 @@ class FiniteFloatRange(click.FloatRange):
 
 # NumPy's and the backends' seeds are unsigned 32-bit integers.
 SEED = click.IntRange(0, 2**32 - 1)
+
+# Work one command does, beyond which it is refused before it starts: hvae sample draws its
+# images, and their noise, at once (100,000 covers the 50,000 of an FID), and every
+# importance sample of hvae evaluate is a forward pass per image (papers report K = 1,000 to
+# 5,000). Both ran on for minutes, or ran out of memory, without a word.
+MAX_SAMPLES = 100_000
+MAX_IW_SAMPLES = 10_000
 
 
 def _fail(message: str, code: int) -> None:
@@ -578,6 +586,18 @@ def _output_path(path: str, force: bool) -> Path:
             f"cannot create the folder {out.parent}: {exc.strerror}",
             hint="check the path and its permissions, or write elsewhere",
         ) from None
+    # The write itself, tried now with the temporary file the real one starts as (see
+    # atomic_write_bytes): a folder that refuses it fails before the model runs, not after
+    # the command's other outputs are written.
+    try:
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot write {out}: {exc.strerror}",
+            hint="check the folder's permissions, or write elsewhere",
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return out
 
 
@@ -610,7 +630,7 @@ def _progress(quiet: bool, what: str) -> Any:
     "--iw-samples",
     type=click.IntRange(min=1),
     help="also the importance-weighted bound on -log p(x) with K posterior draws per image "
-    "(costs K forward passes per image)",
+    f"(costs K forward passes per image; at most {MAX_IW_SAMPLES:,})",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder of the dataset files")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -637,6 +657,12 @@ def evaluate(
     from hvae_core.data import evaluation_batches
     from hvae_core.model.evaluation import usage_line
 
+    if iw_samples is not None and iw_samples > MAX_IW_SAMPLES:
+        raise HvaeError(
+            f"--iw-samples {iw_samples:,}: at most {MAX_IW_SAMPLES:,} posterior draws per image "
+            "(each is one forward pass per image of the split)",
+            hint="papers report K = 1,000 to 5,000; the bound changes little beyond",
+        )
     model = _load(run_dir, checkpoint, backend, verbose)
     dataset = _dataset(model, data_dir)
     images = _split(model, dataset, split)
@@ -675,8 +701,19 @@ def evaluate(
         row["iw_samples"] = iw_samples
         row["iw_bpd"] = float(np.mean(np.concatenate(per_image)))
     row["seconds"] = round(time.monotonic() - started, 2)
+    broken = _non_finite_keys(row)
+    if broken:
+        # NaN weights give NaN scores: say so once, and keep --json parseable by any reader
+        # (bare NaN is not JSON).
+        _warning(
+            f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'} not finite: the "
+            "checkpoint's weights may hold NaN or infinity"
+            + (" (printed as null)" if as_json else "")
+        )
     if as_json:
-        click.echo(json.dumps(row))
+        from hvae_core.run import files as rundir
+
+        click.echo(json.dumps(rundir.json_row(row), allow_nan=False))
         return
     click.echo(
         f"{split}: {row['bpd']:.4f} bits/dim (ELBO: recon {row['recon_bpd']:.4f}, "
@@ -686,6 +723,17 @@ def evaluate(
         click.echo(
             f"{split}: {row['iw_bpd']:.4f} bits/dim (importance-weighted bound, K = {iw_samples})"
         )
+
+
+def _non_finite_keys(row: dict[str, Any]) -> list[str]:
+    """The keys of ``row`` whose number (or a number of whose list) is NaN or infinite."""
+
+    def broken(value: Any) -> bool:
+        if isinstance(value, list | tuple):
+            return any(broken(v) for v in value)
+        return isinstance(value, float) and not math.isfinite(value)
+
+    return [key for key, value in row.items() if broken(value)]
 
 
 KEEP_LAYERS_HELP = (
@@ -703,7 +751,8 @@ KEEP_LAYERS_HELP = (
     "--n",
     "num",
     type=click.IntRange(min=1),
-    help="number of samples (default 64); with --from, draws per image (default 1)",
+    help=f"number of samples (default 64); with --from, draws per image (default 1); at most "
+    f"{MAX_SAMPLES:,} images in all",
 )
 @click.option(
     "--temperature",
@@ -779,6 +828,8 @@ def sample(
             "resampled layers')",
             hint="e.g. --temperature 0.8",
         )
+    if num is not None:
+        _check_sample_count(num, f"--n {num:,}")
     out_path, npz_path = _outputs(out, npz, force)
     if source is not None and not Path(source).exists():
         raise HvaeError(f"{source} does not exist", hint="give an .npz, a PNG or a folder of PNGs")
@@ -802,6 +853,7 @@ def sample(
                 hint="layer resolutions, top first: " + _resolution_runs(model.latent_resolutions),
             )
         draws = 1 if num is None else num
+        _check_sample_count(draws * len(images), f"--n {draws:,} draws of {len(images):,} images")
         t_out = 0.0 if output_temperature is None else output_temperature
         levels = model.reconstruct(
             np.tile(images, (draws, 1, 1, 1)),
@@ -820,6 +872,16 @@ def sample(
         )
     written = _write_outputs(out_path, npz_path, grid, arrays, model.num_bits)
     click.echo(f"{message} to {' and '.join(str(p) for p in written)}")
+
+
+def _check_sample_count(count: int, what: str) -> None:
+    """``count`` images for hvae sample to draw: at most MAX_SAMPLES."""
+    if count > MAX_SAMPLES:
+        raise HvaeError(
+            f"{what}: at most {MAX_SAMPLES:,} images per call (they are drawn and held in "
+            "memory at once)",
+            hint="draw more in several calls with different --seed values",
+        )
 
 
 def _outputs(out: str, npz: str | None, force: bool) -> tuple[Path, Path | None]:
@@ -1125,7 +1187,7 @@ def export(
 ) -> None:
     """Export a trained run as a sampler (temperature per image -> pixels) and an encoder
     (pixels -> every layer's posterior), EMA weights."""
-    folder = Path(out)
+    folder = _out_folder(out, "export")
     if folder.exists() and not folder.is_dir():
         raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
     earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
@@ -1153,6 +1215,9 @@ def export(
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
+MIN_USAGE_IMAGES = 2  # a variance over the images needs two of them
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option(
@@ -1167,7 +1232,7 @@ def export(
     type=click.IntRange(min=1),
     default=1000,
     show_default=True,
-    help="images of the split the latent usage is measured on",
+    help="images of the split the latent usage is measured on (2 or more)",
 )
 @click.option(
     "--temperatures",
@@ -1207,8 +1272,16 @@ def analyze(
     from hvae_core.analysis import FIGURES, write_figures
     from hvae_core.data import evaluation_batches
 
+    if num_images < MIN_USAGE_IMAGES:
+        # A unit is active when its posterior mean varies over the images: one image has no
+        # variance, and the figure would report every dimension inactive.
+        raise HvaeError(
+            f"--images {num_images}: active units are the latent dimensions whose posterior "
+            f"mean varies over the images, which takes {MIN_USAGE_IMAGES} or more",
+            hint="give --images 2 or more (default 1000)",
+        )
     temps = _temperature_list(temperatures, "--temperatures")
-    folder = Path(out) if out is not None else Path(run_dir) / "analysis"
+    folder = _out_folder(out, "analysis") if out is not None else Path(run_dir) / "analysis"
     _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
     model = _load(run_dir, checkpoint, backend, verbose)
     images = None
@@ -1295,6 +1368,17 @@ def _temperature_list(text: str, option: str, example: str | None = None) -> lis
     if any(not math.isfinite(t) or t < 0 for t in values):
         raise HvaeError(f"{option} {text!r}: temperatures must be finite numbers >= 0", hint=hint)
     return values
+
+
+def _out_folder(out: str, example: str) -> Path:
+    """The folder --out names; an empty one would be the current folder (Path("") is "."),
+    which the command would fill without being asked to."""
+    if not out.strip():
+        raise HvaeError(
+            "--out is empty" if not out else f"--out {out!r} is blank",
+            hint=f"name a folder, e.g. --out {example}",
+        )
+    return Path(out)
 
 
 def _refuse_earlier(folder: Path, earlier: list[str], what: str, force: bool) -> None:

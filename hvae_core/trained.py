@@ -9,10 +9,11 @@ depth (0 .. 2**num_bits - 1). Every computation is a method of the model
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -184,10 +185,7 @@ class TrainedModel:
 
         output_temperature = _non_negative(output_temperature, "output_temperature")
         temperature = _non_negative(temperature, "temperature")
-        if latent_layers is not None and not 0 <= int(latent_layers) <= self.num_latent_layers:
-            raise InputError(
-                f"latent_layers must lie in 0..{self.num_latent_layers}, got {latent_layers}"
-            )
+        latent_layers = self._layer_count(latent_layers)
         images = self._check(images)
         latents, pixels = self._noise(len(images), seed, noise, pixel_noise, output_temperature > 0)
 
@@ -359,7 +357,7 @@ class TrainedModel:
 
         given = None
         if noise is not None:
-            if not hasattr(images, "shape") and not isinstance(images, list | tuple):
+            if _is_stream(images):
                 raise InputError("noise is given for an image array, not a stream of batches")
             images = self._check(images)
             given, _ = self._noise(len(images), None, noise, None, False)
@@ -446,7 +444,15 @@ class TrainedModel:
     # -- helpers ------------------------------------------------------------------------------
 
     def _temperatures(self, temperature: float | Sequence[float]) -> list[float]:
-        values = [temperature] if isinstance(temperature, int | float) else list(temperature)
+        # A string or a mapping iterates, but into characters or keys, never temperatures.
+        if isinstance(temperature, str | bytes | Mapping):
+            raise InputError(
+                f"temperature must be a number, or one per latent layer, got {_short(temperature)}"
+            )
+        try:
+            values = list(temperature)
+        except TypeError:  # one value: a float, a NumPy scalar or 0-d array, a Decimal, None
+            values = [temperature]
         temps = [_non_negative(t, "temperature") for t in values]
         if len(temps) == 1:
             return temps * self.num_latent_layers
@@ -487,8 +493,27 @@ class TrainedModel:
             out.append(array)
         return out
 
+    def _layer_count(self, value: Any) -> int | None:
+        """``latent_layers``: None (all), or an integer in 0..L; 1.5, '2' or True are refused,
+        not rounded or parsed."""
+        count = self.num_latent_layers
+        if value is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | np.integer)
+            or not 0 <= value <= count
+        ):
+            raise InputError(
+                f"latent_layers must be an integer in 0..{count} (or None: all), got "
+                f"{_short(value)}"
+            )
+        return int(value)
+
     def _one_image(self, image: Any, what: str) -> np.ndarray:
         """One image as a batch of one, checked."""
+        if not hasattr(image, "shape") and not isinstance(image, list | tuple):
+            raise self._not_images(image, what, "one image")
         array = image if hasattr(image, "shape") else np.asarray(image)
         if len(array.shape) == 3:
             array = array[None]
@@ -536,7 +561,12 @@ class TrainedModel:
         """``images`` as the model takes them, or an :class:`InputError` saying why not."""
         shape = tuple(getattr(images, "shape", ()))
         if not hasattr(images, "dtype"):
-            images = np.asarray(images)
+            if not isinstance(images, list | tuple):
+                raise self._not_images(images, "images", "an array of pixel levels")
+            try:
+                images = np.asarray(images)
+            except (TypeError, ValueError):  # ragged nesting
+                raise self._not_images(images, "images", "an array of pixel levels") from None
             shape = images.shape
         if len(shape) != 4 or tuple(shape[1:]) != tuple(self.image_shape) or shape[0] == 0:
             raise InputError(
@@ -551,14 +581,29 @@ class TrainedModel:
         return images
 
     def _batches(self, images: Any, batch_size: int | None) -> Any:
-        if not hasattr(images, "shape") and not isinstance(images, list | tuple):
-            for part in images:  # an iterable of batches
-                yield from self._batches(part, batch_size)
-            return
-        images = self._check(images)
+        """An array's batches, or those of every array an iterable of batches gives: one level
+        deep, so that an iterable of anything else ends in one error, not a recursion."""
         size = self._batch(batch_size)
-        for start in range(0, len(images), size):
-            yield self._levels(images[start : start + size])
+        for part in images if _is_stream(images) else [images]:
+            part = self._check(part)
+            for start in range(0, len(part), size):
+                yield self._levels(part[start : start + size])
+
+    def _not_images(self, value: Any, what: str, expected: str) -> InputError:
+        """The error for ``value`` where images belong: it names what was given."""
+        dims = ", ".join(map(str, self.image_shape))
+        shape = f"({dims})" if expected == "one image" else f"(N, {dims})"
+        if isinstance(value, str | bytes | os.PathLike):
+            hint = (
+                "read the file first: hvae_core.cli.read_images(path, model.image_shape, "
+                "model.num_bits) reads a PNG, a folder of PNGs or an .npz"
+            )
+        else:
+            hint = (
+                f"uint8 levels 0..{2**self.num_bits - 1} in a NumPy array; elbo also takes an "
+                "iterable of such batches"
+            )
+        return InputError(f"{what} must be {expected} {shape}, got {_described(value)}", hint=hint)
 
     def _levels(self, batch: Any) -> np.ndarray:
         batch = np.asarray(batch)
@@ -615,6 +660,9 @@ def load(
     from hvae_core.backends.select import import_backend, select_backend
     from hvae_core.run import checkpoint as checkpoint_meta
 
+    _check_path(run_dir, "run_dir", "the path of a run directory")
+    if checkpoint is not None:
+        _check_path(checkpoint, "checkpoint", "the path of a checkpoint file (None: the run's)")
     run = RunDirectory.open(run_dir)
     saved = run.read_checkpoint(checkpoint=checkpoint)  # read once: metadata and arrays
     path, meta = saved.path, saved.meta
@@ -634,6 +682,16 @@ def load(
             f"checkpoint {path} records no image shape or bit depth",
             hint="it predates hvae's run format; resume the run for an epoch to rewrite it",
         )
+    # Before the model is built: it would blame "the dataset's images" for what is a mismatch
+    # between two files of the run.
+    height, width, channels = (int(d) for d in meta["image_shape"])
+    size = int(config.image_size)
+    if (height, width) != (size, size):
+        raise HvaeError(
+            f"checkpoint {path} records {height}x{width}x{channels} images; the run's "
+            f"config.yaml describes {size}x{size} images",
+            hint="was config.yaml edited after the run started? restore the one it trained with",
+        )
     if "keras" in sys.modules:
         backend = backend or sys.modules["keras"].backend.backend()
     else:
@@ -648,6 +706,20 @@ def load(
 
     runner = make_runner(model, config.run.jit if jit is None else bool(jit))
     return TrainedModel(model, config, run, meta, runner)
+
+
+def _check_path(value: Any, what: str, expected: str) -> None:
+    """A path given to :func:`load`, as a str or a path object: pathlib would raise a bare
+    TypeError for anything else, and read None as a run not yet begun."""
+    if not isinstance(value, str | os.PathLike):
+        raise InputError(
+            f"{what} must be {expected}, got {_described(value)}",
+            hint="e.g. hvae_core.load('runs/digits-20261123-204312')",
+        )
+    if not os.fspath(value):  # "" would be the current folder
+        raise InputError(
+            f"{what} is empty", hint="e.g. hvae_core.load('runs/digits-20261123-204312')"
+        )
 
 
 def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], registry: Any) -> Any:
@@ -711,10 +783,44 @@ def _count(value: Any, what: str) -> int:
 
 
 def _non_negative(value: Any, what: str) -> float:
+    """One real number >= 0: a float, an int, a NumPy scalar or 0-d array, a Decimal. float()
+    alone would also take "0.5", True and a one-element array, none of which is meant."""
+    if isinstance(value, str | bytes | bool | np.bool_) or getattr(value, "ndim", 0) != 0:
+        raise InputError(f"{what} must be a number, got {_short(value)}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number, got {value!r}") from None
+        raise InputError(f"{what} must be a number, got {_short(value)}") from None
     if not math.isfinite(number) or number < 0:
-        raise InputError(f"{what} must be a finite number >= 0, got {value!r}")
+        raise InputError(f"{what} must be a finite number >= 0, got {_short(value)}")
     return number
+
+
+def _is_stream(images: Any) -> bool:
+    """Whether ``images`` is an iterable of batches (elbo's other input) rather than one array:
+    never a string, a path, a mapping or a number, which iterate (or not) into anything but
+    batches."""
+    if hasattr(images, "dtype") or isinstance(images, list | tuple):
+        return False
+    if isinstance(images, str | bytes | os.PathLike | Mapping | numbers.Number):
+        return False
+    return isinstance(images, Iterable)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _described(value: Any) -> str:
+    """What a caller handed over, as an error names it: "None", "a str ('x.png')", "a dict"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(value, os.PathLike):
+        return f"{article} {name} ({_short(os.fspath(value))})"
+    if isinstance(value, str | bytes | numbers.Number):
+        return f"{article} {name} ({_short(value)})"
+    return f"{article} {name}"

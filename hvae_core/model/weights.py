@@ -181,15 +181,20 @@ def assign_saved(arrays: dict[str, np.ndarray], prefix: str, variables: list[Any
             )
         saved = keras.backend.standardize_dtype(arrays[name].dtype)
         wanted = keras.backend.standardize_dtype(v.dtype)
-        if _dtype_family(saved) != _dtype_family(wanted):
+        family = _dtype_family(wanted)
+        # A float's width too: hvae writes every float variable as it is (float32, the master
+        # weights under mixed_bfloat16 included), so float16 or float64 is another program's
+        # file, which assignment would silently round or widen.
+        if _dtype_family(saved) != family or (family == "float" and saved != wanted):
             raise ValueError(f"{name}: dtype {saved} in the checkpoint, {wanted} in the model")
     for name, v in zip(names, variables, strict=True):
         v.assign(arrays[name])
 
 
 def _dtype_family(dtype: str) -> str:
-    """float, integer or bool: a checkpoint's array must be of its variable's family. Widths
-    may differ (JAX without x64 keeps int64 counters as int32) and are cast on assignment."""
+    """float, integer or bool: a checkpoint's array must be of its variable's family. Integer
+    widths may differ (JAX without x64 keeps int64 counters as int32) and are cast on
+    assignment; float widths may not (see :func:`assign_saved`)."""
     if "float" in dtype:  # bfloat16 too
         return "float"
     if dtype.startswith(("int", "uint")):

@@ -111,6 +111,21 @@ class RunDirectory:
     def open(cls, path: str | os.PathLike[str]) -> RunDirectory:
         """An existing run directory; one line of error when ``path`` is not one."""
         run = cls(path)
+        if run.path.is_file():
+            # The likeliest mistake: a file of the run (its config.yaml, its checkpoint) given
+            # for the run itself; "does not exist" would send the user looking elsewhere.
+            what = (
+                f"is the run's {run.path.name}, not its run directory"
+                if run.path.name == rundir.CONFIG
+                else "is a file, not a run directory"
+            )
+            in_a_run = (run.path.parent / rundir.CONFIG).is_file()
+            raise HvaeError(
+                f"{run.path} {what}",
+                hint=f"give the run directory that holds it: {run.path.parent}"
+                if in_a_run
+                else "give a directory that 'hvae train' created",
+            )
         if not run.path.is_dir():
             raise HvaeError(
                 f"{run.path} is not a run directory (it does not exist)",

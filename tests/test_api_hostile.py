@@ -1,0 +1,320 @@
+"""The trained-model surfaces under hostile input (issue #34): ``hvae_core.load`` and the
+:class:`~hvae_core.trained.TrainedModel` methods, the checkpoint a run loads from, and the
+commands that load a run. Every case works, or ends as one clear error naming the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import trainer_with_run
+from hvae_plugins.datasets.digits import digits_images
+from test_hostile_input import assert_one_line_error
+
+from hvae_core import cli as cli_module
+from hvae_core.cli import cli
+from hvae_core.config import resolve_config
+from hvae_core.errors import HvaeError, InputError
+from hvae_core.run import files as rundir
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory with an untrained tiny model's checkpoint (8x8x1, 4 bits, 4 latent
+    layers): nothing here needs trained weights, only a run that loads."""
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("hostile") / "run")
+    trainer.save()
+    return trainer.run_dir
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    import hvae_core
+
+    return hvae_core.load(run_dir)
+
+
+@pytest.fixture
+def never_loaded(monkeypatch) -> None:
+    """Fail the test if a command gets as far as loading the run's model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_module, "_load", refuse)
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def rewrite_checkpoint(run_dir: Path, change_arrays=None, change_meta=None) -> None:
+    path = run_dir / rundir.CHECKPOINT
+    arrays, meta = rundir.load_checkpoint(path)
+    if change_arrays is not None:
+        change_arrays(arrays)
+    if change_meta is not None:
+        change_meta(meta)
+    rundir.save_checkpoint(path, arrays, meta)
+
+
+# --- the Python API -------------------------------------------------------------------------
+
+IMAGES = digits_images()[:3]
+NAN = float("nan")
+
+# (call, what it must equal, or the error it must end in: a fragment of its one line)
+API_CASES = {
+    # A path or a string where images belong is refused by its type, never iterated.
+    "encode a file name": (lambda m, r: m.encode("img.png"), "images must be an array"),
+    "encode a Path": (lambda m, r: m.encode(Path("img.png")), "got a PosixPath ('img.png')"),
+    "elbo a string": (lambda m, r: m.elbo("x"), "got a str ('x')"),
+    "elbo a dict": (lambda m, r: m.elbo({"a": IMAGES}), "got a dict"),
+    "elbo bytes": (lambda m, r: m.elbo(b"\x00"), "got a bytes"),
+    "elbo batches of strings": (lambda m, r: m.elbo(s for s in ["a"]), "got a str ('a')"),
+    "encode None": (lambda m, r: m.encode(None), "images must be an array of pixel levels"),
+    "elbo an int": (lambda m, r: m.elbo(5), "got an int (5)"),
+    "reconstruct an int": (lambda m, r: m.reconstruct(5), "got an int (5)"),
+    "interpolate a file name": (lambda m, r: m.interpolate("a.png", IMAGES[0]), "got a str"),
+    # Empty or one-shot iterables where an array belongs.
+    "elbo an empty iterator": (lambda m, r: m.elbo(iter([])), "no images to evaluate"),
+    "encode an iterator": (lambda m, r: m.encode(iter([])), "got a list_iterator"),
+    "reconstruct a generator": (lambda m, r: m.reconstruct(x for x in []), "got a generator"),
+    "bound of an iterator": (lambda m, r: m.log_likelihood(iter([]), 2), "got a list_iterator"),
+    "encode a ragged list": (lambda m, r: m.encode([[1], [1, 2]]), "images must be an array"),
+    # Temperatures: any real number, a sequence of them, nothing else.
+    "numpy float32 temperature": (
+        lambda m, r: m.sample(2, np.float32(0.5), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "0-d array temperature": (
+        lambda m, r: m.sample(2, np.array(0.5), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "Decimal temperature": (
+        lambda m, r: m.sample(2, Decimal("0.5"), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "numpy temperatures per layer": (
+        lambda m, r: m.sample(2, np.full(4, 0.5, np.float32), seed=0),
+        lambda m, r: m.sample(2, 0.5, seed=0),
+    ),
+    "None temperature": (lambda m, r: m.sample(2, None), "temperature must be a number, got None"),
+    "string temperature": (lambda m, r: m.sample(2, "hot"), "got 'hot'"),
+    "bool temperature": (lambda m, r: m.sample(2, True), "temperature must be a number, got True"),
+    "dict temperature": (lambda m, r: m.sample(2, {"a": 1}), "got {'a': 1}"),
+    "NaN Decimal temperature": (lambda m, r: m.sample(2, Decimal("NaN")), "finite number >= 0"),
+    "reconstruct string temperature": (
+        lambda m, r: m.reconstruct(IMAGES, temperature="hot"),
+        "temperature must be a number, got 'hot'",
+    ),
+    # latent_layers: an integer in range, never coerced.
+    "latent_layers 1.5": (
+        lambda m, r: m.reconstruct(IMAGES, latent_layers=1.5),
+        "latent_layers must be an integer in 0..4 (or None: all), got 1.5",
+    ),
+    "latent_layers '2'": (lambda m, r: m.reconstruct(IMAGES, latent_layers="2"), "got '2'"),
+    "latent_layers True": (lambda m, r: m.reconstruct(IMAGES, latent_layers=True), "got True"),
+    "latent_layers nan": (lambda m, r: m.reconstruct(IMAGES, latent_layers=NAN), "got nan"),
+    "latent_layers 5": (lambda m, r: m.reconstruct(IMAGES, latent_layers=5), "got 5"),
+    "latent_layers numpy int": (
+        lambda m, r: m.reconstruct(IMAGES, latent_layers=np.int64(2), seed=0),
+        lambda m, r: m.reconstruct(IMAGES, latent_layers=2, seed=0),
+    ),
+    # load: a run directory, named by a path.
+    "load None": (lambda m, r: _load(None), "run_dir must be the path of a run directory"),
+    "load an int": (lambda m, r: _load(123), "got an int (123)"),
+    "load an empty path": (lambda m, r: _load(""), "run_dir is empty"),
+    "load a checkpoint of another type": (lambda m, r: _load(r, checkpoint=5), "checkpoint must"),
+    "load the run's config.yaml": (
+        lambda m, r: _load(r / "config.yaml"),
+        "is the run's config.yaml, not its run directory",
+    ),
+    "load the run's checkpoint": (
+        lambda m, r: _load(r / rundir.CHECKPOINT),
+        "is a file, not a run directory",
+    ),
+}
+
+
+def _load(*args, **kwargs):
+    import hvae_core
+
+    return hvae_core.load(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_the_api_works_or_fails_in_one_clear_line(model, run_dir, case) -> None:
+    call, expected = API_CASES[case]
+    if callable(expected):
+        np.testing.assert_array_equal(call(model, run_dir), expected(model, run_dir))
+        return
+    with pytest.raises(HvaeError) as caught:
+        call(model, run_dir)
+    error = caught.value
+    line = error.one_line()
+    assert expected in line, line
+    assert "\n" not in line and len(line) < 400, line
+    if case.startswith("load"):
+        assert error.hint, line
+    else:  # what a caller handed a method: a ValueError too
+        assert isinstance(error, InputError), line
+
+
+# --- the checkpoint -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_a_checkpoint_array_of_another_float_width_is_refused(run_dir, tmp_path, dtype) -> None:
+    copy = copy_run(run_dir, tmp_path)
+    arrays, _ = rundir.load_checkpoint(copy / rundir.CHECKPOINT)
+    name = next(k for k in sorted(arrays) if k.startswith("ema/"))
+
+    def narrow(arrays):
+        arrays[name] = arrays[name].astype(dtype)
+
+    rewrite_checkpoint(copy, narrow)
+    wanted = np.dtype(dtype).name
+    with pytest.raises(HvaeError, match=f"{name}: dtype {wanted} in the checkpoint, float32 in"):
+        _load(copy)
+
+
+def test_a_mixed_precision_model_takes_float32_weights_only() -> None:
+    """Under mixed_bfloat16 the variables are float32 master weights (the layers compute in
+    bfloat16): a float32 checkpoint fits them, a float16 one does not."""
+    import keras
+
+    from hvae_core.model.hvae import HVAE
+    from hvae_core.model.weights import assign_saved
+
+    cfg = resolve_config("tiny", overrides=["model.precision=mixed_bfloat16"])
+    hvae = HVAE(cfg, (8, 8, 1), 4, seed=0)
+    hvae.build_weights()
+    assert hvae.compute_dtype == "bfloat16"
+    saved = {
+        f"model/{i:05d}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(hvae.variables)
+    }
+    assert {a.dtype for a in saved.values()} == {np.dtype("float32")}
+    assign_saved(saved, "model", hvae.variables)
+    saved["model/00000"] = saved["model/00000"].astype(np.float16)
+    with pytest.raises(ValueError, match="model/00000: dtype float16 in the checkpoint, float32"):
+        assign_saved(saved, "model", hvae.variables)
+
+
+def test_a_checkpoint_of_another_image_shape_says_so(run_dir, tmp_path) -> None:
+    copy = copy_run(run_dir, tmp_path)
+
+    def bigger(meta):
+        meta["image_shape"] = [16, 16, 1]
+
+    rewrite_checkpoint(copy, change_meta=bigger)
+    with pytest.raises(HvaeError) as caught:
+        _load(copy)
+    line = caught.value.one_line()
+    assert "records 16x16x1 images; the run's config.yaml describes 8x8 images" in line, line
+    assert "dataset" not in line and "(hint: " in line
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def test_evaluate_json_of_a_nan_checkpoint_is_strict_json_with_a_warning(run_dir, tmp_path) -> None:
+    copy = copy_run(run_dir, tmp_path)
+
+    def poison(arrays):
+        for name in sorted(arrays):
+            if name.startswith(("model/", "ema/")) and arrays[name].dtype.kind == "f":
+                arrays[name] = np.full_like(arrays[name], np.nan)
+
+    rewrite_checkpoint(copy, poison)
+    result = run("evaluate", str(copy), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    row = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    assert row["bpd"] is None and row["images"] > 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert "not finite" in warnings[0] and "bpd" in warnings[0], warnings[0]
+
+
+def test_analyze_refuses_fewer_than_two_images(tmp_path, never_loaded) -> None:
+    line = assert_one_line_error(run("analyze", str(tmp_path), "--images", "1"), "--images 1", 1)
+    assert "2 or more" in line
+
+
+def write_refused(tmp_path: Path) -> list[Path]:
+    """Folders no file can be created in, as this user: /sys (not even root may), and a
+    read-only folder (root writes into those)."""
+    folders = [Path("/sys")] if sys.platform.startswith("linux") and Path("/sys").is_dir() else []
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        folders.append(read_only)
+    if not folders:
+        pytest.skip("no folder refuses this user's writes here (root, no /sys)")
+    return folders
+
+
+def test_sample_checks_every_output_is_writable_before_loading(tmp_path, never_loaded) -> None:
+    for folder in write_refused(tmp_path):
+        out = tmp_path / "ok.png"
+        result = run("sample", str(tmp_path), "--out", str(out), "--npz", str(folder / "x.npz"))
+        assert_one_line_error(result, f"cannot write {folder / 'x.npz'}", 1)
+        assert not out.exists()
+        assert not (folder / "x.npz").exists()
+        result = run("sample", str(tmp_path), "--out", str(folder / "grid.png"))
+        assert_one_line_error(result, f"cannot write {folder / 'grid.png'}", 1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "read-only") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["sample", "--n", "100001"], "--n 100,001: at most 100,000 images"),
+        (["sample", "--n", "100000000"], "--n 100,000,000: at most 100,000 images"),
+        (["evaluate", "--iw-samples", "20000"], "--iw-samples 20,000: at most 10,000"),
+    ],
+)
+def test_work_beyond_the_limits_is_refused_before_loading(tmp_path, never_loaded, args, fragment):
+    command, *flags = args
+    assert_one_line_error(run(command, str(tmp_path), *flags), fragment, 1)
+
+
+def test_sample_from_images_refuses_more_draws_than_the_limit(run_dir, tmp_path, monkeypatch):
+    from hvae_core.trained import TrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(TrainedModel, "reconstruct", refuse)
+    source, out = tmp_path / "two.npz", tmp_path / "grid.png"
+    np.savez(source, images=IMAGES[:2])
+    result = run("sample", str(run_dir), "--from", str(source), "--n", "50001", "--out", str(out))
+    line = assert_one_line_error(result, "--n 50,001 draws of 2 images: at most 100,000", 1)
+    assert "--seed" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "analyze"])
+def test_an_empty_out_is_refused(tmp_path, never_loaded, monkeypatch, command) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run(command, str(tmp_path / "run"), "--out", ""), "--out is empty", 1)
+    assert list(tmp_path.iterdir()) == []
