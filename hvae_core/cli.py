@@ -405,6 +405,13 @@ def cache_clear(backend: str | None) -> None:
     metavar="RUN_DIR",
     help="continue the run in RUN_DIR where it stopped",
 )
+@click.option(
+    "--init-from",
+    type=click.Path(file_okay=False),
+    metavar="RUN_DIR",
+    help="start a new run from the weights (and EMA) of RUN_DIR's checkpoint, e.g. an "
+    "imported model: fine-tuning; the model config must be that run's",
+)
 @click.option("--quiet", is_flag=True, help="log lines instead of progress bars")
 @verbose_option
 @click.option(
@@ -441,6 +448,7 @@ def train(
     config: str | None,
     overrides: tuple[str, ...],
     resume: str | None,
+    init_from: str | None,
     quiet: bool,
     verbose: bool,
     coordinator: str | None,
@@ -459,7 +467,9 @@ def train(
             os.environ[name] = str(value)
     try:
         with contextlib.ExitStack() as held:
-            trainer, rows = _train(config, overrides, resume, quiet, verbose, flags, held)
+            trainer, rows = _train(
+                config, overrides, resume, init_from, quiet, verbose, flags, held
+            )
     except parallel_env.Relaunch as relaunch:  # after the lock is released: the workers take it
         sys.exit(relaunch.run(["-m", "hvae_core", *sys.argv[1:]]))
     if not trainer.parallel.is_chief:
@@ -477,6 +487,7 @@ def _train(
     config: str | None,
     overrides: tuple[str, ...],
     resume: str | None,
+    init_from: str | None,
     quiet: bool,
     verbose: bool,
     flags: dict[str, Any],
@@ -489,7 +500,14 @@ def _train(
     from hvae_core.run import RunDirectory
 
     writes = parallel_env.chief_from_env()  # only process 0 writes, and locks
-    checkpoint = None
+    checkpoint = start = None
+    if init_from is not None:
+        if resume is not None:
+            raise ConfigError(
+                "--init-from starts a new run; --resume continues one",
+                hint="give one of them",
+            )
+        start = RunDirectory.open(init_from).read_checkpoint()  # read once, before building
     if resume is not None:
         run = RunDirectory.open(resume)
         cfg = run.resume_config(config, overrides, flags)
@@ -520,6 +538,9 @@ def _train(
     if checkpoint is not None:
         trainer.restore(checkpoint)
         del checkpoint  # its arrays are in the engine now
+    if start is not None:
+        trainer.init_from(start)
+        del start
     return trainer, trainer.fit()
 
 

@@ -301,6 +301,24 @@ class Engine:
         assign_saved(arrays, "optimizer", self.optimizer.variables)
         self.after_external_change()
 
+    def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
+        """Start from another run's weights (``state()``'s arrays, or a checkpoint's): the
+        model's, and the EMA's where the engine keeps one (the checkpoint's EMA, else its
+        weights). The optimizer starts afresh: what fine-tuning from a trained or imported
+        model needs."""
+        from hvae_core.model.weights import assign_saved, in_model_layout
+
+        has_ema = any(k.startswith("ema/") for k in arrays)
+        arrays = in_model_layout(arrays, self.model, None, has_ema)
+        assign_saved(arrays, "model", self.model.variables)
+        if self.ema:
+            if has_ema:
+                assign_saved(arrays, "ema", self.ema)
+            else:
+                for v, e in zip(self.trainable, self.ema, strict=True):
+                    e.assign(v.value)
+        self.after_external_change()
+
     @property
     def learning_rate(self) -> float:
         self.sync()

@@ -130,6 +130,29 @@ class Trainer:
         if self.writes:
             self.run.truncate_metrics(self.position.epoch)
 
+    def init_from(self, checkpoint: Checkpoint) -> None:
+        """Start this new run from the weights of another run's ``checkpoint`` (its EMA too;
+        a fresh optimizer and position): fine-tuning. Its model config must be this run's
+        (the data may differ)."""
+        stored = checkpoint.meta.get("fingerprint_config") or {}
+        ours = checkpoint_meta.fingerprinted_sections(self.config)
+        changed = checkpoint_meta.model_and_data_changes(
+            {"model": stored.get("model") or {}}, {"model": ours["model"]}
+        )
+        if changed:
+            raise HvaeError(
+                f"--init-from: {checkpoint.path} holds another model (differs in "
+                f"{', '.join(changed[:5])})",
+                hint="train with that run's model config (--config RUN_DIR/config.yaml)",
+            )
+        try:
+            self.engine.load_weights(checkpoint.arrays)
+        except ValueError as exc:
+            raise HvaeError(
+                f"--init-from: {checkpoint.path} does not fit this model: {exc}",
+                hint="train with that run's model config (--config RUN_DIR/config.yaml)",
+            ) from None
+
     # -- the run ----------------------------------------------------------------------------
 
     def summary(self) -> str:
