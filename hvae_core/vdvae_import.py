@@ -46,9 +46,8 @@ class VdvaeImportError(HvaeError):
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The tensors of a PyTorch state dict file, as float32 numpy arrays by name (DDP's
-    ``module.`` prefix dropped). Read with ``torch.load(weights_only=True)``: a file holding
-    any pickled object other than tensors and plain containers is refused, nothing of it
-    run."""
+    ``module.`` prefix dropped). Read by :mod:`hvae_core.torch_files`, without PyTorch: a file
+    holding any pickled object other than tensors and dicts is refused, nothing of it run."""
     path = Path(path)
     if not path.is_file():
         raise VdvaeImportError(
@@ -56,27 +55,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             hint="give the .th file of a VDVAE checkpoint (e.g. cifar10-seed0-iter-1050000-"
             "model-ema.th)",
         )
-    try:
-        import torch
-    except ModuleNotFoundError:
-        raise VdvaeImportError(
-            "reading a VDVAE checkpoint (a PyTorch file) needs PyTorch",
-            hint="pip install 'hvae[torch]' (or torch==2.13.0 for the CPU build)",
-        ) from None
-    import pickle
+    from hvae_core import torch_files
 
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        loaded = torch_files.load(path)
+    except torch_files.UnsafeFile as exc:
         raise VdvaeImportError(
-            f"{path} holds pickled objects other than tensors; refused (loading them could "
-            "run code)",
+            f"{path} holds pickled objects other than tensors ({str(exc)[:80]}); refused "
+            "(loading them could run code)",
             hint="give a state dict saved with torch.save(model.state_dict())",
         ) from None
-    except Exception as exc:  # torch's readers fail on junk with any of a dozen types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (torch_files.NotATorchFile, OSError) as exc:
         raise VdvaeImportError(
-            f"cannot read {path} as a PyTorch file: {first[:200]}",
+            f"cannot read {path} as a PyTorch file: {str(exc)[:200]}",
             hint="the file may be truncated or not a checkpoint; download it again",
         ) from None
     if not isinstance(loaded, Mapping):
@@ -88,19 +79,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         loaded = loaded["model"]  # a training checkpoint wrapping the state dict
     arrays: dict[str, np.ndarray] = {}
     for name, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
-            raise VdvaeImportError(
-                f"{path}: entry {str(name)[:80]!r} is a {type(value).__name__}, not a tensor",
-                hint="give a file saved with torch.save(model.state_dict())",
-            )
         key = str(name)
         key = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        if not value.is_floating_point():
+        if not isinstance(value, np.ndarray):
+            raise VdvaeImportError(
+                f"{path}: entry {key[:80]!r} is a {type(value).__name__}, not a tensor",
+                hint="give a file saved with torch.save(model.state_dict())",
+            )
+        if not np.issubdtype(value.dtype, np.floating):
             raise VdvaeImportError(
                 f"{path}: tensor {key} is {value.dtype}, not floating point",
                 hint="give the model's (or its EMA's) state dict",
             )
-        arrays[key] = value.detach().to(torch.float32).cpu().numpy()
+        arrays[key] = value.astype(np.float32)
     if not arrays:
         raise VdvaeImportError(f"{path} holds no tensors", hint="give a VDVAE model state dict")
     return arrays

@@ -200,6 +200,34 @@ def test_a_ddp_prefixed_state_dict_reads_as_the_plain_one(tmp_path: Path, small_
     assert all(np.array_equal(again[k], small_state[k]) for k in again)
 
 
+def test_torch_files_read_as_torch_reads_them_without_torch(tmp_path: Path) -> None:
+    """hvae's own reader against torch.load: views with offsets and strides, shared storages,
+    scalars, empty tensors and other dtypes come out as the same arrays."""
+    require_backend("torch")
+    import torch
+
+    from hvae_core import torch_files
+
+    base = torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)
+    tensors = {
+        "plain": torch.randn(2, 3),
+        "transposed": base.permute(2, 0, 1),
+        "offset": base[1:, 2:, ::2],
+        "shared": base[2],
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "double": torch.randn(3, dtype=torch.float64),
+        "half": torch.randn(4).half(),
+        "long": torch.arange(5),
+    }
+    torch.save(tensors, tmp_path / "t.th")
+    got = torch_files.load(tmp_path / "t.th")
+    assert got.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(got[name], tensor.numpy(), err_msg=name)
+        assert got[name].dtype == tensor.numpy().dtype and got[name].shape == tuple(tensor.shape)
+
+
 def test_broken_and_hostile_files_are_refused_in_one_line(tmp_path: Path, small_state) -> None:
     require_backend("torch")
 
