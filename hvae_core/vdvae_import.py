@@ -117,17 +117,9 @@ def _count(shapes: Mapping[str, tuple[int, ...]], pattern: re.Pattern[str]) -> i
     return max(found) + 1 if found else 0
 
 
-def _layout_counts(config: Any) -> tuple[int, int, int]:
-    """Encoder blocks, decoder blocks and learned starting states of a config's model."""
-    model = config.model
-    biases = sum(
-        1
-        for r, n in zip(config.resolutions, model.dec_num_blocks, strict=True)
-        if n > 0
-        and not (r == 1 and model.init_zeros)
-        and (model.no_bias_above is None or r <= model.no_bias_above)
-    )
-    return sum(model.enc_num_blocks), sum(model.dec_num_blocks), biases
+def _layout_counts(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int]:
+    """Encoder blocks, decoder blocks and learned starting states among tensor ``shapes``."""
+    return _count(shapes, _ENC), _count(shapes, _DEC), _count(shapes, _BIAS)
 
 
 def preset_config(name: str, overrides: tuple[str, ...] = ()) -> Any:
@@ -139,13 +131,15 @@ def preset_config(name: str, overrides: tuple[str, ...] = ()) -> Any:
 def recognise(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """The preset whose block layout the state dict has (counts of encoder blocks, decoder
     blocks and starting states); one line when none or several do."""
-    counts = (_count(shapes, _ENC), _count(shapes, _DEC), _count(shapes, _BIAS))
+    counts = _layout_counts(shapes)
     if counts[1] == 0:
         raise VdvaeImportError(
             "the file holds no tensor named decoder.dec_blocks.N...: not a VDVAE model",
             hint="give the model or EMA state dict of openai/vdvae (…-model-ema.th)",
         )
-    matches = [name for name in PRESETS if _layout_counts(preset_config(name)) == counts]
+    matches = [
+        name for name in PRESETS if _layout_counts(expected_shapes(preset_config(name))) == counts
+    ]
     if len(matches) != 1:
         described = f"{counts[0]} encoder blocks, {counts[1]} decoder blocks, {counts[2]} biases"
         raise VdvaeImportError(
