@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -590,9 +591,9 @@ def _output_path(path: str, force: bool) -> Path:
     from hvae_core.run import is_run_file
 
     out = Path(path)
-    if out.is_dir():
-        raise HvaeError(f"{out} is a directory", hint="give a file name")
-    if out.exists():
+    if _looked_up(out) is not None:
+        if out.is_dir():
+            raise HvaeError(f"{out} is a directory", hint="give a file name")
         if is_run_file(out):
             raise HvaeError(
                 f"{out} belongs to a run directory; hvae never overwrites a run's files",
@@ -600,26 +601,113 @@ def _output_path(path: str, force: bool) -> Path:
             )
         if not force:
             raise HvaeError(f"{out} exists", hint="add --force to overwrite it")
+    _existing_ancestor(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise HvaeError(
-            f"cannot create the folder {out.parent}: {exc.strerror}",
-            hint="check the path and its permissions, or write elsewhere",
-        ) from None
+        raise _folder_error(out.parent, exc) from None
     # The write itself, tried now with the temporary file the real one starts as (see
     # atomic_write_bytes): a folder that refuses it fails before the model runs, not after
     # the command's other outputs are written.
+    _try_writing(out.parent, f".{out.name}.", _shown(out))
+    return out
+
+
+def _exists(path: str | Path) -> bool:
+    """Whether ``path`` names something (links followed), as pathlib's exists(), but a name
+    the system refuses to look up is one line (see :func:`_looked_up`)."""
+    return _looked_up(Path(path), follow=True) is not None
+
+
+def _looked_up(path: Path, follow: bool = False) -> os.stat_result | None:
+    """``path``'s own status (a link is not followed unless ``follow``), None where nothing is
+    there. A name the system refuses to look up (too long, a loop of links) is one line:
+    pathlib's exists() raises it as a bare OSError."""
     try:
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        return os.stat(path) if follow else os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as exc:
         raise HvaeError(
-            f"cannot write {out}: {exc.strerror}",
+            f"cannot use {_shown(path)}: {exc.strerror or exc}",
+            hint="give a shorter or simpler path"
+            if exc.errno == errno.ENAMETOOLONG
+            else "check the path",
+        ) from None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that exists; the names below it, which a
+    command would create, must each fit the file system (the system names only the first
+    missing folder when a path is looked up, never a name too long below it)."""
+    existing = next(p for p in (path, *path.parents) if _looked_up(p) is not None)
+    limit = _name_max(existing)
+    if any(len(os.fsencode(part)) > limit for part in path.relative_to(existing).parts):
+        raise HvaeError(
+            f"cannot use {_shown(path)}: {os.strerror(errno.ENAMETOOLONG)}",
+            hint="give a shorter or simpler path",
+        )
+    return existing
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of ``folder`` takes."""
+    try:
+        return os.pathconf(folder if folder.is_dir() else folder.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):  # not POSIX, or the file system does not say
+        return 255
+
+
+def _shown(path: Path) -> str:
+    """``path`` for an error line: a name of hundreds of characters is cut in the middle."""
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]} ({len(text)} characters)"
+
+
+def _try_writing(folder: Path, prefix: str, what: str) -> None:
+    """Create a file in ``folder`` (its name starting ``prefix``) and remove it again: one line,
+    "cannot write ``what``", where the folder refuses it or the name is too long."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot write {what}: {exc.strerror}",
             hint="check the folder's permissions, or write elsewhere",
         ) from None
     os.close(fd)
     os.unlink(probe)
-    return out
+
+
+def _output_folder(folder: Path, option: str) -> None:
+    """Before a command loads its model: ``folder`` is a folder that takes new files, or can
+    be made where it is missing; else one line (a file in the way, a name too long, a folder
+    that refuses writes). Creates nothing: a command that fails later leaves no empty folder."""
+    if _looked_up(folder) is not None and not folder.is_dir():
+        raise HvaeError(f"{_shown(folder)} is a file", hint=f"give {option} a folder")
+    existing = _existing_ancestor(folder)
+    if existing == folder:
+        _try_writing(folder, ".hvae-", f"into {_shown(folder)}")
+        return
+    try:  # the first folder that would be made, made and removed again
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".hvae-"))
+    except OSError as exc:
+        raise _folder_error(folder, exc) from None
+
+
+def _folder_error(folder: Path, exc: OSError) -> HvaeError:
+    """One line for a folder that could not be made: a file in its way is named."""
+    blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if isinstance(exc, FileExistsError | NotADirectoryError) and blocker is not None:
+        return HvaeError(
+            f"cannot create the folder {_shown(folder)}: {blocker} is a file",
+            hint="choose a path that is not under a file",
+        )
+    return HvaeError(
+        f"cannot create the folder {_shown(folder)}: {exc.strerror or exc}",
+        hint="check the path and its permissions, or write elsewhere",
+    )
 
 
 def _progress(quiet: bool, what: str) -> Any:
@@ -852,7 +940,7 @@ def sample(
     if num is not None:
         _check_sample_count(num, f"--n {num:,}")
     out_path, npz_path = _outputs(out, npz, force)
-    if source is not None and not Path(source).exists():
+    if source is not None and not _exists(source):
         raise HvaeError(f"{source} does not exist", hint="give an .npz, a PNG or a folder of PNGs")
     model = _load(run_dir, checkpoint, backend, verbose)
     from hvae_core.model.pixels import to_uint8  # imports Keras: only once it is chosen
@@ -1144,7 +1232,7 @@ def interpolate(
     from hvae_core import figures
 
     for spec in (image_a, image_b):
-        if not Path(spec.rpartition(":")[0] if ".npz:" in spec else spec).exists():
+        if not _exists(spec.rpartition(":")[0] if ".npz:" in spec else spec):
             raise HvaeError(f"{spec} does not exist", hint="give a PNG, or IMAGES.npz:INDEX")
     out_path, npz_path = _outputs(out, npz, force)
     model = _load(run_dir, checkpoint, backend, verbose)
@@ -1209,11 +1297,12 @@ def export(
     """Export a trained run as a sampler (temperature per image -> pixels) and an encoder
     (pixels -> every layer's posterior), EMA weights."""
     folder = _out_folder(out, "export")
-    if folder.exists() and not folder.is_dir():
+    if _looked_up(folder) is not None and not folder.is_dir():
         raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
     earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
     _refuse_earlier(folder, earlier, "an export", force)
     check_format(fmt)
+    _output_folder(folder, "--out")
     if fmt in PORTABLE:
         if backend not in (None, CONVERTING_BACKEND):
             raise HvaeError(
@@ -1231,7 +1320,13 @@ def export(
     from hvae_core.export import export_model
 
     written = export_model(
-        model, fmt, folder, output_temperature=output_temperature, seed=seed, replace=force
+        model,
+        fmt,
+        folder,
+        output_temperature=output_temperature,
+        seed=seed,
+        replace=force,
+        verbose=verbose,
     )
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
@@ -1303,7 +1398,10 @@ def analyze(
         )
     temps = _temperature_list(temperatures, "--temperatures")
     folder = _out_folder(out, "analysis") if out is not None else Path(run_dir) / "analysis"
+    if _looked_up(folder) is not None and not folder.is_dir():
+        raise HvaeError(f"{folder} is a file", hint="give --out a folder for the figures")
     _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
+    _output_folder(folder, "--out")
     model = _load(run_dir, checkpoint, backend, verbose)
     images = None
     try:
@@ -1312,8 +1410,20 @@ def analyze(
         click.echo(f"warning: no data ({exc.one_line()}); only the samples figure", err=True)
     else:
         subset = _split(model, dataset, split)[:num_images]
+        if len(subset) < MIN_USAGE_IMAGES:
+            raise HvaeError(
+                f"split '{split}' of dataset {model.config.data.dataset} holds {len(subset)} "
+                f"image{'' if len(subset) == 1 else 's'}; active units are the latent "
+                f"dimensions whose posterior mean varies over the images, which takes "
+                f"{MIN_USAGE_IMAGES} or more",
+                hint=f"analyse a split with 2 or more images (--split; splits: "
+                f"{', '.join(dataset.splits)})",
+            )
         images = np.concatenate(list(evaluation_batches(subset, model.batch_size, dataset)))
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # checked before loading; the folder may have changed since
+        raise _folder_error(folder, exc) from None
     written, lines = write_figures(model, folder, images, temps, temperature, seed)
     for line in lines:
         click.echo(line)
@@ -1419,7 +1529,15 @@ def _dataset(model: Any, data_dir: str | None) -> Any:
     config = model.config
     if data_dir is not None:
         config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
-    return open_dataset(config)
+    dataset = open_dataset(config)
+    if dataset.num_bits != model.num_bits:  # its images would be read at the wrong depth
+        raise HvaeError(
+            f"dataset {config.data.dataset} gives {dataset.num_bits}-bit images; the run's "
+            f"model was trained on {model.num_bits}-bit ones",
+            hint="give the run's own data (--data-dir), or set data.num_bits in its "
+            "config.yaml to the depth it trained with",
+        )
+    return dataset
 
 
 def _split(model: Any, dataset: Any, split: str) -> Any:

@@ -669,14 +669,6 @@ def load(
     for message in check_plugins(meta.get("plugins", []), registry):
         warnings.warn(message, RunWarning, stacklevel=2)
     config = run.config(registry, trackers=False)  # a model logs nothing: none need be installed
-    changed = checkpoint_meta.differences(meta, config)
-    if changed:
-        warnings.warn(
-            f"the run's config.yaml differs from the config its checkpoint was trained with "
-            f"(in {', '.join(changed[:5])}); loading it as config.yaml says",
-            RunWarning,
-            stacklevel=2,
-        )
     if "image_shape" not in meta or "num_bits" not in meta:
         raise HvaeError(
             f"checkpoint {path} records no image shape or bit depth",
@@ -691,6 +683,25 @@ def load(
             f"checkpoint {path} records {height}x{width}x{channels} images; the run's "
             f"config.yaml describes {size}x{size} images",
             hint="was config.yaml edited after the run started? restore the one it trained with",
+        )
+    # The model takes the checkpoint's bit depth (its weights were trained on it); a config
+    # that names another would make the commands read the data at that depth, and score
+    # images of one depth with a model of another without a word.
+    bits, wanted = int(meta["num_bits"]), config.data.num_bits
+    if wanted is not None and int(wanted) != bits:
+        raise HvaeError(
+            f"checkpoint {path} records {bits}-bit images; the run's config.yaml sets "
+            f"data.num_bits to {wanted}",
+            hint="was config.yaml edited after the run started? restore the one it trained with",
+        )
+    # Warned only once the differences that would make the warning untrue are refused above.
+    changed = checkpoint_meta.differences(meta, config)
+    if changed:
+        warnings.warn(
+            f"the run's config.yaml differs from the config its checkpoint was trained with "
+            f"(in {', '.join(changed[:5])}); loading it as config.yaml says",
+            RunWarning,
+            stacklevel=2,
         )
     if "keras" in sys.modules:
         backend = backend or sys.modules["keras"].backend.backend()
@@ -720,6 +731,15 @@ def _check_path(value: Any, what: str, expected: str) -> None:
         raise InputError(
             f"{what} is empty", hint="e.g. hvae_core.load('runs/digits-20261123-204312')"
         )
+    try:  # pathlib's exists() raises what the system refuses to look up as a bare OSError
+        os.stat(value)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # said in the words of the run directory, by RunDirectory.open
+    except OSError as exc:
+        raise InputError(
+            f"{what} {_short(os.fspath(value))}: {exc.strerror or exc}",
+            hint="give the path of an existing run directory (and checkpoint)",
+        ) from None
 
 
 def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], registry: Any) -> Any:
