@@ -439,3 +439,43 @@ def test_a_dataset_at_another_bit_depth_is_refused(run_dir, tmp_path) -> None:
     rewrite_checkpoint(copy, change_meta=three_bits)
     result = run("evaluate", str(copy), "--quiet")
     assert_one_line_error(result, "dataset digits gives 4-bit images; the run's model was", 1)
+
+
+class RecordedBar:
+    """Stands in for the rich progress bar: records where it was moved to."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_task(self, name: str, total: float) -> int:
+        self.total = total
+        self.at.append(0)
+        return 0
+
+    def advance(self, task: int, by: float) -> None:
+        self.at.append(self.at[-1] + by)
+
+    def update(self, task: int, completed: float) -> None:
+        self.at.append(completed)
+
+
+def test_evaluate_moves_its_bar_within_an_importance_sampling_batch(model, monkeypatch) -> None:
+    from hvae_core.data.arrays import InMemoryDataset
+
+    dataset = InMemoryDataset({"test": np.asarray(IMAGES, np.uint8)}, 4)
+    bar = RecordedBar()
+    monkeypatch.setattr(cli_module, "_load", lambda *args, **kwargs: model)
+    monkeypatch.setattr(cli_module, "_dataset", lambda *args: dataset)
+    monkeypatch.setattr(cli_module, "_progress", lambda *args: bar)
+    result = run("evaluate", "RUN", "--iw-samples", "4", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    # The ELBO's pass: 2 then 1 image. The bound's: 2 images x 4 draws in 4 calls of 2 draws,
+    # then 1 x 4 in 2 calls: the bar moves after each call, not once per batch.
+    assert bar.at == [0, 2, 3, 3.5, 4, 4.5, 5, 5.5, 6], bar.at
+    assert bar.total == 6
