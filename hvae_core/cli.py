@@ -26,6 +26,10 @@ from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.export_formats import CONVERTING_BACKEND, PORTABLE, STEMS, check_format
 from hvae_core.export_formats import FORMATS as EXPORT_FORMATS
 from hvae_core.hookspecs import KINDS
+
+# Work one command does, beyond which it is refused before it starts: the limits of the
+# trained model's methods, checked before the run loads.
+from hvae_core.trained import MAX_IW_SAMPLES, MAX_SAMPLES
 from hvae_core.vdvae_import import PRESETS as VDVAE_PRESETS
 
 
@@ -43,13 +47,6 @@ class FiniteFloatRange(click.FloatRange):
 
 # NumPy's and the backends' seeds are unsigned 32-bit integers.
 SEED = click.IntRange(0, 2**32 - 1)
-
-# Work one command does, beyond which it is refused before it starts: hvae sample draws its
-# images, and their noise, at once (100,000 covers the 50,000 of an FID), and every
-# importance sample of hvae evaluate is a forward pass per image (papers report K = 1,000 to
-# 5,000). Both ran on for minutes, or ran out of memory, without a word.
-MAX_SAMPLES = 100_000
-MAX_IW_SAMPLES = 10_000
 
 
 def _fail(message: str, code: int) -> None:
@@ -683,7 +680,7 @@ def _output_folder(folder: Path, option: str) -> None:
     be made where it is missing; else one line (a file in the way, a name too long, a folder
     that refuses writes). Creates nothing: a command that fails later leaves no empty folder."""
     if _looked_up(folder) is not None and not folder.is_dir():
-        raise HvaeError(f"{_shown(folder)} is a file", hint=f"give {option} a folder")
+        raise HvaeError(f"{_shown(folder)} {_not_a_folder(folder)}", hint=f"give {option} a folder")
     existing = _existing_ancestor(folder)
     if existing == folder:
         _try_writing(folder, ".hvae-", f"into {_shown(folder)}")
@@ -694,6 +691,13 @@ def _output_folder(folder: Path, option: str) -> None:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".hvae-"))
     except OSError as exc:
         raise _folder_error(folder, exc) from None
+
+
+def _not_a_folder(path: Path) -> str:
+    """What ``path``, which exists but is no folder, is instead."""
+    if path.is_symlink() and not path.exists():
+        return f"is a link to {os.readlink(path)}, which does not exist"
+    return "is a file"
 
 
 def _folder_error(folder: Path, exc: OSError) -> HvaeError:
@@ -775,6 +779,11 @@ def evaluate(
     model = _load(run_dir, checkpoint, backend, verbose)
     dataset = _dataset(model, data_dir)
     images = _split(model, dataset, split)
+    if len(images) == 0:  # the batching below would blame the batch size
+        raise HvaeError(
+            f"split '{split}' of dataset {model.config.data.dataset} holds no images",
+            hint=f"evaluate another split (--split; splits: {', '.join(dataset.splits)})",
+        )
     size = batch_size or model.batch_size
     started = time.monotonic()
     passes = 1 if iw_samples is None else 2
@@ -1315,7 +1324,7 @@ def export(
     (pixels -> every layer's posterior), EMA weights."""
     folder = _out_folder(out, "export")
     if _looked_up(folder) is not None and not folder.is_dir():
-        raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
+        raise HvaeError(f"{folder} {_not_a_folder(folder)}", hint="give a folder for the export")
     earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
     _refuse_earlier(folder, earlier, "an export", force)
     check_format(fmt)
@@ -1375,7 +1384,7 @@ MIN_USAGE_IMAGES = 2  # a variance over the images needs two of them
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.8,
     show_default=True,
     help="prior temperature below the conditioned layers in the top-down figure",
@@ -1416,7 +1425,9 @@ def analyze(
     temps = _temperature_list(temperatures, "--temperatures")
     folder = _out_folder(out, "analysis") if out is not None else Path(run_dir) / "analysis"
     if _looked_up(folder) is not None and not folder.is_dir():
-        raise HvaeError(f"{folder} is a file", hint="give --out a folder for the figures")
+        raise HvaeError(
+            f"{folder} {_not_a_folder(folder)}", hint="give --out a folder for the figures"
+        )
     _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
     _output_folder(folder, "--out")
     model = _load(run_dir, checkpoint, backend, verbose)

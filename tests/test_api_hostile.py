@@ -150,6 +150,16 @@ API_CASES = {
         lambda m, r: _load(r, checkpoint="x" * 300),
         "checkpoint 'xxxx",
     ),
+    "load jit as a string": (lambda m, r: _load(r, jit="no"), "jit must be True, False or None"),
+    "load verbose as None": (lambda m, r: _load(r, verbose=None), "verbose must be True or False"),
+    "load a backend of another type": (lambda m, r: _load(r, backend=5), "got an int (5)"),
+    # Work beyond the limits (drawn and held at once; K forward passes per image).
+    "sample beyond the limit": (lambda m, r: m.sample(10**9), "n = 1,000,000,000: at most 100,000"),
+    "draw noise beyond the limit": (lambda m, r: m.draw_noise(10**9), "at most 100,000 images"),
+    "bound beyond the limit": (
+        lambda m, r: m.log_likelihood(IMAGES, 10**9),
+        "num_samples = 1,000,000,000: at most 10,000 draws per call",
+    ),
     "load the run's checkpoint": (
         lambda m, r: _load(r / rundir.CHECKPOINT),
         "is a file, not a run directory",
@@ -175,9 +185,9 @@ def test_the_api_works_or_fails_in_one_clear_line(model, run_dir, case) -> None:
     line = error.one_line()
     assert expected in line, line
     assert "\n" not in line and len(line) < 400, line
-    if case.startswith("load"):
+    if case.startswith("load") or "beyond" in case:
         assert error.hint, line
-    else:  # what a caller handed a method: a ValueError too
+    if not case.startswith("load"):  # what a caller handed a method: a ValueError too
         assert isinstance(error, InputError), line
 
 
@@ -375,6 +385,21 @@ def test_an_output_folder_under_a_file_is_one_line(tmp_path, never_loaded) -> No
     assert file.read_text() == "x"
 
 
+def test_an_output_folder_that_is_a_broken_link_says_so(tmp_path, never_loaded) -> None:
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    for command in ("export", "analyze"):
+        result = run(command, str(tmp_path / "run"), "--out", str(link))
+        assert_one_line_error(result, f"is a link to {tmp_path / 'gone'}, which does not exist", 1)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_analyze_refuses_a_non_finite_temperature_before_loading(tmp_path, never_loaded, value):
+    # click's FloatRange let NaN through: the figures were half written when the model refused.
+    result = run("analyze", str(tmp_path), "--temperature", value)
+    assert_one_line_error(result, f"'{value}' is not a finite number", 2)
+
+
 def test_a_failed_check_leaves_no_folder_behind(tmp_path, never_loaded) -> None:
     """The writability check makes nothing: a command refused later leaves no empty folder."""
     # never_loaded refuses at the load, after the output checks passed.
@@ -404,6 +429,16 @@ def test_analyze_refuses_a_split_of_fewer_than_two_images(
     )
     assert "2 or more" in line and "splits: val, one, none" in line
     assert not out.exists()
+
+
+def test_evaluate_refuses_an_empty_split(model, monkeypatch) -> None:
+    from hvae_core.data.arrays import InMemoryDataset
+
+    dataset = InMemoryDataset({"test": np.zeros((0, 8, 8, 1), np.uint8), "val": IMAGES}, 4)
+    monkeypatch.setattr(cli_module, "_load", lambda *args, **kwargs: model)
+    monkeypatch.setattr(cli_module, "_dataset", lambda *args: dataset)
+    line = assert_one_line_error(run("evaluate", "RUN"), "split 'test' of dataset digits", 1)
+    assert "holds no images" in line and "batch" not in line, line
 
 
 # --- a config.yaml or dataset at another bit depth than the checkpoint ------------------------
