@@ -220,6 +220,10 @@ class Encoder(_Exported):
             raise InputError(
                 f"the encoder takes integer pixel levels 0..{top} (uint8), got {dtype}"
             )
+        shape = tuple(images.shape)
+        if len(shape) != 4 or tuple(shape[1:]) != self.image_shape:  # else a page from a layer
+            wanted = ", ".join(map(str, self.image_shape))
+            raise InputError(f"the encoder takes images of shape (n, {wanted}), got {shape}")
         levels = f"encoder pixel levels must lie in 0..{top} ({self.num_bits} bits)"
         # Levels above the bit depth encoded as brighter-than-white images without a word.
         refuse_unless(

@@ -103,9 +103,13 @@ def test_the_keras_exports_refuse_bad_inputs_in_one_line(exported, case) -> None
     assert fragment in line and "\n" not in line, line  # not Keras' page of call arguments
 
 
-def test_the_keras_encoder_refuses_float_images(exported) -> None:
+def test_the_keras_encoder_refuses_float_images_and_other_shapes(exported) -> None:
     with pytest.raises(InputError, match="takes integer pixel levels 0..15 .uint8., got float32"):
         exported[1](np.zeros((1, 8, 8, 1), "float32"))
+    for shape in [(1, 16, 16, 1), (1, 8, 8, 3), (8, 8, 1)]:
+        with pytest.raises(InputError) as caught:
+            exported[1](np.zeros(shape, "uint8"))
+        assert str(caught.value) == f"the encoder takes images of shape (n, 8, 8, 1), got {shape}"
 
 
 def test_traced_exports_refuse_bad_inputs_when_they_run(exported) -> None:
