@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -25,6 +26,10 @@ from hvae_core.errors import DEBUG_ENV, ConfigError, HvaeError, debug_requested
 from hvae_core.export_formats import CONVERTING_BACKEND, PORTABLE, STEMS, check_format
 from hvae_core.export_formats import FORMATS as EXPORT_FORMATS
 from hvae_core.hookspecs import KINDS
+
+# Work one command does, beyond which it is refused before it starts: the limits of the
+# trained model's methods, checked before the run loads.
+from hvae_core.trained import MAX_IW_SAMPLES, MAX_SAMPLES
 from hvae_core.vdvae_import import PRESETS as VDVAE_PRESETS
 
 
@@ -42,13 +47,6 @@ class FiniteFloatRange(click.FloatRange):
 
 # NumPy's and the backends' seeds are unsigned 32-bit integers.
 SEED = click.IntRange(0, 2**32 - 1)
-
-# Work one command does, beyond which it is refused before it starts: hvae sample draws its
-# images, and their noise, at once (100,000 covers the 50,000 of an FID), and every
-# importance sample of hvae evaluate is a forward pass per image (papers report K = 1,000 to
-# 5,000). Both ran on for minutes, or ran out of memory, without a word.
-MAX_SAMPLES = 100_000
-MAX_IW_SAMPLES = 10_000
 
 
 def _fail(message: str, code: int) -> None:
@@ -590,9 +588,9 @@ def _output_path(path: str, force: bool) -> Path:
     from hvae_core.run import is_run_file
 
     out = Path(path)
-    if out.is_dir():
-        raise HvaeError(f"{out} is a directory", hint="give a file name")
-    if out.exists():
+    if _looked_up(out) is not None:
+        if out.is_dir():
+            raise HvaeError(f"{out} is a directory", hint="give a file name")
         if is_run_file(out):
             raise HvaeError(
                 f"{out} belongs to a run directory; hvae never overwrites a run's files",
@@ -600,26 +598,120 @@ def _output_path(path: str, force: bool) -> Path:
             )
         if not force:
             raise HvaeError(f"{out} exists", hint="add --force to overwrite it")
+    _existing_ancestor(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise HvaeError(
-            f"cannot create the folder {out.parent}: {exc.strerror}",
-            hint="check the path and its permissions, or write elsewhere",
-        ) from None
+        raise _folder_error(out.parent, exc) from None
     # The write itself, tried now with the temporary file the real one starts as (see
     # atomic_write_bytes): a folder that refuses it fails before the model runs, not after
     # the command's other outputs are written.
+    _try_writing(out.parent, f".{out.name}.", _shown(out))
+    return out
+
+
+def _exists(path: str | Path) -> bool:
+    """Whether ``path`` names something (links followed), as pathlib's exists(), but a name
+    the system refuses to look up is one line (see :func:`_looked_up`)."""
+    return _looked_up(Path(path), follow=True) is not None
+
+
+def _looked_up(path: Path, follow: bool = False) -> os.stat_result | None:
+    """``path``'s own status (a link is not followed unless ``follow``), None where nothing is
+    there. A name the system refuses to look up (too long, a loop of links) is one line:
+    pathlib's exists() raises it as a bare OSError."""
     try:
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        return os.stat(path) if follow else os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as exc:
         raise HvaeError(
-            f"cannot write {out}: {exc.strerror}",
+            f"cannot use {_shown(path)}: {exc.strerror or exc}",
+            hint="give a shorter or simpler path"
+            if exc.errno == errno.ENAMETOOLONG
+            else "check the path",
+        ) from None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that exists; the names below it, which a
+    command would create, must each fit the file system (the system names only the first
+    missing folder when a path is looked up, never a name too long below it)."""
+    existing = next(p for p in (path, *path.parents) if _looked_up(p) is not None)
+    limit = _name_max(existing)
+    if any(len(os.fsencode(part)) > limit for part in path.relative_to(existing).parts):
+        raise HvaeError(
+            f"cannot use {_shown(path)}: {os.strerror(errno.ENAMETOOLONG)}",
+            hint="give a shorter or simpler path",
+        )
+    return existing
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of ``folder`` takes."""
+    try:
+        return os.pathconf(folder if folder.is_dir() else folder.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):  # not POSIX, or the file system does not say
+        return 255
+
+
+def _shown(path: Path) -> str:
+    """``path`` for an error line: a name of hundreds of characters is cut in the middle."""
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]} ({len(text)} characters)"
+
+
+def _try_writing(folder: Path, prefix: str, what: str) -> None:
+    """Create a file in ``folder`` (its name starting ``prefix``) and remove it again: one line,
+    "cannot write ``what``", where the folder refuses it or the name is too long."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    except OSError as exc:
+        raise HvaeError(
+            f"cannot write {what}: {exc.strerror}",
             hint="check the folder's permissions, or write elsewhere",
         ) from None
     os.close(fd)
     os.unlink(probe)
-    return out
+
+
+def _output_folder(folder: Path, option: str) -> None:
+    """Before a command loads its model: ``folder`` is a folder that takes new files, or can
+    be made where it is missing; else one line (a file in the way, a name too long, a folder
+    that refuses writes). Creates nothing: a command that fails later leaves no empty folder."""
+    if _looked_up(folder) is not None and not folder.is_dir():
+        raise HvaeError(f"{_shown(folder)} {_not_a_folder(folder)}", hint=f"give {option} a folder")
+    existing = _existing_ancestor(folder)
+    if existing == folder:
+        _try_writing(folder, ".hvae-", f"into {_shown(folder)}")
+        return
+    try:  # the first folder that would be made, made and removed again
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".hvae-"))
+    except OSError as exc:
+        raise _folder_error(folder, exc) from None
+
+
+def _not_a_folder(path: Path) -> str:
+    """What ``path``, which exists but is no folder, is instead."""
+    if path.is_symlink() and not path.exists():
+        return f"is a link to {os.readlink(path)}, which does not exist"
+    return "is a file"
+
+
+def _folder_error(folder: Path, exc: OSError) -> HvaeError:
+    """One line for a folder that could not be made: a file in its way is named."""
+    blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if isinstance(exc, FileExistsError | NotADirectoryError) and blocker is not None:
+        return HvaeError(
+            f"cannot create the folder {_shown(folder)}: {blocker} is a file",
+            hint="choose a path that is not under a file",
+        )
+    return HvaeError(
+        f"cannot create the folder {_shown(folder)}: {exc.strerror or exc}",
+        hint="check the path and its permissions, or write elsewhere",
+    )
 
 
 def _progress(quiet: bool, what: str) -> Any:
@@ -687,6 +779,11 @@ def evaluate(
     model = _load(run_dir, checkpoint, backend, verbose)
     dataset = _dataset(model, data_dir)
     images = _split(model, dataset, split)
+    if len(images) == 0:  # the batching below would blame the batch size
+        raise HvaeError(
+            f"split '{split}' of dataset {model.config.data.dataset} holds no images",
+            hint=f"evaluate another split (--split; splits: {', '.join(dataset.splits)})",
+        )
     size = batch_size or model.batch_size
     started = time.monotonic()
     passes = 1 if iw_samples is None else 2
@@ -702,10 +799,15 @@ def evaluate(
 
         summary = model.elbo(batches(), batch_size=size)
         if iw_samples is not None:
-            per_image = [
-                model.log_likelihood(batch, iw_samples, batch_size=size)["per_image_bpd"]
-                for batch in batches()
-            ]
+            per_image = []
+            done = len(images)  # the ELBO's pass
+            for batch in evaluation_batches(images, size, dataset):
+                # One batch is K forward passes: the bar moves with each of them, not once per
+                # batch (at K = 10,000 that was minutes without a move).
+                moved = _moved_within(progress, task, done, len(batch))
+                scores = model.log_likelihood(batch, iw_samples, batch_size=size, progress=moved)
+                per_image.append(scores["per_image_bpd"])
+                done += len(batch)
     row: dict[str, Any] = {
         "split": split,
         "images": summary["images"],
@@ -744,6 +846,18 @@ def evaluate(
         click.echo(
             f"{split}: {row['iw_bpd']:.4f} bits/dim (importance-weighted bound, K = {iw_samples})"
         )
+
+
+def _moved_within(progress: Any, task: Any, start: int, images: int) -> Any:
+    """A ``progress`` callback (draws done, draws in all) of one call over ``images`` images,
+    moving the bar from ``start`` by the share of the call's draws done; None without a bar."""
+    if progress is None:
+        return None
+
+    def moved(done: int, total: int) -> None:
+        progress.update(task, completed=start + images * done / total)
+
+    return moved
 
 
 def _non_finite_keys(row: dict[str, Any]) -> list[str]:
@@ -852,7 +966,7 @@ def sample(
     if num is not None:
         _check_sample_count(num, f"--n {num:,}")
     out_path, npz_path = _outputs(out, npz, force)
-    if source is not None and not Path(source).exists():
+    if source is not None and not _exists(source):
         raise HvaeError(f"{source} does not exist", hint="give an .npz, a PNG or a folder of PNGs")
     model = _load(run_dir, checkpoint, backend, verbose)
     from hvae_core.model.pixels import to_uint8  # imports Keras: only once it is chosen
@@ -1144,7 +1258,7 @@ def interpolate(
     from hvae_core import figures
 
     for spec in (image_a, image_b):
-        if not Path(spec.rpartition(":")[0] if ".npz:" in spec else spec).exists():
+        if not _exists(spec.rpartition(":")[0] if ".npz:" in spec else spec):
             raise HvaeError(f"{spec} does not exist", hint="give a PNG, or IMAGES.npz:INDEX")
     out_path, npz_path = _outputs(out, npz, force)
     model = _load(run_dir, checkpoint, backend, verbose)
@@ -1209,11 +1323,12 @@ def export(
     """Export a trained run as a sampler (temperature per image -> pixels) and an encoder
     (pixels -> every layer's posterior), EMA weights."""
     folder = _out_folder(out, "export")
-    if folder.exists() and not folder.is_dir():
-        raise HvaeError(f"{folder} is a file", hint="give a folder for the export")
+    if _looked_up(folder) is not None and not folder.is_dir():
+        raise HvaeError(f"{folder} {_not_a_folder(folder)}", hint="give a folder for the export")
     earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
     _refuse_earlier(folder, earlier, "an export", force)
     check_format(fmt)
+    _output_folder(folder, "--out")
     if fmt in PORTABLE:
         if backend not in (None, CONVERTING_BACKEND):
             raise HvaeError(
@@ -1231,7 +1346,13 @@ def export(
     from hvae_core.export import export_model
 
     written = export_model(
-        model, fmt, folder, output_temperature=output_temperature, seed=seed, replace=force
+        model,
+        fmt,
+        folder,
+        output_temperature=output_temperature,
+        seed=seed,
+        replace=force,
+        verbose=verbose,
     )
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
@@ -1263,7 +1384,7 @@ MIN_USAGE_IMAGES = 2  # a variance over the images needs two of them
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.8,
     show_default=True,
     help="prior temperature below the conditioned layers in the top-down figure",
@@ -1303,7 +1424,12 @@ def analyze(
         )
     temps = _temperature_list(temperatures, "--temperatures")
     folder = _out_folder(out, "analysis") if out is not None else Path(run_dir) / "analysis"
+    if _looked_up(folder) is not None and not folder.is_dir():
+        raise HvaeError(
+            f"{folder} {_not_a_folder(folder)}", hint="give --out a folder for the figures"
+        )
     _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
+    _output_folder(folder, "--out")
     model = _load(run_dir, checkpoint, backend, verbose)
     images = None
     try:
@@ -1312,8 +1438,20 @@ def analyze(
         click.echo(f"warning: no data ({exc.one_line()}); only the samples figure", err=True)
     else:
         subset = _split(model, dataset, split)[:num_images]
+        if len(subset) < MIN_USAGE_IMAGES:
+            raise HvaeError(
+                f"split '{split}' of dataset {model.config.data.dataset} holds {len(subset)} "
+                f"image{'' if len(subset) == 1 else 's'}; active units are the latent "
+                f"dimensions whose posterior mean varies over the images, which takes "
+                f"{MIN_USAGE_IMAGES} or more",
+                hint=f"analyse a split with 2 or more images (--split; splits: "
+                f"{', '.join(dataset.splits)})",
+            )
         images = np.concatenate(list(evaluation_batches(subset, model.batch_size, dataset)))
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # checked before loading; the folder may have changed since
+        raise _folder_error(folder, exc) from None
     written, lines = write_figures(model, folder, images, temps, temperature, seed)
     for line in lines:
         click.echo(line)
@@ -1419,7 +1557,15 @@ def _dataset(model: Any, data_dir: str | None) -> Any:
     config = model.config
     if data_dir is not None:
         config = resolve_config(None, {"data_dir": data_dir}, (), base=config.to_dict())
-    return open_dataset(config)
+    dataset = open_dataset(config)
+    if dataset.num_bits != model.num_bits:  # its images would be read at the wrong depth
+        raise HvaeError(
+            f"dataset {config.data.dataset} gives {dataset.num_bits}-bit images; the run's "
+            f"model was trained on {model.num_bits}-bit ones",
+            hint="give the run's own data (--data-dir), or set data.num_bits in its "
+            "config.yaml to the depth it trained with",
+        )
+    return dataset
 
 
 def _split(model: Any, dataset: Any, split: str) -> Any:

@@ -22,6 +22,10 @@ class HvaeError(Exception):
     # TensorFlow's autograph would re-raise an exception from traced code as a StagingError
     # holding a multi-line trace; this marker lets it keep its type, message and hint.
     ag_pass_through = True
+    # Keras would re-raise an exception from a layer's call as a new one whose message is a
+    # page naming the call's arguments; this marker (Keras' own, for an error it has already
+    # rewritten) lets it pass as it is, one line.
+    _keras_call_info_injected = True
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

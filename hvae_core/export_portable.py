@@ -16,8 +16,7 @@ converted from that ONNX graph, with float32 weights.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import keras
 from keras import ops
 
 from hvae_core.errors import HvaeError
-from hvae_core.export_formats import CONVERTING_BACKEND, MANIFEST, SUFFIX
+from hvae_core.export_formats import CONVERTING_BACKEND, MANIFEST, SUFFIX, staged_export
 from hvae_core.model.hvae import HVAE
 from hvae_core.model.pixels import to_levels, to_unit_range
 from hvae_core.model.weights import copy_weights
@@ -132,15 +131,10 @@ def export_portable(
         )
     names = _file_names(fmt)
     targets = [folder / name for name in names]
-    earlier = [p for p in targets if p.exists() or p.is_symlink()]
-    if earlier and not replace:
-        raise HvaeError(f"{earlier[0]} exists", hint="pass replace=True (--force) to replace it")
     hvae = _float32_copy(trained)
     sampler = PortableSampler(hvae, trained.num_bits, output_temperature)
     encoder = PortableEncoder(hvae, trained.num_bits)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
-        staging = Path(tmp)
+    with staged_export(folder, names, replace) as staging:
         for model, signature in (
             (sampler, _sampler_signature(hvae, output_temperature)),
             (encoder, _encoder_signature(hvae, trained.image_shape)),
@@ -151,10 +145,6 @@ def export_portable(
                 _onnx_to_openvino(onnx_path, staging / f"{model.name}{SUFFIX[fmt]}")
         text = json.dumps({"format": fmt, **manifest(trained, output_temperature)}, indent=2)
         (staging / MANIFEST).write_text(text + "\n")
-        for name, target in zip(names, targets, strict=True):
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            os.replace(staging / name, target)
     return targets
 
 
@@ -201,9 +191,13 @@ def _write_onnx(model: keras.Model, signature: list[Any], path: Path) -> None:
     """``model`` as ONNX at ``path``, its outputs named as ``model`` names them."""
     import onnx
 
-    model.export(
-        str(path), format="onnx", input_signature=signature, opset_version=OPSET, verbose=False
-    )
+    with warnings.catch_warnings():
+        # Keras' tf2onnx shim asks NumPy for np.object as it loads, and NumPy answers with a
+        # FutureWarning about its own plans: two lines of noise on every hvae export.
+        warnings.filterwarnings("ignore", r"In the future `np\.object`", FutureWarning)
+        model.export(
+            str(path), format="onnx", input_signature=signature, opset_version=OPSET, verbose=False
+        )
     graph = onnx.load(str(path))
     _name_outputs(graph, sorted(model.outputs_named))
     onnx.save(graph, str(path))

@@ -31,6 +31,13 @@ from hvae_core.run import RunDirectory, check_plugins
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called as long work advances."""
 
+# Work one call does, beyond which it is refused before it starts: a sample's images and
+# their noise are drawn and held at once (100,000 covers the 50,000 of an FID), and every
+# importance sample is a forward pass per image (papers report K = 1,000 to 5,000). Both ran
+# on for minutes or hours, or ran out of memory, without a word.
+MAX_SAMPLES = 100_000
+MAX_IW_SAMPLES = 10_000
+
 
 class TrainedModel:
     """A run's model with its trained (EMA) weights. Build one with :func:`load`."""
@@ -101,6 +108,7 @@ class TrainedModel:
         """A draw of the noise for ``n`` images with NumPy, from ``seed`` (None: the model's
         own stream continues): what the methods draw when given a seed, so the same seed
         gives the same numbers here, on every backend and in an exported model."""
+        n = _at_most(_count(n, "n"), MAX_SAMPLES, "n", "images")
         if seed is not None:
             self.reseed(seed)
         return draw_noise(self.noise_shapes(n), self._rng, pixels)
@@ -129,10 +137,11 @@ class TrainedModel:
         mode of each pixel's chosen component). ``seed`` makes the draw repeatable (None: the
         model's noise stream continues). ``noise`` (one array per latent layer, or a
         :class:`~hvae_core.noise.Noise`) and ``pixel_noise`` (needed when
-        ``output_temperature`` > 0) replay a given draw instead (see :meth:`noise_shapes`)."""
+        ``output_temperature`` > 0) replay a given draw instead (see :meth:`noise_shapes`).
+        At most :data:`MAX_SAMPLES` images per call."""
         from hvae_core.model.pixels import to_levels
 
-        n = _count(n, "n")
+        n = _at_most(_count(n, "n"), MAX_SAMPLES, "n", "images")
         temps = self._temperatures(temperature)
         output_temperature = _non_negative(output_temperature, "output_temperature")
         latents, pixels = self._noise(n, seed, noise, pixel_noise, output_temperature > 0)
@@ -399,8 +408,8 @@ class TrainedModel:
         that of one forward pass, time is K forward passes per image. ``seed`` as for
         :meth:`sample`; ``noise``: per latent layer (N, K, R, R, z_width), image i's draw k
         at [i, k]. Returns ``bpd`` (the mean over images), ``per_image_bpd``, ``num_samples``
-        and ``images``."""
-        k = _count(num_samples, "num_samples")
+        and ``images``. K is at most :data:`MAX_IW_SAMPLES`."""
+        k = _at_most(_count(num_samples, "num_samples"), MAX_IW_SAMPLES, "num_samples", "draws")
         images = self._check(images)
         n, rows = len(images), self._batch(batch_size)
         shapes = self.model.noise_shapes(n)
@@ -661,6 +670,22 @@ def load(
     from hvae_core.run import checkpoint as checkpoint_meta
 
     _check_path(run_dir, "run_dir", "the path of a run directory")
+    # bool("no") is True: a flag is a bool, never coerced from what it is not.
+    if jit is not None and not isinstance(jit, bool | np.bool_):
+        raise InputError(
+            f"jit must be True, False or None (the run's run.jit), got {_short(jit)}",
+            hint="e.g. hvae_core.load(run_dir, jit=False)",
+        )
+    if not isinstance(verbose, bool | np.bool_):
+        raise InputError(
+            f"verbose must be True or False, got {_short(verbose)}",
+            hint="e.g. hvae_core.load(run_dir, verbose=True)",
+        )
+    if backend is not None and not isinstance(backend, str):
+        raise InputError(
+            f"backend must be the name of a Keras backend, got {_described(backend)}",
+            hint="e.g. hvae_core.load(run_dir, backend='jax')",
+        )
     if checkpoint is not None:
         _check_path(checkpoint, "checkpoint", "the path of a checkpoint file (None: the run's)")
     run = RunDirectory.open(run_dir)
@@ -669,14 +694,6 @@ def load(
     for message in check_plugins(meta.get("plugins", []), registry):
         warnings.warn(message, RunWarning, stacklevel=2)
     config = run.config(registry, trackers=False)  # a model logs nothing: none need be installed
-    changed = checkpoint_meta.differences(meta, config)
-    if changed:
-        warnings.warn(
-            f"the run's config.yaml differs from the config its checkpoint was trained with "
-            f"(in {', '.join(changed[:5])}); loading it as config.yaml says",
-            RunWarning,
-            stacklevel=2,
-        )
     if "image_shape" not in meta or "num_bits" not in meta:
         raise HvaeError(
             f"checkpoint {path} records no image shape or bit depth",
@@ -691,6 +708,25 @@ def load(
             f"checkpoint {path} records {height}x{width}x{channels} images; the run's "
             f"config.yaml describes {size}x{size} images",
             hint="was config.yaml edited after the run started? restore the one it trained with",
+        )
+    # The model takes the checkpoint's bit depth (its weights were trained on it); a config
+    # that names another would make the commands read the data at that depth, and score
+    # images of one depth with a model of another without a word.
+    bits, wanted = int(meta["num_bits"]), config.data.num_bits
+    if wanted is not None and int(wanted) != bits:
+        raise HvaeError(
+            f"checkpoint {path} records {bits}-bit images; the run's config.yaml sets "
+            f"data.num_bits to {wanted}",
+            hint="was config.yaml edited after the run started? restore the one it trained with",
+        )
+    # Warned only once the differences that would make the warning untrue are refused above.
+    changed = checkpoint_meta.differences(meta, config)
+    if changed:
+        warnings.warn(
+            f"the run's config.yaml differs from the config its checkpoint was trained with "
+            f"(in {', '.join(changed[:5])}); loading it as config.yaml says",
+            RunWarning,
+            stacklevel=2,
         )
     if "keras" in sys.modules:
         backend = backend or sys.modules["keras"].backend.backend()
@@ -720,6 +756,15 @@ def _check_path(value: Any, what: str, expected: str) -> None:
         raise InputError(
             f"{what} is empty", hint="e.g. hvae_core.load('runs/digits-20261123-204312')"
         )
+    try:  # pathlib's exists() raises what the system refuses to look up as a bare OSError
+        os.stat(value)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # said in the words of the run directory, by RunDirectory.open
+    except OSError as exc:
+        raise InputError(
+            f"{what} {_short(os.fspath(value))}: {exc.strerror or exc}",
+            hint="give the path of an existing run directory (and checkpoint)",
+        ) from None
 
 
 def _build(config: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], registry: Any) -> Any:
@@ -780,6 +825,18 @@ def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise InputError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _at_most(value: int, limit: int, what: str, unit: str) -> int:
+    """``value`` where it is within ``limit`` (see MAX_SAMPLES), else one InputError."""
+    if value > limit:
+        raise InputError(
+            f"{what} = {value:,}: at most {limit:,} {unit} per call",
+            hint="make several calls (with different seeds) and combine what they return"
+            if unit == "images"
+            else "papers report K = 1,000 to 5,000; the bound changes little beyond",
+        )
+    return value
 
 
 def _non_negative(value: Any, what: str) -> float:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from decimal import Decimal
 from pathlib import Path
 
@@ -144,6 +145,21 @@ API_CASES = {
         lambda m, r: _load(r / "config.yaml"),
         "is the run's config.yaml, not its run directory",
     ),
+    "load an over-long path": (lambda m, r: _load("x" * 300), "File name too long"),
+    "load an over-long checkpoint": (
+        lambda m, r: _load(r, checkpoint="x" * 300),
+        "checkpoint 'xxxx",
+    ),
+    "load jit as a string": (lambda m, r: _load(r, jit="no"), "jit must be True, False or None"),
+    "load verbose as None": (lambda m, r: _load(r, verbose=None), "verbose must be True or False"),
+    "load a backend of another type": (lambda m, r: _load(r, backend=5), "got an int (5)"),
+    # Work beyond the limits (drawn and held at once; K forward passes per image).
+    "sample beyond the limit": (lambda m, r: m.sample(10**9), "n = 1,000,000,000: at most 100,000"),
+    "draw noise beyond the limit": (lambda m, r: m.draw_noise(10**9), "at most 100,000 images"),
+    "bound beyond the limit": (
+        lambda m, r: m.log_likelihood(IMAGES, 10**9),
+        "num_samples = 1,000,000,000: at most 10,000 draws per call",
+    ),
     "load the run's checkpoint": (
         lambda m, r: _load(r / rundir.CHECKPOINT),
         "is a file, not a run directory",
@@ -169,9 +185,9 @@ def test_the_api_works_or_fails_in_one_clear_line(model, run_dir, case) -> None:
     line = error.one_line()
     assert expected in line, line
     assert "\n" not in line and len(line) < 400, line
-    if case.startswith("load"):
+    if case.startswith("load") or "beyond" in case:
         assert error.hint, line
-    else:  # what a caller handed a method: a ValueError too
+    if not case.startswith("load"):  # what a caller handed a method: a ValueError too
         assert isinstance(error, InputError), line
 
 
@@ -318,3 +334,183 @@ def test_an_empty_out_is_refused(tmp_path, never_loaded, monkeypatch, command) -
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(run(command, str(tmp_path / "run"), "--out", ""), "--out is empty", 1)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- outputs that cannot be written, names that are too long ---------------------------------
+
+LONG = "x" * 300  # longer than any file system's longest name (255 bytes)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "RUN", "--out", LONG],
+        ["export", "RUN", "--out", f"sub/{LONG}"],
+        ["analyze", "RUN", "--out", LONG],
+        ["sample", "RUN", "--out", f"{LONG}.png"],
+        ["sample", "RUN", "--out", f"sub/{LONG}.png"],
+        ["analyze", "RUN", "--out", f"sub/{LONG}/figures"],
+        ["sample", "RUN", "--out", "ok.png", "--npz", f"{LONG}.npz"],
+        ["sample", "RUN", "--from", f"{LONG}.npz", "--out", "ok.png"],
+        ["interpolate", "RUN", LONG, "b.png", "--out", "ok.png"],
+    ],
+)
+def test_an_over_long_name_is_one_line_before_loading(tmp_path, never_loaded, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    line = assert_one_line_error(run(*args), "File name too long", 1)
+    assert "characters)" in line and len(line) < 400, line  # the name, cut to be read
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_and_analyze_check_their_folder_is_writable_before_loading(
+    tmp_path, never_loaded
+) -> None:
+    for folder in write_refused(tmp_path):
+        for command in ("export", "analyze"):
+            result = run(command, str(tmp_path / "run"), "--out", str(folder / "new"))
+            assert_one_line_error(result, f"cannot create the folder {folder / 'new'}", 1)
+            result = run(command, str(tmp_path / "run"), "--out", str(folder))
+            assert_one_line_error(result, f"cannot write into {folder}", 1)
+        assert not (folder / "new").exists()
+
+
+def test_an_output_folder_under_a_file_is_one_line(tmp_path, never_loaded) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    for command in ("export", "analyze"):
+        result = run(command, str(tmp_path / "run"), "--out", str(file / "a" / "b"))
+        assert_one_line_error(result, f"{file} is a file", 1)
+    result = run("sample", str(tmp_path / "run"), "--out", str(file / "grid.png"))
+    assert_one_line_error(result, f"cannot create the folder {file}: {file} is a file", 1)
+    assert file.read_text() == "x"
+
+
+def test_an_output_folder_that_is_a_broken_link_says_so(tmp_path, never_loaded) -> None:
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    for command in ("export", "analyze"):
+        result = run(command, str(tmp_path / "run"), "--out", str(link))
+        assert_one_line_error(result, f"is a link to {tmp_path / 'gone'}, which does not exist", 1)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_analyze_refuses_a_non_finite_temperature_before_loading(tmp_path, never_loaded, value):
+    # click's FloatRange let NaN through: the figures were half written when the model refused.
+    result = run("analyze", str(tmp_path), "--temperature", value)
+    assert_one_line_error(result, f"'{value}' is not a finite number", 2)
+
+
+def test_a_failed_check_leaves_no_folder_behind(tmp_path, never_loaded) -> None:
+    """The writability check makes nothing: a command refused later leaves no empty folder."""
+    # never_loaded refuses at the load, after the output checks passed.
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        CliRunner().invoke(
+            cli, ["export", "RUN", "--out", str(tmp_path / "a" / "b")], catch_exceptions=False
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- analyze and evaluate on splits too small ------------------------------------------------
+
+
+@pytest.mark.parametrize(("split", "count"), [("one", "1 image;"), ("none", "0 images;")])
+def test_analyze_refuses_a_split_of_fewer_than_two_images(
+    run_dir, model, tmp_path, monkeypatch, split, count
+) -> None:
+    from hvae_core.data.arrays import InMemoryDataset
+
+    images = np.asarray(IMAGES, np.uint8)
+    dataset = InMemoryDataset({"val": images, "one": images[:1], "none": images[:0]}, 4)
+    monkeypatch.setattr(cli_module, "_load", lambda *args, **kwargs: model)
+    monkeypatch.setattr(cli_module, "_dataset", lambda *args: dataset)
+    out = tmp_path / "analysis"
+    line = assert_one_line_error(
+        run("analyze", str(run_dir), "--out", str(out), "--split", split), count, 1
+    )
+    assert "2 or more" in line and "splits: val, one, none" in line
+    assert not out.exists()
+
+
+def test_evaluate_refuses_an_empty_split(model, monkeypatch) -> None:
+    from hvae_core.data.arrays import InMemoryDataset
+
+    dataset = InMemoryDataset({"test": np.zeros((0, 8, 8, 1), np.uint8), "val": IMAGES}, 4)
+    monkeypatch.setattr(cli_module, "_load", lambda *args, **kwargs: model)
+    monkeypatch.setattr(cli_module, "_dataset", lambda *args: dataset)
+    line = assert_one_line_error(run("evaluate", "RUN"), "split 'test' of dataset digits", 1)
+    assert "holds no images" in line and "batch" not in line, line
+
+
+# --- a config.yaml or dataset at another bit depth than the checkpoint ------------------------
+
+
+def test_a_config_at_another_bit_depth_is_refused(run_dir, tmp_path) -> None:
+    copy = copy_run(run_dir, tmp_path)
+    config = copy / "config.yaml"
+    text = config.read_text()
+    assert "  num_bits: null\n" in text
+    config.write_text(text.replace("  num_bits: null\n", "  num_bits: 2\n"))
+    with (
+        warnings.catch_warnings(record=True) as caught_warnings,
+        pytest.raises(HvaeError) as caught,
+    ):
+        warnings.simplefilter("always")
+        _load(copy)
+    # Not "loading it as config.yaml says": it is not loaded at all.
+    assert [str(w.message) for w in caught_warnings] == []
+    line = caught.value.one_line()
+    assert "records 4-bit images; the run's config.yaml sets data.num_bits to 2" in line, line
+    assert_one_line_error(run("evaluate", str(copy), "--quiet"), "data.num_bits to 2", 1)
+
+
+def test_a_dataset_at_another_bit_depth_is_refused(run_dir, tmp_path) -> None:
+    """The checkpoint trained on 3 bits (of a dataset that has 4): its images would be scored
+    at 4 bits by a 3-bit model."""
+    copy = copy_run(run_dir, tmp_path)
+
+    def three_bits(meta):
+        meta["num_bits"] = 3
+
+    rewrite_checkpoint(copy, change_meta=three_bits)
+    result = run("evaluate", str(copy), "--quiet")
+    assert_one_line_error(result, "dataset digits gives 4-bit images; the run's model was", 1)
+
+
+class RecordedBar:
+    """Stands in for the rich progress bar: records where it was moved to."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_task(self, name: str, total: float) -> int:
+        self.total = total
+        self.at.append(0)
+        return 0
+
+    def advance(self, task: int, by: float) -> None:
+        self.at.append(self.at[-1] + by)
+
+    def update(self, task: int, completed: float) -> None:
+        self.at.append(completed)
+
+
+def test_evaluate_moves_its_bar_within_an_importance_sampling_batch(model, monkeypatch) -> None:
+    from hvae_core.data.arrays import InMemoryDataset
+
+    dataset = InMemoryDataset({"test": np.asarray(IMAGES, np.uint8)}, 4)
+    bar = RecordedBar()
+    monkeypatch.setattr(cli_module, "_load", lambda *args, **kwargs: model)
+    monkeypatch.setattr(cli_module, "_dataset", lambda *args: dataset)
+    monkeypatch.setattr(cli_module, "_progress", lambda *args: bar)
+    result = run("evaluate", "RUN", "--iw-samples", "4", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    # The ELBO's pass: 2 then 1 image. The bound's: 2 images x 4 draws in 4 calls of 2 draws,
+    # then 1 x 4 in 2 calls: the bar moves after each call, not once per batch.
+    assert bar.at == [0, 2, 3, 3.5, 4, 4.5, 5, 5.5, 6], bar.at
+    assert bar.total == 6

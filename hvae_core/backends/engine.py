@@ -32,7 +32,7 @@ from keras import ops
 from hvae_core.backends.conv_gradients import canonical_conv_gradients
 from hvae_core.backends.parallel import Launch, Parallel
 from hvae_core.backends.select import BACKENDS
-from hvae_core.errors import HvaeError
+from hvae_core.errors import HvaeError, InputError
 from hvae_core.model.pixels import to_unit_range
 from hvae_core.model.repeat import Scan, loop_with
 
@@ -426,3 +426,23 @@ def out_of_memory_is_one_line(hint: str, doing: str) -> Iterator[None]:
         if not is_out_of_memory(exc):
             raise
         raise out_of_memory_error(exc, doing, hint) from None
+
+
+def refuse_unless(checks: list[tuple[Any, str]]) -> None:
+    """Fail a call whose inputs break a rule. ``checks``: (a scalar boolean tensor or bool,
+    the one line to fail with). With concrete values an :class:`InputError` names the first
+    rule broken; while a graph is traced the values are not known yet, so the active backend
+    puts the check into the graph and the call fails when it runs (TensorFlow: an assertion
+    op, which a SavedModel keeps; JAX: a host callback)."""
+    backend = keras.backend.backend()
+    if backend in BACKENDS:
+        backend_module().refuse_unless(checks)
+    else:  # an inference-only backend (OpenVINO) runs eagerly
+        refuse_now(checks)
+
+
+def refuse_now(checks: list[tuple[Any, str]]) -> None:
+    """:func:`refuse_unless` for concrete values."""
+    for holds, message in checks:
+        if not bool(np.asarray(ops.convert_to_numpy(holds))):
+            raise InputError(message)

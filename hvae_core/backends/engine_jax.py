@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from hvae_core.backends.engine import Engine, Runner, clip_and_skip, to_numpy
+from hvae_core.backends.engine import Engine, Runner, clip_and_skip, refuse_now, to_numpy
 from hvae_core.backends.parallel import Launch, Parallel, check_devices, wait_for_coordinator
 from hvae_core.errors import HvaeError
 
@@ -305,3 +305,17 @@ def device_name() -> str:
 def is_out_of_memory(exc: BaseException) -> bool:
     """XLA's allocation failure, as JAX raises it."""
     return "RESOURCE_EXHAUSTED" in str(exc)
+
+
+def refuse_unless(checks: list[tuple[Any, str]]) -> None:
+    """See :func:`hvae_core.backends.engine.refuse_unless`. Traced (jit, Keras' predict), a
+    host callback per check: its InputError fails the compiled call when it runs."""
+    if not any(isinstance(holds, jax.core.Tracer) for holds, _ in checks):
+        refuse_now(checks)
+        return
+    for holds, message in checks:
+        jax.debug.callback(functools.partial(_refuse, message), holds)
+
+
+def _refuse(message: str, holds: Any) -> None:
+    refuse_now([(holds, message)])

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hvae_core.backends.engine import Engine, Runner, clip_and_skip, to_numpy
+from hvae_core.backends.engine import Engine, Runner, clip_and_skip, refuse_now, to_numpy
 from hvae_core.backends.parallel import (
     Launch,
     Parallel,
@@ -324,3 +324,17 @@ def device_name() -> str:
 def is_out_of_memory(exc: BaseException) -> bool:
     """TensorFlow's allocation failure (a ResourceExhaustedError, or XLA's status text)."""
     return type(exc).__name__ == "ResourceExhaustedError" or "RESOURCE_EXHAUSTED" in str(exc)
+
+
+def refuse_unless(checks: list[tuple[Any, str]]) -> None:
+    """See :func:`hvae_core.backends.engine.refuse_unless`. Traced, an assertion op per
+    check: a ``tf.function`` runs every such op, so an exported SavedModel refuses the call
+    with the message (an InvalidArgumentError) instead of computing from the bad input."""
+    if tf.executing_eagerly():
+        refuse_now(checks)
+        return
+    for holds, message in checks:
+        if isinstance(holds, bool | np.bool_):  # known while tracing
+            refuse_now([(holds, message)])
+        else:
+            tf.debugging.Assert(holds, [message])

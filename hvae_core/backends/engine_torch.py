@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from keras import ops
 
-from hvae_core.backends.engine import Engine, Runner, clip_and_skip, to_numpy
+from hvae_core.backends.engine import Engine, Runner, clip_and_skip, refuse_now, to_numpy
 from hvae_core.backends.parallel import (
     Launch,
     Parallel,
@@ -233,3 +233,11 @@ def torchrun(processes: int, args: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={processes}", *args]
     return subprocess.run(command, check=False).returncode
+
+
+def refuse_unless(checks: list[tuple[Any, str]]) -> None:
+    """See :func:`hvae_core.backends.engine.refuse_unless`. PyTorch runs eagerly; Keras'
+    symbolic pass (output shapes) runs on the meta device, whose tensors hold no values."""
+    if any(isinstance(holds, torch.Tensor) and holds.device.type == "meta" for holds, _ in checks):
+        return
+    refuse_now(checks)

@@ -107,6 +107,17 @@ def import_backend(quiet_logs: bool = True) -> None:
         importlib.import_module("keras")
 
 
+def import_tensorflow_quietly(quiet_logs: bool = True) -> None:
+    """Import TensorFlow, where it is installed and not yet imported, with its native log
+    lines dropped as :func:`import_backend` drops them. For a JAX or PyTorch process that is
+    about to import it anyway: Keras' saving looks for TensorFlow wherever it is installed (a
+    tensor-shape check in ``serialize_keras_object``), and its loading lines would print."""
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    with native_log_filter() if quiet_logs else contextlib.nullcontext():
+        importlib.import_module("tensorflow")
+
+
 def choose_gpus(gpus: str) -> None:
     """Let the backend see only the GPUs ``gpus`` (indices, "0,1"): CUDA_VISIBLE_DEVICES, which
     each framework reads once, when it starts."""

@@ -15,7 +15,9 @@ import errno
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,31 @@ def _write_and_replace(fd: int, tmp: str, path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
+
+
+def replace_entry(new: Path, target: Path) -> None:
+    """Move ``new`` (a file or a folder in ``target``'s folder) to ``target``, replacing what
+    is there without following it: a symlink is replaced as a link (what it points at is left
+    alone), and an earlier folder is moved aside, then removed only once ``new`` is in its
+    place (put back if that move fails). A file over a file or a link is one atomic rename."""
+    if not os.path.lexists(target):
+        os.replace(new, target)
+        return
+    if not new.is_dir() and (target.is_symlink() or not target.is_dir()):
+        os.replace(new, target)
+        return
+    # rename() cannot put a folder over a file or a non-empty folder, nor a file over a folder.
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(target, aside)  # moves a symlink itself, never what it points at
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside)
 
 
 def write_config(run_dir: Path, config: Any) -> None:
