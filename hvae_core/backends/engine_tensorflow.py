@@ -87,7 +87,9 @@ def _scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
     per-step outputs shaped like the carry.)"""
     first = tf.nest.map_structure(lambda x: x[0], xs)
     # The outputs' structure and dtypes, from a trace of the step that is then dropped.
-    _, spec = tf.function(step).get_concrete_function(init, first).structured_outputs
+    _, spec = (
+        tf.function(step, autograph=False).get_concrete_function(init, first).structured_outputs
+    )
     xs_arrays = [
         tf.TensorArray(x.dtype, size=length, element_shape=x.shape[1:]).unstack(x)
         for x in tf.nest.flatten(xs)
@@ -130,15 +132,21 @@ class TensorFlowEngine(Engine):
         else:
             # XLA compiles what each replica computes; the all-reduces and the update run
             # around it (XLA cannot span the strategy's devices).
-            self._replica_grads = tf.function(self._gradients, jit_compile=self.jit)
-            self._train = tf.function(self._train_distributed)
+            self._replica_grads = tf.function(
+                self._gradients, jit_compile=self.jit, autograph=False
+            )
+            self._train = tf.function(self._train_distributed, autograph=False)
             self.groups = batch_groups(self.regularizer)
         # Evaluation sees a last, smaller batch: one trace serves every batch size.
         # Under a strategy, XLA could not reach the mirrored variables' other copies.
+        # No function here goes through autograph: hvae's control flow is explicit (tf.cond,
+        # tf.while_loop), conversion only costs tracing time, and in a long-lived process (a
+        # test session) its converted code once called a property's conversion as a function.
         self._eval = tf.function(
             self._eval_impl,
             jit_compile=self.jit and self.parallel.strategy is None,
             reduce_retracing=True,
+            autograph=False,
         )
 
     def block_loop(self) -> Any:

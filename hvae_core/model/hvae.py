@@ -24,6 +24,7 @@ from hvae_core.model.likelihood import (
     dmol_num_params,
     dmol_sample,
 )
+from hvae_core.model.repeat import loop_with, shape_scan
 from hvae_core.noise import NoiseShapes
 from hvae_core.plugins import PluginRegistry, get_registry
 
@@ -242,9 +243,15 @@ class HVAE(keras.Model):
         self.decoder.build()
         # Then the rest (head, attention, single blocks) on a symbolic pass: every weight
         # exists once the model is built, which the torch backend needs to register them all.
-        # The noise is symbolic too: a traced pass may not draw.
-        noise = [keras.KerasTensor(s) for s in self.noise_shapes(None).latents]
-        self.compute_output_spec(keras.KerasTensor((None, *tuple(input_shape)[1:])), noise=noise)
+        # The noise is symbolic too: a traced pass may not draw. A known batch size: with an
+        # unknown one, JAX and torch trace twice (and torch, where its shape-only "meta"
+        # tensors fail, computes the pass at batch 83 and 89).
+        batch = tuple(input_shape)[0] or 1
+        noise = [keras.KerasTensor(s) for s in self.noise_shapes(batch).latents]
+        with loop_with(shape_scan):  # a run's blocks are built: trace one of each run
+            self.compute_output_spec(
+                keras.KerasTensor((batch, *tuple(input_shape)[1:])), noise=noise
+            )
 
     def build_weights(self) -> None:
         """Create every weight. By shape only: an eager forward pass would cost seconds (on

@@ -15,6 +15,7 @@ step is compiled, an unrolled Python loop otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -70,6 +71,17 @@ def unrolled_scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]
     return carry, keras.tree.pack_sequence_as(outputs[0], stacked)
 
 
+def shape_scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
+    """:data:`Scan` for a symbolic pass, which needs shapes only: one step, its outputs
+    repeated ``length`` times. A run's carry keeps its shape from step to step, so this is
+    what the whole loop would give, at the cost of tracing one block instead of all."""
+    first = keras.tree.map_structure(lambda x: x[0], xs)
+    carry, y = step(init, first)
+    return carry, keras.tree.map_structure(
+        lambda v: ops.repeat(ops.expand_dims(v, 0), length, axis=0), y
+    )
+
+
 class Untracked:
     """Holds layers out of Keras' sight (Keras tracks layers in lists, tuples and dicts): the
     weights of a run's layers live stacked in the run, not in the layers."""
@@ -115,10 +127,22 @@ class RepeatedLayers(keras.layers.Layer):
 
     def build(self, input_shape: Any) -> None:
         shapes = [tuple(s) for s in input_shape]
-        for layer in self.members:
-            if not layer.built:
-                layer(*[keras.KerasTensor((None, *s[1:])) for s in shapes])
         template = self.template
+        order: list[int] = []
+        if not template.built:
+            # One symbolic call (a traced pass: seconds per block on TensorFlow and torch),
+            # recording which of its layers it builds, in which order and from which shapes...
+            with _recording_builds(template, order):
+                template(*[keras.KerasTensor((None, *s[1:])) for s in shapes])
+        for layer in self.members[1:]:
+            # ...which every other member repeats by shape alone: its initializers draw in the
+            # order the call would have drawn them, so its initial weights are the same.
+            if layer.built:
+                continue
+            if order:
+                _build_as(layer, template, order)
+            else:  # the template was built before: no record to repeat
+                layer(*[keras.KerasTensor((None, *s[1:])) for s in shapes])
         signature = _signature(template)
         for layer in self.members[1:]:
             if _signature(layer) != signature:
@@ -183,6 +207,46 @@ class RepeatedLayers(keras.layers.Layer):
         for v, value in zip(self._state_slots, new_states, strict=True):
             v.assign(value)
         return carry, outputs
+
+
+@contextlib.contextmanager
+def _recording_builds(layer: Any, order: list[int]) -> Iterator[None]:
+    """Append to ``order`` the position (in ``layer._flatten_layers()``) of each of its layers
+    whose ``build`` runs inside this block, as it starts."""
+    layers = layer._flatten_layers()
+    originals = [sub.build for sub in layers]
+
+    def recorder(position: int, build: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(build)  # Keras reads build's signature to know what to pass
+        def record(*args: Any, **kwargs: Any) -> None:
+            order.append(position)
+            build(*args, **kwargs)
+
+        return record
+
+    # Set on the instance as Keras sets its own build wrapper (no tracking of a function).
+    for position, (sub, build) in enumerate(zip(layers, originals, strict=True)):
+        object.__setattr__(sub, "build", recorder(position, build))
+    try:
+        yield
+    finally:
+        for sub, build in zip(layers, originals, strict=True):
+            object.__setattr__(sub, "build", build)
+
+
+def _build_as(layer: Any, template: Any, order: list[int]) -> None:
+    """Build ``layer`` as ``template`` was built: the same layers, in the same ``order``, from
+    the shapes Keras recorded for each (a layer built inside another's build is built there)."""
+    ours, theirs = layer._flatten_layers(), template._flatten_layers()
+    if [type(a) for a in ours] != [type(b) for b in theirs]:
+        raise ValueError(
+            f"layers '{template.name}' and '{layer.name}' of one run differ in their "
+            "sublayers; a run needs layers of identical structure"
+        )
+    for position in order:
+        sub = ours[position]
+        if not sub.built:
+            sub.build(**theirs[position]._build_shapes_dict)
 
 
 def _indexed(layer: Any, variables: list[Any]) -> list[tuple[int, Any]]:
