@@ -77,8 +77,9 @@ def shape_scan(step: Any, init: Any, xs: Any, length: int) -> tuple[Any, Any]:
     what the whole loop would give, at the cost of tracing one block instead of all."""
     first = keras.tree.map_structure(lambda x: x[0], xs)
     carry, y = step(init, first)
+    # ops.tile, not ops.repeat: Keras' repeat fails on torch's shape-only "meta" tensors.
     return carry, keras.tree.map_structure(
-        lambda v: ops.repeat(ops.expand_dims(v, 0), length, axis=0), y
+        lambda v: ops.tile(ops.expand_dims(v, 0), (length,) + (1,) * len(v.shape)), y
     )
 
 
