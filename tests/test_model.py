@@ -533,6 +533,44 @@ def test_cifar10_forward_backward_at_batch_8() -> None:
 
 # --- backends ----------------------------------------------------------------------------
 
+# Every convolution that runs while the models are built, by the device it runs on.
+BUILD_SCRIPT = """
+import torch.nn.functional as tnn
+from hvae_core.config import resolve_config
+from hvae_core.model.hvae import HVAE
+
+devices = []
+conv2d = tnn.conv2d
+def spy(x, *args, **kwargs):
+    devices.append(x.device.type)
+    return conv2d(x, *args, **kwargs)
+tnn.conv2d = spy
+for overrides in (["model.output_head=aggregate"], ["model.width_change=pad"]):
+    cfg = resolve_config("tiny", overrides=overrides)
+    HVAE(cfg, (8, 8, 1), 8, seed=0).build_weights()
+outputs["devices"] = np.array(sorted(set(devices)))
+"""
+
+
+def test_nearest_upsampling_is_keras_upsampling2d() -> None:
+    from hvae_core.model.resample import NearestUpsampling
+
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype("float32")
+    for factor in (2, 4):
+        got = np_(NearestUpsampling(factor)(x))
+        np.testing.assert_array_equal(got, np_(keras.layers.UpSampling2D(factor)(x)))
+    assert NearestUpsampling(4).compute_output_shape((None, 2, 3, 5)) == (None, 8, 12, 5)
+
+
+def test_building_a_model_on_torch_computes_nothing(tmp_path) -> None:
+    """Keras' torch backend infers shapes on the "meta" device; where one operation fails
+    there it computes the whole pass instead, at batch 83 and again at 89 (Keras 3.15's
+    ``ops.repeat``, which UpSampling2D uses, did): ten minutes and 8 GB to load VDVAE's
+    CIFAR-10 model on a 2-core CPU, more memory than a machine has for FFHQ-256."""
+    got = run_on_backend("torch", BUILD_SCRIPT, {}, tmp_path)
+    assert list(got["devices"]) == ["meta"]
+
+
 PARITY_SCRIPT = """
 import keras
 from hvae_core.config import resolve_config

@@ -9,6 +9,7 @@ import keras
 
 from hvae_core.model.blocks import torch_default_init
 from hvae_core.model.layout import Scale
+from hvae_core.model.resample import NearestUpsampling
 
 
 class DecoderHead(keras.layers.Layer):
@@ -57,7 +58,7 @@ class LatentAggregationHead(keras.layers.Layer):
             for i in range(len(block_scales))
         ]
         self.upsamples = [
-            keras.layers.UpSampling2D(image_size // s.resolution, dtype=policy)
+            NearestUpsampling(image_size // s.resolution, dtype=policy)
             if s.resolution < image_size
             else None
             for s in block_scales

@@ -11,6 +11,32 @@ from hvae_core.model.blocks import torch_default_init
 
 
 @keras.saving.register_keras_serializable(package="hvae")
+class NearestUpsampling(keras.layers.Layer):
+    """``keras.layers.UpSampling2D(factor)`` (nearest neighbour, NHWC), by tiling: Keras'
+    ``ops.repeat``, which UpSampling2D uses, fails on the torch backend's "meta" device, and
+    Keras then infers a model's shapes by computing its whole pass (at batch 83 and again at
+    89), which for a full-size model takes minutes and gigabytes each time it is built."""
+
+    def __init__(self, factor: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, x: Any) -> Any:
+        f = self.factor
+        _, h, w, c = x.shape
+        x = ops.tile(ops.reshape(x, (-1, h, 1, w, 1, c)), (1, 1, f, 1, f, 1))  # N H f W f C
+        return ops.reshape(x, (-1, h * f, w * f, c))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        n, h, w, c = input_shape
+        f = self.factor
+        return (n, None if h is None else h * f, None if w is None else w * f, c)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="hvae")
 class Resample(keras.layers.Layer):
     """Halve (``down``: average pooling) or double (``up``: nearest neighbour) the resolution.
     When the width changes (``out_width``), ``width_change`` says how: ``conv``, a 1x1
@@ -35,7 +61,7 @@ class Resample(keras.layers.Layer):
         self.resize = (
             keras.layers.AveragePooling2D(2, dtype=self.dtype_policy)
             if direction == "down"
-            else keras.layers.UpSampling2D(2, dtype=self.dtype_policy)
+            else NearestUpsampling(2, dtype=self.dtype_policy)
         )
         self.conv = (
             keras.layers.Conv2D(
