@@ -108,6 +108,18 @@ def example_distribution(root: Path) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def untrained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with an untrained tiny model's checkpoint (8x8x1, 4 bits, 4 latent
+    layers), made once per worker: for tests that only read a run (copy it to change it)."""
+    from hvae_core.config import resolve_config
+
+    cfg = resolve_config("tiny", overrides=["run.jit=false"])
+    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("untrained") / "run")
+    trainer.save()
+    return trainer.run_dir
+
+
 def trainer_with_run(config, folder: Path):
     """A Trainer of ``config`` writing to a new run directory ``folder`` (made, config written),
     as ``hvae train`` would begin it, without the save-dir naming or the lock."""

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import trainer_with_run
 from hvae_plugins.datasets.digits import digits_images
 from test_hostile_input import assert_one_line_error
 
@@ -31,13 +30,8 @@ def run(*args: str):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory with an untrained tiny model's checkpoint (8x8x1, 4 bits, 4 latent
-    layers): nothing here needs trained weights, only a run that loads."""
-    cfg = resolve_config("tiny", overrides=["run.jit=false"])
-    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("hostile") / "run")
-    trainer.save()
-    return trainer.run_dir
+def run_dir(untrained_tiny_run: Path) -> Path:
+    return untrained_tiny_run  # read only: tests that change a run copy it first
 
 
 @pytest.fixture(scope="module")

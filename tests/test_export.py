@@ -12,19 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import trainer_with_run
 
 from hvae_core.cli import cli
-from hvae_core.config import resolve_config
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory with an untrained tiny model's checkpoint: what an export reads."""
-    cfg = resolve_config("tiny", overrides=["run.jit=false"])
-    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("export") / "run")
-    trainer.save()
-    return trainer.run_dir
+def run_dir(untrained_tiny_run: Path) -> Path:
+    return untrained_tiny_run  # read only: tests that change a run copy it first
 
 
 def cli_ok(*args: str) -> str:

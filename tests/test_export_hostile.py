@@ -15,23 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import trainer_with_run
 from test_hostile_input import assert_one_line_error
 
 from hvae_core import cli as cli_module
 from hvae_core.cli import cli
-from hvae_core.config import resolve_config
 from hvae_core.errors import ConfigError, HvaeError, InputError
 from hvae_core.run.files import replace_entry
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory with an untrained tiny model's checkpoint (8x8x1, 4 bits)."""
-    cfg = resolve_config("tiny", overrides=["run.jit=false"])
-    trainer = trainer_with_run(cfg, tmp_path_factory.mktemp("export-hostile") / "run")
-    trainer.save()
-    return trainer.run_dir
+def run_dir(untrained_tiny_run: Path) -> Path:
+    return untrained_tiny_run  # read only: tests that change a run copy it first
 
 
 @pytest.fixture(scope="module")

@@ -127,14 +127,14 @@ class RepeatedLayers(keras.layers.Layer):
         return len(self._members.layers)
 
     def build(self, input_shape: Any) -> None:
-        shapes = [tuple(s) for s in input_shape]
+        inputs = [keras.KerasTensor((None, *tuple(s)[1:])) for s in input_shape]
         template = self.template
         order: list[int] = []
         if not template.built:
             # One symbolic call (a traced pass: seconds per block on TensorFlow and torch),
             # recording which of its layers it builds, in which order and from which shapes...
             with _recording_builds(template, order):
-                template(*[keras.KerasTensor((None, *s[1:])) for s in shapes])
+                template(*inputs)
         for layer in self.members[1:]:
             # ...which every other member repeats by shape alone: its initializers draw in the
             # order the call would have drawn them, so its initial weights are the same.
@@ -143,7 +143,7 @@ class RepeatedLayers(keras.layers.Layer):
             if order:
                 _build_as(layer, template, order)
             else:  # the template was built before: no record to repeat
-                layer(*[keras.KerasTensor((None, *s[1:])) for s in shapes])
+                layer(*inputs)
         signature = _signature(template)
         for layer in self.members[1:]:
             if _signature(layer) != signature:
