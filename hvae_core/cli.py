@@ -1323,12 +1323,10 @@ def export(
     """Export a trained run as a sampler (temperature per image -> pixels) and an encoder
     (pixels -> every layer's posterior), EMA weights."""
     folder = _out_folder(out, "export")
-    if _looked_up(folder) is not None and not folder.is_dir():
-        raise HvaeError(f"{folder} {_not_a_folder(folder)}", hint="give a folder for the export")
+    _output_folder(folder, "--out")
     earlier = [p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.stem in STEMS]
     _refuse_earlier(folder, earlier, "an export", force)
     check_format(fmt)
-    _output_folder(folder, "--out")
     if fmt in PORTABLE:
         if backend not in (None, CONVERTING_BACKEND):
             raise HvaeError(
@@ -1424,12 +1422,8 @@ def analyze(
         )
     temps = _temperature_list(temperatures, "--temperatures")
     folder = _out_folder(out, "analysis") if out is not None else Path(run_dir) / "analysis"
-    if _looked_up(folder) is not None and not folder.is_dir():
-        raise HvaeError(
-            f"{folder} {_not_a_folder(folder)}", hint="give --out a folder for the figures"
-        )
-    _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
     _output_folder(folder, "--out")
+    _refuse_earlier(folder, [n for n in FIGURES if (folder / n).exists()], "an analysis", force)
     model = _load(run_dir, checkpoint, backend, verbose)
     images = None
     try:
